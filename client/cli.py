@@ -1,0 +1,244 @@
+"""The `lmscore` command: export, serve and score.
+
+`export` and `serve` live in lmscore.export.cli and lmscore.server.cli; their
+heavy dependencies load only when the subcommand runs, so `lmscore score`
+works from a client-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from lmscore.client.errors import ScoringError
+from lmscore.client.sync import ScoringClient
+from lmscore.client.types import Item, ScoreOptions, ScoreResult
+
+# Items per Score request in batch (--input) mode.
+DEFAULT_ITEMS_PER_REQUEST = 32
+
+
+class InputError(ValueError):
+    pass
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    parser.add_argument("--prompt", help="the prompt x (with --completion)")
+    parser.add_argument(
+        "--completion",
+        action="append",
+        help="a completion y of --prompt; repeat for several",
+    )
+    parser.add_argument(
+        "--input",
+        type=Path,
+        help='JSONL file: {"prompt": str, "completion": str} or {"prompt": str, '
+        '"completions": [str, ...]}, optional "id"',
+    )
+    parser.add_argument("--output", type=Path, help="JSONL results (default: standard output)")
+    parser.add_argument("--token-details", action="store_true", help="per-token log-probs")
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="with --token-details: K alternatives per token"
+    )
+    parser.add_argument(
+        "--marginal",
+        choices=["same_pass", "separate_pass"],
+        default="same_pass",
+        help="compute log Pr(x) from the joint pass or a separate pass (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--truncate-prompt-left",
+        action="store_true",
+        help="drop prompt tokens from the left when a sequence exceeds the context",
+    )
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    parser.add_argument("--timeout", type=float, help="deadline of each request in seconds")
+    parser.add_argument(
+        "--items-per-request",
+        type=int,
+        default=DEFAULT_ITEMS_PER_REQUEST,
+        help="with --input: items sent per request (default: %(default)s)",
+    )
+
+
+def _options(args: argparse.Namespace) -> ScoreOptions:
+    return ScoreOptions(
+        token_details=args.token_details,
+        top_k=args.top_k,
+        marginal=args.marginal,
+        truncate_prompt_left=args.truncate_prompt_left,
+        add_bos=False if args.no_bos else None,
+    )
+
+
+def read_items(lines: Iterator[str], source: str) -> Iterator[tuple[Item, Any]]:
+    """(item, id) per non-blank JSONL line; InputError names the line and the field."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        prompt = record.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise InputError(f"{where}: 'prompt' must be a string")
+        if ("completion" in record) == ("completions" in record):
+            raise InputError(f"{where}: give exactly one of 'completion' and 'completions'")
+        completions = record["completions"] if "completions" in record else [record["completion"]]
+        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+            raise InputError(f"{where}: completions must be strings")
+        yield Item(prompt, completions), record.get("id")
+
+
+def result_record(result: ScoreResult, index: int, item_id: Any, token_details: bool) -> dict:
+    record: dict[str, Any] = {"index": index, "completion_index": result.completion_index}
+    if item_id is not None:
+        record["id"] = item_id
+    record.update(
+        joint_logprob=result.joint_logprob,
+        marginal_logprob=result.marginal_logprob,
+        conditional_logprob=result.conditional_logprob,
+        greedy=result.greedy,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        truncated_prompt_tokens=result.truncated_prompt_tokens,
+        first_token_scored=result.first_token_scored,
+    )
+    if token_details:
+        record["tokens"] = [
+            {
+                "id": t.id,
+                "text": t.text,
+                "segment": t.segment,
+                "logprob": t.logprob,
+                "rank": t.rank,
+                "top": [{"id": x.id, "text": x.text, "logprob": x.logprob} for x in t.top],
+            }
+            for t in result.tokens
+        ]
+    return record
+
+
+def _chunks(
+    records: Sequence[tuple[Item, Any]], size: int
+) -> Iterator[tuple[int, Sequence[tuple[Item, Any]]]]:
+    for start in range(0, len(records), size):
+        yield start, records[start : start + size]
+
+
+def score_file(client: ScoringClient, args: argparse.Namespace, out: TextIO) -> int:
+    with args.input.open(encoding="utf-8") as handle:
+        records = list(read_items(handle, str(args.input)))
+    options = _options(args)
+    total = sum(len(item.completions) for item, _ in records)
+    with tqdm(total=total, desc="scoring", unit="completion", file=sys.stderr) as bar:
+        for start, chunk in _chunks(records, max(1, args.items_per_request)):
+            results = client.score([item for item, _ in chunk], options, timeout=args.timeout)
+            for result in results:
+                index = start + result.item_index
+                record = result_record(result, index, records[index][1], args.token_details)
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(len(results))
+    return 0
+
+
+def format_table(prompt: str, results: Sequence[ScoreResult]) -> str:
+    header = ("completion", "log P(y|x)", "log P(x,y)", "log P(x)", "greedy", "tokens x+y")
+    rows = [
+        (
+            json.dumps(r.scored_completion, ensure_ascii=False),
+            f"{r.conditional_logprob:.4f}",
+            f"{r.joint_logprob:.4f}",
+            f"{r.marginal_logprob:.4f}",
+            "yes" if r.greedy else "no",
+            f"{r.prompt_tokens}+{r.completion_tokens}",
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"prompt: {json.dumps(prompt, ensure_ascii=False)}"]
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    if (args.input is None) == (args.prompt is None):
+        print("lmscore score: give either --prompt with --completion, or --input", file=sys.stderr)
+        return 2
+    if args.prompt is not None and not args.completion:
+        print("lmscore score: --prompt needs at least one --completion", file=sys.stderr)
+        return 2
+    try:
+        with ScoringClient(args.server, timeout=args.timeout) as client:
+            if args.input is not None:
+                if args.output is None:
+                    return score_file(client, args, sys.stdout)
+                with args.output.open("w", encoding="utf-8") as out:
+                    return score_file(client, args, out)
+            results = client.score_completions(args.prompt, args.completion, _options(args))
+    except (InputError, OSError) as exc:
+        print(f"lmscore score: {exc}", file=sys.stderr)
+        return 2
+    except ScoringError as exc:
+        print(f"lmscore score: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(args.prompt, results))
+    if args.token_details:
+        for result in results:
+            print(json.dumps(result_record(result, 0, None, True)["tokens"], ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmscore.export import cli as export_cli
+    from lmscore.server import cli as server_cli
+
+    parser = argparse.ArgumentParser(
+        prog="lmscore", description="Score text with a causal language model over gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="export a model to ONNX")
+    export_cli.add_arguments(export)
+    export.set_defaults(run=export_cli.run)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    server_cli.add_arguments(serve)
+    serve.set_defaults(run=server_cli.run)
+    score = commands.add_parser("score", help="score prompt/completion pairs on a server")
+    add_score_arguments(score)
+    score.set_defaults(run=run_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ModuleNotFoundError as exc:
+        extra = "export" if args.command == "export" else "cpu"
+        print(
+            f"lmscore {args.command}: missing dependency {exc.name!r}; install lmscore[{extra}]",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Blocking client. AsyncScoringClient (lmscore.client.aio) has the same surface for asyncio."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lmscore.client.convert import (
+    build_request,
+    in_input_order,
+    model_info_from_pb,
+    request_to_pb,
+    result_from_pb,
+)
+from lmscore.client.errors import ServerUnavailableError, error_from_rpc
+from lmscore.client.retry import RetryPolicy
+from lmscore.client.types import (
+    Item,
+    ModelInfo,
+    ScoreOptions,
+    ScoreRequest,
+    ScoreResult,
+    TokenInput,
+)
+from lmscore.v1 import scoring_pb2 as pb
+from lmscore.v1 import scoring_pb2_grpc
+
+# Results with token details and top-k can exceed gRPC's 4 MiB default.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+
+
+class ScoringClient:
+    """Client of one lmscore server. `timeout` (seconds) is the default deadline of every call;
+    each call may pass its own. Calls retry on UNAVAILABLE only, while no result has arrived."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = scoring_pb2_grpc.ScorerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> ScoringClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _stream(
+        self, call: object, request: object, timeout: float | None
+    ) -> Iterator[pb.ScoreResult]:
+        delays = self.retry.delays()
+        while True:
+            yielded = False
+            try:
+                for message in call(request, timeout=self._deadline(timeout)):  # type: ignore[operator]
+                    yielded = True
+                    yield message
+                return
+            except grpc.RpcError as error:
+                delay = next(delays, None)
+                if yielded or delay is None or not self.retry.retryable(error):
+                    raise error_from_rpc(error) from None
+                time.sleep(delay)
+
+    def iter_score(
+        self,
+        items: Sequence[Item],
+        options: ScoreOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[ScoreResult]:
+        """Results as the server streams them (not in input order)."""
+        request = build_request(items, options)
+        for message in self._stream(self._stub.Score, request, timeout):
+            yield result_from_pb(message)
+
+    def score(
+        self,
+        items: Sequence[Item],
+        options: ScoreOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[ScoreResult]:
+        """One result per (item, completion), in input order."""
+        return in_input_order(list(self.iter_score(items, options, timeout=timeout)))
+
+    def score_completions(
+        self,
+        prompt: TokenInput | None,
+        completions: Sequence[TokenInput],
+        options: ScoreOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[ScoreResult]:
+        """Score several completions of one prompt (e.g. multiple-choice answers)."""
+        return self.score([Item(prompt, completions)], options, timeout=timeout)
+
+    def score_stream(
+        self, requests: Iterable[ScoreRequest], *, timeout: float | None = None
+    ) -> Iterator[ScoreResult]:
+        """Many requests on one bidirectional stream; results carry request_index.
+        Not retried: the requests iterable may not be replayable."""
+        messages = (request_to_pb(r) for r in requests)
+        try:
+            for message in self._stub.ScoreStream(messages, timeout=self._deadline(timeout)):
+                yield result_from_pb(message)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        [message] = self._stream(
+            _as_stream(self._stub.GetModelInfo), pb.GetModelInfoRequest(), timeout
+        )
+        return model_info_from_pb(message)
+
+    def is_server_ready(self, *, timeout: float = 1.0) -> bool:
+        """True when the health service reports the server SERVING."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_until_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server is SERVING; ServerUnavailableError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.is_server_ready():
+            if time.monotonic() > deadline:
+                raise ServerUnavailableError(
+                    grpc.StatusCode.UNAVAILABLE, f"{self.target} not ready after {timeout:g} s"
+                )
+            time.sleep(0.1)
+
+
+def _as_stream(unary: Callable[..., object]) -> Callable[..., Iterator[object]]:
+    """A unary call seen as a one-message stream, so it shares the retry loop."""
+
+    def call(request: object, timeout: float | None) -> Iterator[object]:
+        yield unary(request, timeout=timeout)
+
+    return call

@@ -1,0 +1,134 @@
+"""Export a causal LM to an ONNX directory the server loads.
+
+Steps (each shown on a progress bar, the slow ones are 1 and 2):
+  1. load the source with transformers (a GGUF file is dequantized to float32);
+  2. export the graph with Optimum (`text-generation-with-past`);
+  3. save tokenizer.json and the model config beside it;
+  4. measure the validation figure (lmscore.export.validate) and write the manifest.
+The directory is built under a temporary name and renamed into place, so an
+interrupted export never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmscore.export.manifest import FORMAT_VERSION, ONNX_NAME, TOKENIZER_NAME, Manifest
+from lmscore.export.source import ModelSource, resolve_source
+from lmscore.export.validate import validate_export
+
+EXPORT_TASK = "text-generation-with-past"
+
+
+class ExportError(RuntimeError):
+    """The export ran but its result is not fit to serve."""
+
+
+def _load(source: ModelSource) -> tuple[object, object]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source.directory), dtype=torch.float32, **kwargs
+    )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **kwargs)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError("the source has no fast tokenizer; the server needs tokenizer.json")
+    return model, tokenizer
+
+
+def _opset_of(onnx_path: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    return max(int(o.version) for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_model(
+    source_spec: str,
+    output_dir: Path,
+    *,
+    max_validation_diff: float = 1e-3,
+    progress: bool = True,
+) -> Manifest:
+    """Export `source_spec` (see resolve_source) to `output_dir`, replacing what was there."""
+    import importlib.metadata as metadata
+
+    import onnxruntime
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    source = resolve_source(source_spec)
+    started = time.perf_counter()
+    output_dir = output_dir.expanduser().resolve()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=4, desc="export", unit="step", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.", dir=output_dir.parent) as tmp:
+        work_dir = Path(tmp) / "model"
+        bar.set_description(f"loading {source.name} with transformers")
+        model, tokenizer = _load(source)
+        config = model.config  # type: ignore[attr-defined]
+        bar.update()
+
+        bar.set_description("exporting ONNX with Optimum")
+        onnx_export_from_model(model, str(work_dir), task=EXPORT_TASK, do_validation=False)
+        bar.update()
+
+        bar.set_description("saving tokenizer and config")
+        tokenizer.save_pretrained(str(work_dir))  # type: ignore[attr-defined]
+        config.save_pretrained(str(work_dir))
+        if not (work_dir / TOKENIZER_NAME).is_file() or not (work_dir / ONNX_NAME).is_file():
+            raise ExportError(f"the export did not write {ONNX_NAME} and {TOKENIZER_NAME}")
+        bar.update()
+
+        bar.set_description("validating ONNX Runtime against PyTorch")
+        bos = config.bos_token_id
+        figure = validate_export(model, tokenizer, work_dir, bos)
+        bar.update()
+        bar.close()
+        if not figure.max_abs_diff <= max_validation_diff:
+            raise ExportError(
+                f"validation failed: max |delta log p| = {figure.max_abs_diff:.3g} "
+                f"exceeds {max_validation_diff:g}"
+            )
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=source.name,
+            source=source.description,
+            source_sha256=source.sha256(),
+            architecture=(config.architectures or [type(model).__name__])[0],
+            model_type=config.model_type,
+            vocab_size=int(config.vocab_size),
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=_first_id(config.eos_token_id),
+            max_context=int(config.max_position_embeddings),
+            dtype="float32",
+            opset=_opset_of(work_dir / ONNX_NAME),
+            onnxruntime_version=onnxruntime.__version__,
+            optimum_version=metadata.version("optimum-onnx"),
+            transformers_version=metadata.version("transformers"),
+            torch_version=torch.__version__,
+            validation_max_abs_diff=figure.max_abs_diff,
+            validation_tokens=figure.tokens,
+            export_seconds=round(time.perf_counter() - started, 2),
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        manifest.write(work_dir)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        work_dir.rename(output_dir)
+    return manifest
+
+
+def _first_id(value: int | list[int] | None) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)

@@ -1,0 +1,86 @@
+"""The manifest: a JSON file beside the exported ONNX model that says what it is.
+
+Written by the export, read by the server. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "lmscore-manifest.json"
+ONNX_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+CONFIG_NAME = "config.json"
+# Bumped when the layout of an exported directory changes incompatibly.
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """The model directory is missing, incomplete or from an incompatible version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    name: str
+    source: str
+    source_sha256: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    max_context: int
+    dtype: str
+    opset: int
+    onnxruntime_version: str
+    optimum_version: str
+    transformers_version: str
+    torch_version: str
+    # max |log p_ORT - log p_PyTorch| over every position of the validation text.
+    validation_max_abs_diff: float
+    validation_tokens: int
+    export_seconds: float
+    created_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def write(self, model_dir: Path) -> Path:
+        path = model_dir / MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format_version is {version!r}, this lmscore reads {FORMAT_VERSION}; "
+                "export the model again with `lmscore export`"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - data.keys())
+        if missing:
+            raise ManifestError(f"manifest lacks fields: {', '.join(missing)}")
+        return cls(**{k: data[k] for k in names})
+
+    @classmethod
+    def read(cls, model_dir: Path) -> Manifest:
+        path = model_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{model_dir} is not an exported lmscore model: no {MANIFEST_NAME}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path} does not hold a JSON object")
+        manifest = cls.from_dict(data)
+        for required in (ONNX_NAME, TOKENIZER_NAME):
+            if not (model_dir / required).is_file():
+                raise ManifestError(f"{model_dir} lacks {required}; export it again")
+        return manifest

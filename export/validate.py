@@ -1,0 +1,66 @@
+"""The export's validation figure: max |log p_ORT - log p_PyTorch| on a short natural text.
+
+Optimum's own validation only warns on a tolerance miss; this figure is
+measured on the exported files (ONNX graph and tokenizer.json) and recorded
+in the manifest, and the export fails when it exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmscore.export.graph_io import full_sequence_feeds
+from lmscore.export.manifest import ONNX_NAME, TOKENIZER_NAME
+
+VALIDATION_TEXT = Path(__file__).with_name("data") / "validation.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationFigure:
+    max_abs_diff: float
+    tokens: int
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def validate_export(
+    model: Any, hf_tokenizer: Any, export_dir: Path, bos_token_id: int | None
+) -> ValidationFigure:
+    """Score the validation text with the PyTorch `model` and with ONNX Runtime on `export_dir`."""
+    import onnxruntime as ort
+    import torch
+    from tokenizers import Tokenizer
+
+    text = VALIDATION_TEXT.read_text(encoding="utf-8").strip()
+    ids = (
+        Tokenizer.from_file(str(export_dir / TOKENIZER_NAME))
+        .encode(text, add_special_tokens=False)
+        .ids
+    )
+    reference_ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids != reference_ids:
+        raise RuntimeError("the exported tokenizer.json tokenizes differently from the source")
+    if bos_token_id is not None:
+        ids = [bos_token_id, *ids]
+    input_ids = np.asarray([ids], dtype=np.int64)
+    targets = input_ids[0, 1:]
+
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(input_ids)).logits[0, :-1].float().numpy()
+    torch_logprobs = _log_softmax(torch_logits)[np.arange(len(targets)), targets]
+
+    session = ort.InferenceSession(str(export_dir / ONNX_NAME), providers=["CPUExecutionProvider"])
+    feeds = full_sequence_feeds(session.get_inputs(), input_ids, np.ones_like(input_ids))
+    (ort_logits,) = session.run(["logits"], feeds)
+    ort_logprobs = _log_softmax(ort_logits[0, :-1].astype(np.float32))[
+        np.arange(len(targets)), targets
+    ]
+    diff = float(np.max(np.abs(ort_logprobs.astype(np.float64) - torch_logprobs)))
+    return ValidationFigure(max_abs_diff=diff, tokens=len(ids))

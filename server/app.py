@@ -1,0 +1,113 @@
+"""The server process: load the model, warm up, serve gRPC, shut down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+
+import grpc
+import onnxruntime
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lmscore.export.manifest import TOKENIZER_NAME, Manifest
+from lmscore.server.config import ServerConfig
+from lmscore.server.engine import EngineLimits, ItemInput, ScoreOptions, ScoringEngine
+from lmscore.server.runtime import OnnxCausalLM
+from lmscore.server.servicer import ScorerServicer
+from lmscore.server.tokenization import TextTokenizer
+from lmscore.v1 import scoring_pb2, scoring_pb2_grpc
+
+log = logging.getLogger("lmscore.server")
+
+SCORER_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    manifest: Manifest
+    runtime: OnnxCausalLM
+    engine: ScoringEngine
+    info: scoring_pb2.ModelInfo
+
+
+def load_model(config: ServerConfig) -> LoadedModel:
+    """Read the manifest, open the ONNX session and the tokenizer, build the engine."""
+    manifest = Manifest.read(config.model_dir)
+    runtime = OnnxCausalLM(config.model_dir, config.device, config.intra_op_threads)
+    tokenizer = TextTokenizer(config.model_dir / TOKENIZER_NAME)
+    limits = EngineLimits(
+        max_context=manifest.max_context,
+        max_batch_tokens=config.max_batch_tokens,
+        max_top_k=config.max_top_k,
+    )
+    engine = ScoringEngine(runtime, tokenizer, manifest.bos_token_id, limits)
+    info = scoring_pb2.ModelInfo(
+        name=manifest.name,
+        architecture=manifest.architecture,
+        vocab_size=runtime.vocab_size,
+        bos_token_id=-1 if manifest.bos_token_id is None else manifest.bos_token_id,
+        eos_token_id=-1 if manifest.eos_token_id is None else manifest.eos_token_id,
+        max_context=manifest.max_context,
+        dtype=manifest.dtype,
+        providers=runtime.providers,
+        onnxruntime_version=onnxruntime.__version__,
+        export_validation_max_abs_diff=manifest.validation_max_abs_diff,
+        source_sha256=manifest.source_sha256,
+        max_top_k=config.max_top_k,
+        manifest_json=manifest.to_json(),
+    )
+    return LoadedModel(manifest, runtime, engine, info)
+
+
+def warm_up(engine: ScoringEngine) -> None:
+    """One small request through the whole engine, so the first client pays no start-up cost."""
+    plan = engine.plan([ItemInput("Warm up the model", [" now."])], ScoreOptions())
+    engine.score_sync(plan)
+
+
+async def serve(config: ServerConfig) -> None:
+    started = time.perf_counter()
+    loaded = load_model(config)
+    warm_up(loaded.engine)
+
+    server = grpc.aio.server()
+    scoring_pb2_grpc.add_ScorerServicer_to_server(
+        ScorerServicer(loaded.engine, loaded.info), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            [SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+    port = server.add_insecure_port(config.address)
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without TLS or authentication", config.host)
+    await server.start()
+    for service in ("", SCORER_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving %s on %s:%d (%s), ready in %.2f s",
+        loaded.manifest.name,
+        config.host,
+        port,
+        ", ".join(loaded.runtime.providers),
+        time.perf_counter() - started,
+    )
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info(
+        "shutting down: finishing in-flight requests (grace %.1f s)", config.shutdown_grace_seconds
+    )
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace_seconds)
+    loaded.engine.close()
+    log.info("stopped")

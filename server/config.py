@@ -1,0 +1,27 @@
+"""Server configuration: one typed object, built once from the command line, passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lmscore.server.runtime import Device
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: Device = "auto"
+    # 0 lets ONNX Runtime use one thread per physical core.
+    intra_op_threads: int = 0
+    max_batch_tokens: int = 2048
+    max_top_k: int = 20
+    reflection: bool = True
+    shutdown_grace_seconds: float = 10.0
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"

@@ -1,0 +1,147 @@
+"""The scoring math: per-token log-probabilities in, joint / marginal / conditional out.
+
+Pure numpy, no model and no gRPC. These are the rules every number the server
+returns follows (the README states the same):
+
+* Natural log. Log-softmax over the vocabulary in float32 whatever the model's
+  dtype; sums of token log-probs in float64.
+* A sequence is ``[BOS] + tokens(x) + tokens(y)``: BOS when the model has one
+  and the request does not turn it off. Token ``j >= 1`` is scored by the
+  logits at position ``j - 1``: ``log p(t_j | t_<j)``.
+* The token that opens the sequence has nothing before it and is never scored.
+  With BOS that costs nothing (BOS is given, not predicted). Without BOS the
+  first real token goes unscored: it is left out of every sum and the result
+  says ``first_token_scored = False``; no number is invented for it.
+* marginal = sum over the scored prompt tokens = log Pr(x);
+  conditional = sum over the scored completion tokens = log Pr(y | x);
+  joint = sum over every scored token = log Pr([x, y]) = marginal + conditional.
+  The marginal's sequence ``[BOS] + tokens(x)`` is exactly the prefix of the
+  joint's, so with causal attention it can be read from the joint pass
+  (default) or computed by a separate pass over the prefix alone; then
+  conditional = joint - marginal, verbatim.
+* Empty completion: conditional 0.0 and joint = marginal. Empty prompt:
+  marginal 0.0 and conditional = joint.
+* greedy: every scored completion token is the argmax at its position, i.e.
+  no vocabulary entry has a strictly higher logit (rank 1). Vacuously true for
+  an empty completion.
+* rank of a token: 1 + the number of vocabulary entries with a strictly higher
+  logit.
+
+How tokens(x) and tokens(y) are formed from text is in lmscore.server.tokenization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """How a token sequence splits: ``[BOS]? + prompt_len + completion_len`` tokens."""
+
+    bos: bool
+    prompt_len: int
+    completion_len: int
+
+    @property
+    def length(self) -> int:
+        return int(self.bos) + self.prompt_len + self.completion_len
+
+    @property
+    def completion_start(self) -> int:
+        return int(self.bos) + self.prompt_len
+
+    def prompt_only(self) -> SequenceLayout:
+        return SequenceLayout(self.bos, self.prompt_len, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionScores:
+    """Scores of tokens 1..n-1 of an n-token sequence; entry ``j - 1`` is token ``j``."""
+
+    logprobs: np.ndarray  # float32 [n-1]
+    ranks: np.ndarray  # int64 [n-1]
+    top_ids: np.ndarray  # int64 [n-1, k]
+    top_logprobs: np.ndarray  # float32 [n-1, k]
+
+    @classmethod
+    def empty(cls, top_k: int = 0) -> PositionScores:
+        return cls(
+            logprobs=np.zeros(0, np.float32),
+            ranks=np.zeros(0, np.int64),
+            top_ids=np.zeros((0, top_k), np.int64),
+            top_logprobs=np.zeros((0, top_k), np.float32),
+        )
+
+    def __len__(self) -> int:
+        return int(self.logprobs.shape[0])
+
+
+def score_positions(logits: np.ndarray, targets: np.ndarray, top_k: int = 0) -> PositionScores:
+    """Log-prob, rank and top-k of ``targets[t]`` under ``logits[t]`` (shape [t, vocab]).
+
+    The caller passes the logits of positions 0..n-2 and the tokens 1..n-1.
+    """
+    if logits.ndim != 2 or targets.shape != (logits.shape[0],):
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} do not match")
+    if logits.shape[0] == 0:
+        return PositionScores.empty(top_k)
+    logits = logits.astype(np.float32, copy=False)
+    rows = np.arange(logits.shape[0])
+    row_max = logits.max(axis=-1, keepdims=True)
+    log_normalizer = row_max + np.log(np.exp(logits - row_max).sum(axis=-1, keepdims=True))
+    target_logits = logits[rows, targets]
+    logprobs = (target_logits - log_normalizer[:, 0]).astype(np.float32)
+    ranks = 1 + (logits > target_logits[:, None]).sum(axis=-1, dtype=np.int64)
+    if top_k > 0:
+        k = min(top_k, logits.shape[1])
+        candidates = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+        order = np.argsort(-logits[rows[:, None], candidates], axis=-1, kind="stable")
+        top_ids = np.take_along_axis(candidates, order, axis=-1).astype(np.int64)
+        top_logprobs = (logits[rows[:, None], top_ids] - log_normalizer).astype(np.float32)
+    else:
+        top_ids = np.zeros((logits.shape[0], 0), np.int64)
+        top_logprobs = np.zeros((logits.shape[0], 0), np.float32)
+    return PositionScores(logprobs, ranks, top_ids, top_logprobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSums:
+    joint: float
+    marginal: float
+    conditional: float
+    greedy: bool
+    first_token_scored: bool
+
+
+def _fsum(values: np.ndarray) -> float:
+    return math.fsum(values.astype(np.float64).tolist())
+
+
+def sum_sequence(
+    layout: SequenceLayout, scores: PositionScores, separate_marginal: float | None = None
+) -> SequenceSums:
+    """Joint, marginal and conditional log-probs of one scored sequence.
+
+    ``separate_marginal``: log Pr(x) from a pass over the prefix alone; when
+    given, it is the marginal and conditional = joint - marginal.
+    """
+    if len(scores) != max(layout.length - 1, 0):
+        raise ValueError(f"{len(scores)} scored positions for a {layout.length}-token sequence")
+    # Token j is entry j - 1; token 0 is never scored.
+    completion_from = max(layout.completion_start, 1) - 1
+    prompt_scores = scores.logprobs[:completion_from]
+    completion_scores = scores.logprobs[completion_from:]
+    joint = _fsum(scores.logprobs)
+    greedy = bool(np.all(scores.ranks[completion_from:] == 1))
+    first_token_scored = layout.bos or layout.length == 0
+    if separate_marginal is None:
+        marginal = _fsum(prompt_scores)
+        conditional = _fsum(completion_scores)
+    else:
+        marginal = separate_marginal
+        conditional = joint - marginal
+    return SequenceSums(joint, marginal, conditional, greedy, first_token_scored)

@@ -1,0 +1,103 @@
+"""Shared fixtures: the tiny model (built, exported through lmscore's export), its PyTorch
+reference, and real `lmscore serve` processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tiny_model import build_hf_model_dir
+
+LMSCORE = str(Path(sys.executable).parent / "lmscore")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path | str, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lmscore-serve-{self.port}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [LMSCORE, "serve", "--model", str(model_dir), "--port", str(self.port), *extra],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        from lmscore.client import ScoringClient
+
+        with ScoringClient(self.address) as client:
+            deadline = time.monotonic() + timeout
+            while not client.is_server_ready(timeout=0.5):
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited early:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+                time.sleep(0.1)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path | str, *extra: str) -> Iterator[ServerProcess]:
+    server = ServerProcess(model_dir, *extra).wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_hf_model_dir(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmscore.export.convert import export_model
+
+    output = tmp_path_factory.mktemp("tiny-onnx") / "tiny-llama"
+    export_model(str(tiny_hf_dir), output, progress=False)
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_torch(tiny_hf_dir: Path):
+    """(model, tokenizer) loaded by transformers from the same directory the export read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_dir)).eval()
+    return model, AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_export: Path) -> Iterator[ServerProcess]:
+    with running_server(tiny_export, "--max-batch-tokens", "256") as server:
+        yield server

