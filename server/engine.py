@@ -291,29 +291,10 @@ class ScoringEngine:
             for row, (index, length) in enumerate(zip(batch, lengths, strict=True))
         }
 
-    def _results(self, plan: ScoringPlan) -> Iterator[Callable[[], dict[int, PositionScores]]]:
+    def _batch_runs(self, plan: ScoringPlan) -> Iterator[Callable[[], dict[int, PositionScores]]]:
         top_k = plan.options.top_k if plan.options.token_details else 0
         for batch in plan.batches:
             yield lambda batch=batch: self._run_batch(plan.sequences, batch, top_k)
-
-    def _ready(
-        self, plan: ScoringPlan, scored: dict[int, PositionScores], emitted: set[int]
-    ) -> list[CompletionScore]:
-        top_k = plan.options.top_k if plan.options.token_details else 0
-        ready = []
-        for position, completion in enumerate(plan.completions):
-            needed = [completion.joint] + (
-                [completion.marginal] if completion.marginal is not None else []
-            )
-            if position in emitted:
-                continue
-            for index in needed:
-                if index not in scored and len(plan.sequences[index]) <= 1:
-                    scored[index] = PositionScores.empty(top_k)
-            if all(index in scored for index in needed):
-                emitted.add(position)
-                ready.append(self._finish(plan, completion, scored))
-        return ready
 
     def _finish(
         self, plan: ScoringPlan, completion: _PlannedCompletion, scored: dict[int, PositionScores]
@@ -377,22 +358,56 @@ class ScoringEngine:
 
     def score_sync(self, plan: ScoringPlan) -> list[CompletionScore]:
         """Run a plan in the calling thread; results in (item, completion) order."""
-        scored: dict[int, PositionScores] = {}
-        emitted: set[int] = set()
-        results = self._ready(plan, scored, emitted)
-        for run in self._results(plan):
-            scored.update(run())
-            results.extend(self._ready(plan, scored, emitted))
+        progress = _PlanProgress(plan)
+        results = [self._finish(plan, c, progress.scored) for c in progress.start()]
+        for run in self._batch_runs(plan):
+            results.extend(self._finish(plan, c, progress.scored) for c in progress.add(run()))
         return sorted(results, key=lambda r: (r.item_index, r.completion_index))
 
     async def score(self, plan: ScoringPlan) -> AsyncIterator[CompletionScore]:
         """Run a plan on the model thread, yielding results as soon as they are complete."""
         loop = asyncio.get_running_loop()
-        scored: dict[int, PositionScores] = {}
-        emitted: set[int] = set()
-        for result in self._ready(plan, scored, emitted):
-            yield result
-        for run in self._results(plan):
-            scored.update(await loop.run_in_executor(self._executor, run))
-            for result in self._ready(plan, scored, emitted):
-                yield result
+        progress = _PlanProgress(plan)
+        for completion in progress.start():
+            yield self._finish(plan, completion, progress.scored)
+        for run in self._batch_runs(plan):
+            scored = await loop.run_in_executor(self._executor, run)
+            for completion in progress.add(scored):
+                yield self._finish(plan, completion, progress.scored)
+
+
+class _PlanProgress:
+    """Which sequences of a plan are scored, and which completions each new batch completes."""
+
+    def __init__(self, plan: ScoringPlan) -> None:
+        self._plan = plan
+        self.scored: dict[int, PositionScores] = {}
+        self._waiting: dict[int, list[_PlannedCompletion]] = {}
+        self._missing: dict[int, int] = {}
+        for completion in plan.completions:
+            needed = {completion.joint}
+            if completion.marginal is not None:
+                needed.add(completion.marginal)
+            self._missing[id(completion)] = len(needed)
+            for index in needed:
+                self._waiting.setdefault(index, []).append(completion)
+
+    def start(self) -> list[_PlannedCompletion]:
+        """Sequences of one token or none need no model run: they are scored already."""
+        top_k = self._plan.options.top_k if self._plan.options.token_details else 0
+        trivial = {
+            index: PositionScores.empty(top_k)
+            for index, ids in enumerate(self._plan.sequences)
+            if len(ids) <= 1
+        }
+        return self.add(trivial)
+
+    def add(self, scored: dict[int, PositionScores]) -> list[_PlannedCompletion]:
+        complete = []
+        for index, scores in scored.items():
+            self.scored[index] = scores
+            for completion in self._waiting.pop(index, []):
+                self._missing[id(completion)] -= 1
+                if self._missing[id(completion)] == 0:
+                    complete.append(completion)
+        return complete
