@@ -3,7 +3,8 @@
 Steps (each shown on a progress bar, the slow ones are 1 and 2):
   1. load the source with transformers (a GGUF file is dequantized to float32);
   2. export the graph with Optimum (`text-generation-with-past`);
-  3. save tokenizer.json and the model config beside it;
+  3. add the fused scoring head (lmscore.export.head); save tokenizer.json and
+     the model config beside the graph;
   4. measure the validation figure (lmscore.export.validate) and write the manifest.
 The directory is built under a temporary name and renamed into place, so an
 interrupted export never leaves a directory that looks complete.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmscore.export.head import add_scoring_head
 from lmscore.export.manifest import FORMAT_VERSION, ONNX_NAME, TOKENIZER_NAME, Manifest
 from lmscore.export.source import ModelSource, resolve_source
 from lmscore.export.validate import validate_export
@@ -82,7 +84,8 @@ def export_model(
         onnx_export_from_model(model, str(work_dir), task=EXPORT_TASK, do_validation=False)
         bar.update()
 
-        bar.set_description("saving tokenizer and config")
+        bar.set_description("adding the scoring head; saving tokenizer and config")
+        add_scoring_head(work_dir / ONNX_NAME)
         tokenizer.save_pretrained(str(work_dir))  # type: ignore[attr-defined]
         config.save_pretrained(str(work_dir))
         if not (work_dir / TOKENIZER_NAME).is_file() or not (work_dir / ONNX_NAME).is_file():
@@ -116,6 +119,7 @@ def export_model(
             optimum_version=metadata.version("optimum-onnx"),
             transformers_version=metadata.version("transformers"),
             torch_version=torch.__version__,
+            scoring_head=True,
             validation_max_abs_diff=figure.max_abs_diff,
             validation_tokens=figure.tokens,
             export_seconds=round(time.perf_counter() - started, 2),

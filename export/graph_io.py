@@ -1,20 +1,23 @@
-"""Inputs of the ONNX graph Optimum exports for `text-generation-with-past`.
+"""Inputs and outputs of the exported graph (Optimum `text-generation-with-past` + scoring head).
 
-The graph takes `input_ids`, `attention_mask` (past + new length),
+Optimum's graph takes `input_ids`, `attention_mask` (past + new length),
 `position_ids` and, per layer, `past_key_values.{i}.key/value` shaped
-[batch, kv_heads, past_len, head_dim]; it returns `logits` for every position.
-Scoring a whole sequence from scratch feeds an empty (zero-length) past.
+[batch, kv_heads, past_len, head_dim], and returns `present.{i}.key/value`.
+lmscore.export.head adds `target_ids` and `top_k` and replaces `logits` by
+per-token scores. Scoring a sequence from scratch feeds an empty
+(zero-length) past; prefix reuse feeds the `present` of a prompt pass.
 numpy only, so the server can use it without torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
 
 
 class OnnxInput(Protocol):
@@ -23,25 +26,39 @@ class OnnxInput(Protocol):
     type: str
 
 
-def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... over the real tokens of each row; padding positions get 0.
-
-    With right padding this is plain arange, but deriving it from the mask keeps
-    positions right for any padding side (optimum PR #2326).
-    """
+def position_ids_for(attention_mask: np.ndarray, past_len: int = 0) -> np.ndarray:
+    """Positions of the new tokens: 0, 1, 2, ... over the real tokens of each row, counting the
+    past; padding positions get 0. Deriving them from the mask keeps them right for any padding
+    side (optimum PR #2326)."""
     positions = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
-    return np.where(attention_mask > 0, positions, 0).astype(np.int64)
+    positions = np.where(attention_mask > 0, positions, 0).astype(np.int64)
+    return positions[:, past_len:]
+
+
+def past_name_for(present_name: str) -> str:
+    return PAST_PREFIX + present_name[len(PRESENT_PREFIX) :]
 
 
 def _dtype_of(onnx_type: str) -> type[np.generic]:
     return np.float16 if onnx_type == "tensor(float16)" else np.float32
 
 
-def full_sequence_feeds(
-    graph_inputs: Sequence[OnnxInput], input_ids: np.ndarray, attention_mask: np.ndarray
+def model_feeds(
+    graph_inputs: Sequence[OnnxInput],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    *,
+    past: Mapping[str, np.ndarray] | None = None,
+    target_ids: np.ndarray | None = None,
+    top_k: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Feeds that run `input_ids` [batch, seq] (right-padded) with an empty past."""
-    batch = input_ids.shape[0]
+    """Feeds for right-padded `input_ids` [batch, seq].
+
+    `attention_mask` covers past + new tokens; `past` maps past_key_values names to
+    arrays [batch, kv_heads, past_len, head_dim] (None: an empty past).
+    """
+    batch, new_len = input_ids.shape
+    past_len = attention_mask.shape[1] - new_len
     feeds: dict[str, np.ndarray] = {}
     for graph_input in graph_inputs:
         name = graph_input.name
@@ -50,12 +67,23 @@ def full_sequence_feeds(
         elif name == "attention_mask":
             feeds[name] = attention_mask.astype(np.int64, copy=False)
         elif name == "position_ids":
-            feeds[name] = position_ids_for(attention_mask)
+            feeds[name] = position_ids_for(attention_mask, past_len)
         elif name.startswith(PAST_PREFIX):
-            _, kv_heads, _, head_dim = graph_input.shape
-            feeds[name] = np.zeros(
-                (batch, int(kv_heads), 0, int(head_dim)), dtype=_dtype_of(graph_input.type)
+            if past is not None:
+                feeds[name] = past[name]
+            else:
+                _, kv_heads, _, head_dim = graph_input.shape
+                feeds[name] = np.zeros(
+                    (batch, int(kv_heads), 0, int(head_dim)), dtype=_dtype_of(graph_input.type)
+                )
+        elif name == "target_ids":
+            feeds[name] = (
+                np.zeros_like(input_ids, dtype=np.int64)
+                if target_ids is None
+                else target_ids.astype(np.int64, copy=False)
             )
+        elif name == "top_k":
+            feeds[name] = np.array([top_k], dtype=np.int64)
         else:
             raise ValueError(f"unexpected ONNX model input {name!r}")
     return feeds

@@ -15,7 +15,7 @@ ONNX_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 CONFIG_NAME = "config.json"
 # Bumped when the layout of an exported directory changes incompatibly.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ManifestError(ValueError):
@@ -40,6 +40,8 @@ class Manifest:
     optimum_version: str
     transformers_version: str
     torch_version: str
+    # The graph has lmscore.export.head's inputs and outputs instead of `logits`.
+    scoring_head: bool
     # max |log p_ORT - log p_PyTorch| over every position of the validation text.
     validation_max_abs_diff: float
     validation_tokens: int

@@ -1,5 +1,8 @@
 """The export's validation figure: max |log p_ORT - log p_PyTorch| on a short natural text.
 
+log p_ORT comes from the exported graph's scoring head (lmscore.export.head),
+so the figure covers exactly what the server computes.
+
 Optimum's own validation only warns on a tolerance miss; this figure is
 measured on the exported files (ONNX graph and tokenizer.json) and recorded
 in the manifest, and the export fails when it exceeds the tolerance.
@@ -13,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lmscore.export.graph_io import full_sequence_feeds
+from lmscore.export.graph_io import model_feeds
 from lmscore.export.manifest import ONNX_NAME, TOKENIZER_NAME
 
 VALIDATION_TEXT = Path(__file__).with_name("data") / "validation.txt"
@@ -56,11 +59,14 @@ def validate_export(
         torch_logits = model(torch.from_numpy(input_ids)).logits[0, :-1].float().numpy()
     torch_logprobs = _log_softmax(torch_logits)[np.arange(len(targets)), targets]
 
+    # The scoring head's own output: exactly what the server returns.
     session = ort.InferenceSession(str(export_dir / ONNX_NAME), providers=["CPUExecutionProvider"])
-    feeds = full_sequence_feeds(session.get_inputs(), input_ids, np.ones_like(input_ids))
-    (ort_logits,) = session.run(["logits"], feeds)
-    ort_logprobs = _log_softmax(ort_logits[0, :-1].astype(np.float32))[
-        np.arange(len(targets)), targets
-    ]
+    target_ids = np.zeros_like(input_ids)
+    target_ids[0, :-1] = targets
+    feeds = model_feeds(
+        session.get_inputs(), input_ids, np.ones_like(input_ids), target_ids=target_ids
+    )
+    (head_logprobs,) = session.run(["target_logprobs"], feeds)
+    ort_logprobs = head_logprobs[0, :-1]
     diff = float(np.max(np.abs(ort_logprobs.astype(np.float64) - torch_logprobs)))
     return ValidationFigure(max_abs_diff=diff, tokens=len(ids))

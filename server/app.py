@@ -41,14 +41,18 @@ def load_model(config: ServerConfig) -> LoadedModel:
     tokenizer = TextTokenizer(config.model_dir / TOKENIZER_NAME)
     limits = EngineLimits(
         max_context=manifest.max_context,
+        vocab_size=manifest.vocab_size,
         max_batch_tokens=config.max_batch_tokens,
         max_top_k=config.max_top_k,
+        max_queue_delay=config.max_queue_delay_ms / 1000,
+        cross_request_batching=config.cross_request_batching,
+        prefix_reuse=config.prefix_reuse,
     )
     engine = ScoringEngine(runtime, tokenizer, manifest.bos_token_id, limits)
     info = scoring_pb2.ModelInfo(
         name=manifest.name,
         architecture=manifest.architecture,
-        vocab_size=runtime.vocab_size,
+        vocab_size=manifest.vocab_size,
         bos_token_id=-1 if manifest.bos_token_id is None else manifest.bos_token_id,
         eos_token_id=-1 if manifest.eos_token_id is None else manifest.eos_token_id,
         max_context=manifest.max_context,

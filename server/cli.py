@@ -41,6 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="padded tokens per model run (batch size x longest sequence) (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=2.0,
+        help="dynamic batching: how long queued sequences wait for others to share a model "
+        "run, unless --max-batch-tokens are already waiting (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-cross-request-batching",
+        action="store_true",
+        help="batch sequences only with others of the same request",
+    )
+    parser.add_argument(
+        "--no-prefix-reuse",
+        action="store_true",
+        help="score every completion with a full pass, even when completions share a prompt",
+    )
+    parser.add_argument(
         "--max-top-k", type=int, default=20, help="largest top_k a request may ask for"
     )
     parser.add_argument(
@@ -71,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         intra_op_threads=args.intra_op_threads,
         max_batch_tokens=args.max_batch_tokens,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        cross_request_batching=not args.no_cross_request_batching,
+        prefix_reuse=not args.no_prefix_reuse,
         max_top_k=args.max_top_k,
         reflection=not args.no_reflection,
         shutdown_grace_seconds=args.shutdown_grace,

@@ -17,6 +17,10 @@ class ServerConfig:
     # 0 lets ONNX Runtime use one thread per physical core.
     intra_op_threads: int = 0
     max_batch_tokens: int = 2048
+    # Dynamic batching: how long a sequence may wait for others to share its model run.
+    max_queue_delay_ms: float = 2.0
+    cross_request_batching: bool = True
+    prefix_reuse: bool = True
     max_top_k: int = 20
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0

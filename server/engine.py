@@ -1,9 +1,15 @@
-"""Scoring engine: validated items -> token sequences -> padded batches -> model -> results.
+"""Scoring engine: validated items -> token sequences -> batched model runs -> results.
 
 `plan()` checks and tokenizes a request (raising InvalidInput naming the field
-and the limit); `score()` runs the plan batch by batch and yields each
-completion's result as soon as every sequence it needs has been scored.
-The math on the model's logits is lmscore.server.scoring's.
+and the limit). `score()` runs the plan through the dynamic batcher
+(lmscore.server.batching) and yields each completion's result as soon as every
+sequence it needs has been scored.
+
+Prefix reuse: joint sequences that share a prompt prefix (several completions
+of one prompt, e.g. multiple choice) are scored by one pass over the prompt,
+whose key/value cache then serves all the completions in one batched pass.
+Causal attention makes this equal to separate full passes (tested to 1e-4).
+The sums are lmscore.server.scoring's.
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from lmscore.server.scoring import PositionScores, SequenceLayout, score_positions, sum_sequence
+from lmscore.server.batching import DynamicBatcher, pack_by_length
+from lmscore.server.runtime import BatchScores, PastKeyValues
+from lmscore.server.scoring import PositionScores, SequenceLayout, sum_sequence
 from lmscore.server.tokenization import TextTokenizer
 
 TokenInput = str | Sequence[int]
@@ -90,17 +99,30 @@ class CompletionScore:
     tokens: tuple[TokenScore, ...]
 
 
-class LogitsModel(Protocol):
-    vocab_size: int
+class TokenScorer(Protocol):
+    """What the engine needs of a model (lmscore.server.runtime.OnnxCausalLM)."""
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+    def score(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        target_ids: np.ndarray,
+        top_k: int = 0,
+        past: PastKeyValues | None = None,
+        return_present: bool = False,
+    ) -> tuple[BatchScores, dict[str, np.ndarray] | None]: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineLimits:
     max_context: int
+    vocab_size: int
     max_batch_tokens: int = 2048
     max_top_k: int = 20
+    # Seconds the batcher waits for other requests' sequences to share a run.
+    max_queue_delay: float = 0.002
+    cross_request_batching: bool = True
+    prefix_reuse: bool = True
 
 
 @dataclasses.dataclass
@@ -116,21 +138,31 @@ class _PlannedCompletion:
 
 
 @dataclasses.dataclass
+class _PrefixGroup:
+    """Joint sequences `members` (indices) that all start with `prefix` = [BOS] + prompt."""
+
+    prefix: tuple[int, ...]
+    members: list[int]
+
+
+@dataclasses.dataclass
 class ScoringPlan:
     options: ScoreOptions
     sequences: list[tuple[int, ...]]
     completions: list[_PlannedCompletion]
-    batches: list[list[int]]
+    # Sequences scored by full passes, and the groups scored by prefix reuse.
+    full_passes: list[int]
+    prefix_groups: list[_PrefixGroup]
 
     @property
-    def result_count(self) -> int:
-        return len(self.completions)
+    def top_k(self) -> int:
+        return self.options.top_k if self.options.token_details else 0
 
 
 class ScoringEngine:
     def __init__(
         self,
-        model: LogitsModel,
+        model: TokenScorer,
         tokenizer: TextTokenizer,
         bos_token_id: int | None,
         limits: EngineLimits,
@@ -139,9 +171,16 @@ class ScoringEngine:
         self.tokenizer = tokenizer
         self.bos_token_id = bos_token_id
         self.limits = limits
-        self.vocab_size = model.vocab_size
+        self.vocab_size = limits.vocab_size
         # One model run at a time: ORT already spreads one run over the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
+        self.batcher = DynamicBatcher(
+            self._run_sequences,
+            self._executor,
+            limits.max_batch_tokens,
+            limits.max_queue_delay,
+            limits.cross_request_batching,
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -203,6 +242,7 @@ class ScoringEngine:
             return sequence_index.setdefault(ids, len(sequence_index))
 
         completions: list[_PlannedCompletion] = []
+        prefixes: dict[int, tuple[int, ...]] = {}  # joint sequence -> its [BOS] + prompt
         for item_index, item in enumerate(items):
             if not item.completions:
                 raise InvalidInput(
@@ -235,6 +275,7 @@ class ScoringEngine:
                     prompt_ids = prompt_ids[truncated:]
                 layout = SequenceLayout(bool(bos), len(prompt_ids), len(completion_ids))
                 joint = intern(tuple(bos + prompt_ids + completion_ids))
+                prefixes.setdefault(joint, tuple(bos + prompt_ids))
                 marginal = (
                     intern(tuple(bos + prompt_ids)) if options.separate_marginal_pass else None
                 )
@@ -251,50 +292,89 @@ class ScoringEngine:
                     )
                 )
         sequences = list(sequence_index)
-        return ScoringPlan(options, sequences, completions, self._batches(sequences))
+        groups = self._prefix_groups(prefixes, options)
+        grouped = {m for g in groups for m in g.members}
+        full_passes = [i for i, ids in enumerate(sequences) if len(ids) > 1 and i not in grouped]
+        return ScoringPlan(options, sequences, completions, full_passes, groups)
 
-    def _batches(self, sequences: list[tuple[int, ...]]) -> list[list[int]]:
-        """Group sequences of similar length so that batch * longest <= max_batch_tokens.
-
-        Sequences of one token or none need no model run (nothing to score).
-        """
-        order = sorted(
-            (i for i, ids in enumerate(sequences) if len(ids) > 1),
-            key=lambda i: len(sequences[i]),
-        )
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for index in order:
-            longest = len(sequences[index])  # sorted ascending: the newest is the longest
-            if current and (len(current) + 1) * longest > self.limits.max_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(index)
-        if current:
-            batches.append(current)
-        return batches
+    def _prefix_groups(
+        self, prefixes: dict[int, tuple[int, ...]], options: ScoreOptions
+    ) -> list[_PrefixGroup]:
+        """Two or more joint sequences sharing a non-empty prefix, in same-pass mode
+        (separate-pass mode stays the definition verbatim: full passes only)."""
+        if not self.limits.prefix_reuse or options.separate_marginal_pass:
+            return []
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for joint, prefix in prefixes.items():
+            if prefix:
+                by_prefix.setdefault(prefix, []).append(joint)
+        return [_PrefixGroup(p, m) for p, m in by_prefix.items() if len(m) > 1]
 
     # -- execution --------------------------------------------------------------------------
 
-    def _run_batch(
-        self, sequences: list[tuple[int, ...]], batch: list[int], top_k: int
-    ) -> dict[int, PositionScores]:
-        lengths = [len(sequences[i]) for i in batch]
-        input_ids = np.zeros((len(batch), max(lengths)), dtype=np.int64)
+    def _run_sequences(self, sequences: list[tuple[int, ...]], top_k: int) -> list[PositionScores]:
+        """Score right-padded full sequences in one model run (empty past)."""
+        lengths = [len(ids) for ids in sequences]
+        input_ids = np.zeros((len(sequences), max(lengths)), dtype=np.int64)
         attention_mask = np.zeros_like(input_ids)
-        for row, (index, length) in enumerate(zip(batch, lengths, strict=True)):
-            input_ids[row, :length] = sequences[index]
-            attention_mask[row, :length] = 1
-        logits = self.model.logits(input_ids, attention_mask)
-        return {
-            index: score_positions(logits[row, : length - 1], input_ids[row, 1:length], top_k)
-            for row, (index, length) in enumerate(zip(batch, lengths, strict=True))
-        }
+        target_ids = np.zeros_like(input_ids)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            target_ids[row, : len(ids) - 1] = ids[1:]
+        scores, _ = self.model.score(input_ids, attention_mask, target_ids, top_k)
+        return [_row(scores, row, length - 1) for row, length in enumerate(lengths)]
 
-    def _batch_runs(self, plan: ScoringPlan) -> Iterator[Callable[[], dict[int, PositionScores]]]:
-        top_k = plan.options.top_k if plan.options.token_details else 0
-        for batch in plan.batches:
-            yield lambda batch=batch: self._run_batch(plan.sequences, batch, top_k)
+    def _run_prefix_group(
+        self, plan: ScoringPlan, group: _PrefixGroup
+    ) -> dict[int, PositionScores]:
+        """One pass over the prefix, then the continuations against its key/value cache.
+
+        With S = [BOS] + prompt, the prefix pass runs S[:-1] and scores S[1:] (the
+        marginal); each continuation runs [S[-1]] + completion[:-1] and scores the
+        completion, so every token keeps exactly the context of a full pass.
+        """
+        top_k = plan.top_k
+        past_len = len(group.prefix) - 1
+        past: dict[str, np.ndarray] | None = None
+        prefix_scores = PositionScores.empty(top_k)
+        if past_len > 0:
+            ids = np.asarray([group.prefix[:-1]], dtype=np.int64)
+            targets = np.asarray([group.prefix[1:]], dtype=np.int64)
+            scores, past = self.model.score(
+                ids, np.ones_like(ids), targets, top_k, return_present=True
+            )
+            prefix_scores = _row(scores, 0, past_len)
+        # Each continuation: the prompt's last token, then the completion.
+        continuations = [plan.sequences[m][past_len:] for m in group.members]
+        runs = [i for i, c in enumerate(continuations) if len(c) >= 2]
+        # An empty completion's joint sequence is the prefix itself.
+        results = {
+            group.members[i]: prefix_scores for i in set(range(len(continuations))) - set(runs)
+        }
+        lengths = [len(continuations[i]) - 1 for i in runs]
+        for batch in pack_by_length(lengths, self.limits.max_batch_tokens):
+            rows = [runs[b] for b in batch]
+            width = max(lengths[b] for b in batch)
+            input_ids = np.zeros((len(rows), width), dtype=np.int64)
+            target_ids = np.zeros_like(input_ids)
+            attention_mask = np.zeros((len(rows), past_len + width), dtype=np.int64)
+            attention_mask[:, :past_len] = 1
+            for row, i in enumerate(rows):
+                tokens = continuations[i]
+                input_ids[row, : len(tokens) - 1] = tokens[:-1]
+                target_ids[row, : len(tokens) - 1] = tokens[1:]
+                attention_mask[row, past_len : past_len + len(tokens) - 1] = 1
+            batch_past = (
+                None
+                if past is None
+                else {name: np.repeat(value, len(rows), axis=0) for name, value in past.items()}
+            )
+            scores, _ = self.model.score(input_ids, attention_mask, target_ids, top_k, batch_past)
+            for row, i in enumerate(rows):
+                own = _row(scores, row, len(continuations[i]) - 1)
+                results[group.members[i]] = PositionScores.concat([prefix_scores, own])
+        return results
 
     def _finish(
         self, plan: ScoringPlan, completion: _PlannedCompletion, scored: dict[int, PositionScores]
@@ -357,23 +437,59 @@ class ScoringEngine:
         return tuple(details)
 
     def score_sync(self, plan: ScoringPlan) -> list[CompletionScore]:
-        """Run a plan in the calling thread; results in (item, completion) order."""
+        """Run a plan in the calling thread, batched only within itself; results in
+        (item, completion) order. For warm-up, benchmarks and tests; the server uses score()."""
         progress = _PlanProgress(plan)
         results = [self._finish(plan, c, progress.scored) for c in progress.start()]
-        for run in self._batch_runs(plan):
-            results.extend(self._finish(plan, c, progress.scored) for c in progress.add(run()))
+        sequences = [plan.sequences[i] for i in plan.full_passes]
+        for batch in pack_by_length([len(s) for s in sequences], self.limits.max_batch_tokens):
+            scored = self._run_sequences([sequences[b] for b in batch], plan.top_k)
+            done = progress.add(
+                {plan.full_passes[b]: s for b, s in zip(batch, scored, strict=True)}
+            )
+            results.extend(self._finish(plan, c, progress.scored) for c in done)
+        for group in plan.prefix_groups:
+            done = progress.add(self._run_prefix_group(plan, group))
+            results.extend(self._finish(plan, c, progress.scored) for c in done)
         return sorted(results, key=lambda r: (r.item_index, r.completion_index))
 
     async def score(self, plan: ScoringPlan) -> AsyncIterator[CompletionScore]:
-        """Run a plan on the model thread, yielding results as soon as they are complete."""
-        loop = asyncio.get_running_loop()
+        """Run a plan through the dynamic batcher, yielding results as they complete.
+
+        When the consumer stops early (client cancelled or went away), the plan's
+        queued work is cancelled and never runs.
+        """
         progress = _PlanProgress(plan)
         for completion in progress.start():
             yield self._finish(plan, completion, progress.scored)
-        for run in self._batch_runs(plan):
-            scored = await loop.run_in_executor(self._executor, run)
-            for completion in progress.add(scored):
-                yield self._finish(plan, completion, progress.scored)
+        owner = self.batcher.new_owner()
+        waiting: dict[asyncio.Future[Any], int | None] = {}
+        for index in plan.full_passes:
+            waiting[self.batcher.submit_sequence(plan.sequences[index], plan.top_k, owner)] = index
+        for group in plan.prefix_groups:
+            call = functools.partial(self._run_prefix_group, plan, group)
+            waiting[self.batcher.submit_call(call, owner)] = None
+        try:
+            pending: set[asyncio.Future[Any]] = set(waiting)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    index = waiting[future]
+                    scored = {index: future.result()} if index is not None else future.result()
+                    for completion in progress.add(scored):
+                        yield self._finish(plan, completion, progress.scored)
+        finally:
+            for future in waiting:
+                future.cancel()
+
+
+def _row(scores: BatchScores, row: int, length: int) -> PositionScores:
+    return PositionScores(
+        scores.logprobs[row, :length],
+        scores.ranks[row, :length],
+        scores.top_ids[row, :length],
+        scores.top_logprobs[row, :length],
+    )
 
 
 class _PlanProgress:

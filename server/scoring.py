@@ -79,6 +79,23 @@ class PositionScores:
     def __len__(self) -> int:
         return int(self.logprobs.shape[0])
 
+    def with_top_k(self, top_k: int) -> PositionScores:
+        """The same scores keeping only the `top_k` best alternatives."""
+        if self.top_ids.shape[1] == top_k:
+            return self
+        return dataclasses.replace(
+            self, top_ids=self.top_ids[:, :top_k], top_logprobs=self.top_logprobs[:, :top_k]
+        )
+
+    @classmethod
+    def concat(cls, parts: list[PositionScores]) -> PositionScores:
+        return cls(
+            np.concatenate([p.logprobs for p in parts]),
+            np.concatenate([p.ranks for p in parts]),
+            np.concatenate([p.top_ids for p in parts]),
+            np.concatenate([p.top_logprobs for p in parts]),
+        )
+
 
 def score_positions(logits: np.ndarray, targets: np.ndarray, top_k: int = 0) -> PositionScores:
     """Log-prob, rank and top-k of ``targets[t]`` under ``logits[t]`` (shape [t, vocab]).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from lmscore.server.engine import (
     ScoringEngine,
     Segment,
 )
+from lmscore.server.runtime import BatchScores
+from lmscore.server.scoring import score_positions
 from lmscore.server.tokenization import TextTokenizer, move_trailing_whitespace
 from tiny_model import build_tokenizer
 
@@ -23,23 +26,36 @@ VOCAB = 512
 
 
 class FakeCausalModel:
-    """logits[t] = sum over s <= t of E[ids[s]] * 0.5 ** (t - s): causal, padding-blind."""
-
-    vocab_size = VOCAB
+    """A causal stand-in for the ONNX model: logits[t] = sum over s <= t of
+    E[ids[s]] * 0.5 ** (t - s). Its "key/value cache" is the past ids themselves."""
 
     def __init__(self) -> None:
         self.embeddings = np.random.default_rng(1).normal(size=(VOCAB, VOCAB)).astype(np.float32)
-        self.calls: list[tuple[int, int]] = []
+        self.calls: list[tuple[int, ...]] = []
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def score(
+        self, input_ids, attention_mask, target_ids, top_k=0, past=None, return_present=False
+    ):
         self.calls.append(input_ids.shape)
-        out = np.zeros((*input_ids.shape, VOCAB), np.float32)
-        for b in range(input_ids.shape[0]):
+        batch, new = input_ids.shape
+        past_ids = np.zeros((batch, 0), np.int64) if past is None else past["ids"]
+        logprobs = np.zeros((batch, new), np.float32)
+        ranks = np.zeros((batch, new), np.int64)
+        top_ids = np.zeros((batch, new, top_k), np.int64)
+        top_logprobs = np.zeros((batch, new, top_k), np.float32)
+        for b in range(batch):
             state = np.zeros(VOCAB, np.float32)
-            for t in range(input_ids.shape[1]):
+            for token in past_ids[b]:
+                state = state * 0.5 + self.embeddings[token]
+            logits = np.zeros((new, VOCAB), np.float32)
+            for t in range(new):
                 state = state * 0.5 + self.embeddings[input_ids[b, t]]
-                out[b, t] = state
-        return out
+                logits[t] = state
+            scores = score_positions(logits, target_ids[b], top_k)
+            logprobs[b], ranks[b] = scores.logprobs, scores.ranks
+            top_ids[b], top_logprobs[b] = scores.top_ids, scores.top_logprobs
+        present = {"ids": np.concatenate([past_ids, input_ids], axis=1)} if return_present else None
+        return BatchScores(logprobs, ranks, top_logprobs, top_ids), present
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +65,12 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> TextTokenizer:
     return TextTokenizer(path)
 
 
-def make_engine(tokenizer: TextTokenizer, bos: int | None = 1, **limits: int) -> ScoringEngine:
+def make_engine(tokenizer: TextTokenizer, bos: int | None = 1, **limits: Any) -> ScoringEngine:
     return ScoringEngine(
-        FakeCausalModel(), tokenizer, bos, EngineLimits(**{"max_context": 64, **limits})
+        FakeCausalModel(),
+        tokenizer,
+        bos,
+        EngineLimits(**{"max_context": 64, "vocab_size": VOCAB, **limits}),
     )
 
 
@@ -192,3 +211,73 @@ def test_tokenizer_matches_hugging_face_on_natural_text(tokenizer: TextTokenizer
     hf = build_tokenizer()
     text = Path("/usr/share/common-licenses/BSD").read_text()
     assert tokenizer.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+MULTIPLE_CHOICE = [
+    ItemInput("Question: which license? Answer:", [" GPL", " MIT license", "", " Apache 2"]),
+    ItemInput("Question: which license? Answer:", [" BSD"]),  # same prompt, another item
+    ItemInput("", ["Free", "Software"]),  # the prefix is BOS alone
+    ItemInput("Single", [" completion"]),
+]
+
+
+@pytest.mark.parametrize("options", [ScoreOptions(), ScoreOptions(token_details=True, top_k=3)])
+def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: ScoreOptions) -> None:
+    reuse = make_engine(tokenizer)
+    full = make_engine(tokenizer, prefix_reuse=False)
+    plan = reuse.plan(MULTIPLE_CHOICE, options)
+    assert [len(g.members) for g in plan.prefix_groups] == [5, 2]
+    with_reuse = reuse.score_sync(plan)
+    without = full.score_sync(full.plan(MULTIPLE_CHOICE, options))
+    assert len(with_reuse) == len(without) == 8
+    for a, b in zip(with_reuse, without, strict=True):
+        assert a.joint_logprob == pytest.approx(b.joint_logprob, abs=1e-4)
+        assert a.marginal_logprob == pytest.approx(b.marginal_logprob, abs=1e-4)
+        assert a.conditional_logprob == pytest.approx(b.conditional_logprob, abs=1e-4)
+        assert a.greedy == b.greedy
+        assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+        assert [t.rank for t in a.tokens] == [t.rank for t in b.tokens]
+        assert [[x.id for x in t.top] for t in a.tokens] == [
+            [x.id for x in t.top] for t in b.tokens
+        ]
+    # The shared prompt ran once: one prefix pass, one batch of continuations.
+    tokens_run = lambda engine: sum(b * s for b, s in engine.model.calls)  # noqa: E731
+    assert tokens_run(reuse) < tokens_run(full)
+
+
+def test_separate_pass_mode_never_reuses_prefixes(tokenizer: TextTokenizer) -> None:
+    engine = make_engine(tokenizer)
+    plan = engine.plan(MULTIPLE_CHOICE, ScoreOptions(separate_marginal_pass=True))
+    assert plan.prefix_groups == []
+
+
+def test_concurrent_requests_share_model_runs(tokenizer: TextTokenizer) -> None:
+    items = [[ItemInput(f"Request {i} asks", [f" question {i}"])] for i in range(6)]
+
+    async def run(engine: ScoringEngine) -> list:
+        async def one(request):
+            return [r async for r in engine.score(engine.plan(request, ScoreOptions()))]
+
+        return await asyncio.gather(*(one(request) for request in items))
+
+    shared = make_engine(tokenizer, max_queue_delay=0.05)
+    apart = make_engine(tokenizer, max_queue_delay=0.05, cross_request_batching=False)
+    together, separately = asyncio.run(run(shared)), asyncio.run(run(apart))
+    assert shared.batcher.model_runs < apart.batcher.model_runs == 6
+    for a, b in zip(together, separately, strict=True):
+        assert a[0].joint_logprob == pytest.approx(b[0].joint_logprob, abs=1e-5)
+
+
+def test_abandoned_request_does_no_more_work(tokenizer: TextTokenizer) -> None:
+    engine = make_engine(tokenizer, max_batch_tokens=8, max_queue_delay=0)
+    items = [ItemInput(f"Item number {i} is", [f" here {i} and there"]) for i in range(20)]
+    plan = engine.plan(items, ScoreOptions())
+
+    async def take_one_and_leave() -> None:
+        stream = engine.score(plan)
+        await stream.__anext__()
+        await stream.aclose()
+        await asyncio.sleep(0.2)
+
+    asyncio.run(take_one_and_leave())
+    assert 1 <= len(engine.model.calls) < 5  # 20 sequences were queued, one batch each

@@ -10,9 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lmscore.export.graph_io import full_sequence_feeds
+from lmscore.export.graph_io import model_feeds
 from lmscore.export.manifest import FORMAT_VERSION, Manifest, ManifestError
 from lmscore.export.validate import VALIDATION_TEXT
+from lmscore.server.scoring import score_positions
 from tiny_model import MAX_CONTEXT, VOCAB_SIZE
 
 
@@ -37,6 +38,19 @@ def test_manifest_records_the_source_and_the_model(tiny_export: Path, tiny_hf_di
     assert manifest.opset >= 14
     assert manifest.onnxruntime_version == ort.__version__
     assert manifest.optimum_version == "0.1.0"
+    assert manifest.scoring_head is True
+
+
+def head_outputs(export_dir: Path, ids: list[int], top_k: int = 0) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(export_dir / "model.onnx"))
+    array = np.array([ids])
+    targets = np.zeros_like(array)
+    targets[0, :-1] = ids[1:]
+    feeds = model_feeds(
+        session.get_inputs(), array, np.ones_like(array), target_ids=targets, top_k=top_k
+    )
+    names = ["target_logprobs", "target_ranks", "top_logprobs", "top_ids"]
+    return [x[0, :-1] for x in session.run(names, feeds)]
 
 
 def test_validation_figure_matches_an_independent_measurement(
@@ -45,25 +59,37 @@ def test_validation_figure_matches_an_independent_measurement(
     import torch
 
     model, hf_tokenizer = tiny_torch
-    ids = [
-        1,
-        *hf_tokenizer(VALIDATION_TEXT.read_text().strip(), add_special_tokens=False)["input_ids"],
-    ]
+    text = VALIDATION_TEXT.read_text().strip()
+    ids = [1, *hf_tokenizer(text, add_special_tokens=False)["input_ids"]]
     with torch.no_grad():
         reference = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
-    session = ort.InferenceSession(str(tiny_export / "model.onnx"))
-    array = np.array([ids])
-    (logits,) = session.run(
-        ["logits"], full_sequence_feeds(session.get_inputs(), array, np.ones_like(array))
-    )
-    ort_logprobs = torch.log_softmax(torch.from_numpy(logits[0, :-1]).double(), -1)
     targets = torch.tensor(ids[1:])
-    rows = torch.arange(len(targets))
-    measured = float((ort_logprobs[rows, targets] - reference[rows, targets]).abs().max())
+    expected = reference[torch.arange(len(targets)), targets].numpy()
+    measured = float(np.abs(head_outputs(tiny_export, ids)[0] - expected).max())
     manifest = Manifest.read(tiny_export)
     assert manifest.validation_tokens == len(ids)
     assert manifest.validation_max_abs_diff == pytest.approx(measured, abs=1e-5)
     assert manifest.validation_max_abs_diff < 1e-4
+
+
+def test_scoring_head_equals_the_numpy_definition_on_pytorch_logits(
+    tiny_export: Path, tiny_torch
+) -> None:
+    import torch
+
+    model, hf_tokenizer = tiny_torch
+    ids = [1, *hf_tokenizer("The Program is free software", add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].numpy()
+    expected = score_positions(logits, np.array(ids[1:]), top_k=4)
+    logprobs, ranks, top_logprobs, top_ids = head_outputs(tiny_export, ids, top_k=4)
+    np.testing.assert_allclose(logprobs, expected.logprobs, atol=1e-4)
+    np.testing.assert_array_equal(ranks, expected.ranks)
+    np.testing.assert_array_equal(top_ids, expected.top_ids)
+    np.testing.assert_allclose(top_logprobs, expected.top_logprobs, atol=1e-4)
+    assert "logits" not in {
+        o.name for o in ort.InferenceSession(str(tiny_export / "model.onnx")).get_outputs()
+    }
 
 
 def test_export_fails_when_validation_misses_the_tolerance(

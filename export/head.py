@@ -1,0 +1,93 @@
+"""The fused scoring head: extends the exported graph so ONNX Runtime returns per-token
+log-probs, ranks and top-k of given target ids instead of the [batch, seq, vocab] logits.
+
+Added inputs:  target_ids [batch, seq] int64 (the token each position is scored on;
+               any valid id where nothing is scored), top_k [1] int64 (0 for none).
+Added outputs: target_logprobs [batch, seq] float32 = log_softmax(logits)[target],
+               target_ranks [batch, seq] int64 = 1 + #{v : logits[v] > logits[target]},
+               top_logprobs / top_ids [batch, seq, top_k], most likely first.
+The logits output is removed, so they never leave ONNX Runtime. Log-softmax is
+float32 whatever the model dtype. lmscore.server.scoring.score_positions is the
+same computation in numpy, and the tests hold the two to each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEAD_OUTPUTS = ("target_logprobs", "target_ranks", "top_logprobs", "top_ids")
+HEAD_INPUTS = ("target_ids", "top_k")
+
+
+def add_scoring_head(onnx_path: Path) -> None:
+    """Rewrite the model at `onnx_path` in place with the scoring head."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    if logits is None:
+        raise ValueError(f"{onnx_path} has no 'logits' output (already has the head?)")
+    input_ids = next(i for i in graph.input if i.name == "input_ids")
+    batch, seq = (d.dim_param or d.dim_value for d in input_ids.type.tensor_type.shape.dim)
+
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info("target_ids", TensorProto.INT64, [batch, seq]),
+            helper.make_tensor_value_info("top_k", TensorProto.INT64, [1]),
+        ]
+    )
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([-1], np.int64), "lmscore_last_axis"),
+            numpy_helper.from_array(np.array(1, np.int64), "lmscore_one"),
+        ]
+    )
+    source = "logits"
+    nodes = []
+    if logits.type.tensor_type.elem_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["logits"], ["lmscore_logits"], to=TensorProto.FLOAT))
+        source = "lmscore_logits"
+    node = helper.make_node
+    nodes += [
+        node("LogSoftmax", [source], ["lmscore_logprobs"], axis=-1),
+        node("Unsqueeze", ["target_ids", "lmscore_last_axis"], ["lmscore_targets"]),
+        node("GatherElements", ["lmscore_logprobs", "lmscore_targets"], ["lmscore_lp"], axis=-1),
+        node("Squeeze", ["lmscore_lp", "lmscore_last_axis"], ["target_logprobs"]),
+        node("GatherElements", [source, "lmscore_targets"], ["lmscore_target_logit"], axis=-1),
+        node("Greater", [source, "lmscore_target_logit"], ["lmscore_higher"]),
+        # Counts below 2**24 are exact in float32 (vocabularies are far smaller).
+        node("Cast", ["lmscore_higher"], ["lmscore_higher_f"], to=TensorProto.FLOAT),
+        node(
+            "ReduceSum",
+            ["lmscore_higher_f", "lmscore_last_axis"],
+            ["lmscore_count_f"],
+            keepdims=0,
+        ),
+        node("Cast", ["lmscore_count_f"], ["lmscore_count"], to=TensorProto.INT64),
+        node("Add", ["lmscore_count", "lmscore_one"], ["target_ranks"]),
+        node(
+            "TopK",
+            ["lmscore_logprobs", "top_k"],
+            ["top_logprobs", "top_ids"],
+            axis=-1,
+            largest=1,
+            sorted=1,
+        ),
+    ]
+    graph.node.extend(nodes)
+    kept = [o for o in graph.output if o.name != "logits"]
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info("target_logprobs", TensorProto.FLOAT, [batch, seq]),
+            helper.make_tensor_value_info("target_ranks", TensorProto.INT64, [batch, seq]),
+            helper.make_tensor_value_info("top_logprobs", TensorProto.FLOAT, [batch, seq, "top_k"]),
+            helper.make_tensor_value_info("top_ids", TensorProto.INT64, [batch, seq, "top_k"]),
+            *kept,
+        ]
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_path))
