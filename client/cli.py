@@ -206,6 +206,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmscore.bench import cli as bench_cli
     from lmscore.export import cli as export_cli
     from lmscore.server import cli as server_cli
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score prompt/completion pairs on a server")
     add_score_arguments(score)
     score.set_defaults(run=run_score)
+    bench = commands.add_parser("bench", help="benchmark PyTorch, ONNX Runtime and gRPC paths")
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(run=bench_cli.run)
     return parser
 
 
@@ -230,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except ModuleNotFoundError as exc:
-        extra = "export" if args.command == "export" else "cpu"
+        extra = {"export": "export", "bench": "cpu,export,bench"}.get(args.command, "cpu")
         print(
             f"lmscore {args.command}: missing dependency {exc.name!r}; install lmscore[{extra}]",
             file=sys.stderr,

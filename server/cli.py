@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lmscore.export.manifest import ManifestError
-from lmscore.export.paths import default_model_dir
+from lmscore.export.paths import default_model_dir, lmscore_home
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=2048,
+        default=1024,
         help="padded tokens per model run (batch size x longest sequence) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cpu-arena",
+        action="store_true",
+        help="keep ONNX Runtime's CPU memory arena (a little faster; memory never shrinks)",
+    )
+    parser.add_argument(
+        "--ort-cache-dir",
+        type=Path,
+        help="cache of ORT-optimized graphs for faster starts (default: $LMSCORE_HOME/ort-cache)",
+    )
+    parser.add_argument(
+        "--no-ort-cache", action="store_true", help="optimize the graph at every start"
     )
     parser.add_argument(
         "--max-queue-delay-ms",
@@ -87,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         device=args.device,
         intra_op_threads=args.intra_op_threads,
+        cpu_arena=args.cpu_arena,
+        optimized_cache_dir=None
+        if args.no_ort_cache
+        else (args.ort_cache_dir or lmscore_home(os.environ) / "ort-cache"),
         max_batch_tokens=args.max_batch_tokens,
         max_queue_delay_ms=args.max_queue_delay_ms,
         cross_request_batching=not args.no_cross_request_batching,

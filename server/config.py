@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmscore.server.runtime import Device
+from lmscore.server.runtime import Device, RuntimeOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,9 @@ class ServerConfig:
     device: Device = "auto"
     # 0 lets ONNX Runtime use one thread per physical core.
     intra_op_threads: int = 0
-    max_batch_tokens: int = 2048
+    cpu_arena: bool = False
+    optimized_cache_dir: Path | None = None
+    max_batch_tokens: int = 1024
     # Dynamic batching: how long a sequence may wait for others to share its model run.
     max_queue_delay_ms: float = 2.0
     cross_request_batching: bool = True
@@ -24,6 +26,14 @@ class ServerConfig:
     max_top_k: int = 20
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(
+            device=self.device,
+            intra_op_threads=self.intra_op_threads,
+            cpu_arena=self.cpu_arena,
+            optimized_cache_dir=self.optimized_cache_dir,
+        )
 
     @property
     def address(self) -> str:

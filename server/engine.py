@@ -117,7 +117,7 @@ class TokenScorer(Protocol):
 class EngineLimits:
     max_context: int
     vocab_size: int
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int = 1024
     max_top_k: int = 20
     # Seconds the batcher waits for other requests' sequences to share a run.
     max_queue_delay: float = 0.002

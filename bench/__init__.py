@@ -1,0 +1,1 @@
+"""Benchmarks: `lmscore bench` (lmscore.bench.cli)."""

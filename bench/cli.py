@@ -1,0 +1,50 @@
+"""`lmscore bench`: PyTorch eager, ONNX Runtime in-process and gRPC, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="exported fp32 model dir or 'default'")
+    parser.add_argument(
+        "--source", default="default", help="the model's source, for the PyTorch reference path"
+    )
+    parser.add_argument(
+        "--quantized",
+        default="auto",
+        help="exported quantized model dir; 'auto' = $LMSCORE_HOME/models/NAME-int8 if it "
+        "exists; 'none' to skip (default: %(default)s)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch path")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("bench/results"), help="bench.json and bench.png"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmscore.bench.report import table, write
+    from lmscore.bench.runner import run_bench
+    from lmscore.export.paths import default_model_dir, lmscore_home
+
+    model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
+    quantized: Path | None
+    if args.quantized == "none":
+        quantized = None
+    elif args.quantized == "auto":
+        candidate = lmscore_home(os.environ) / "models" / f"{model_dir.name}-int8"
+        quantized = candidate if candidate.is_dir() else None
+    else:
+        quantized = Path(args.quantized)
+    results = run_bench(
+        model_dir, args.source, quantized, args.repeats, args.concurrency, not args.no_pytorch
+    )
+    json_path, png_path = write(results, args.output_dir)
+    print(table(results))
+    print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)
+    return 0

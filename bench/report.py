@@ -1,0 +1,215 @@
+"""The benchmark's report: ratios against the targets, a table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    value: float | None
+    target: str
+    met: bool | None  # None: not measured in this run
+    unit: str = ""
+
+    def row(self) -> str:
+        value = "-" if self.value is None else f"{self.value:.3g}{self.unit}"
+        status = {True: "met", False: "MISSED", None: "not measured"}[self.met]
+        return f"| {self.name} | {value} | {self.target} | {status} |"
+
+
+def checks(results: dict[str, Any]) -> list[Check]:
+    ort = results["ort"]["batch"]["rate_median"]
+    grpc = results.get("grpc", {})
+    grpc_rate = grpc.get("batch", {}).get("rate_median")
+    torch_rate = results.get("pytorch", {}).get("batch", {}).get("rate_median")
+    quantized = results.get("quantized")
+    out = [
+        Check(
+            "gRPC / in-process ORT, batch scoring",
+            grpc_rate / ort if grpc_rate else None,
+            ">= 0.9",
+            grpc_rate / ort >= 0.9 if grpc_rate else None,
+            "x",
+        ),
+        Check(
+            "gRPC / PyTorch eager, batch scoring",
+            grpc_rate / torch_rate if grpc_rate and torch_rate else None,
+            ">= 1.3",
+            grpc_rate / torch_rate >= 1.3 if grpc_rate and torch_rate else None,
+            "x",
+        ),
+        Check(
+            "multiple choice: naive two-pass / prefix reuse",
+            results["ort"]["choice_speedup"],
+            ">= 6",
+            results["ort"]["choice_speedup"] >= 6,
+            "x",
+        ),
+        Check(
+            "multiple choice: max |delta conditional| vs naive",
+            results["ort"]["choice_max_abs_diff"],
+            "<= 1e-4",
+            results["ort"]["choice_max_abs_diff"] <= 1e-4,
+            " nats",
+        ),
+    ]
+    if quantized:
+        out += [
+            Check(
+                "quantized / fp32 ORT, batch scoring",
+                quantized["speedup"],
+                ">= 1.5",
+                quantized["speedup"] >= 1.5,
+                "x",
+            ),
+            Check(
+                "quantized mean |delta log p| per token (held-out)",
+                quantized["deviation"]["mean_abs_nats"],
+                "<= 0.1",
+                quantized["deviation"]["mean_abs_nats"] <= 0.1,
+                " nats",
+            ),
+        ]
+    else:
+        out.append(Check("quantized / fp32 ORT", None, ">= 1.5 at <= 0.1 nats", None))
+    if grpc:
+        overhead = grpc["short_pair_p50_ms"] - results["ort"]["short_pair_p50_ms"]
+        model_mb = results["model_file_bytes"] / 2**20
+        rss_mb = grpc["rss_bytes"] / 2**20
+        out += [
+            Check("short pair: p50 gRPC overhead", overhead, "<= 3 ms", overhead <= 3, " ms"),
+            Check(
+                "server cold start to SERVING",
+                grpc["cold_start_s"],
+                "<= 5 s",
+                grpc["cold_start_s"] <= 5,
+                " s",
+            ),
+            Check(
+                "server RSS",
+                rss_mb,
+                f"<= {1.5 * model_mb + 300:.0f} MB",
+                rss_mb <= 1.5 * model_mb + 300,
+                " MB",
+            ),
+            Check(
+                "16 concurrent clients: batched / unbatched",
+                grpc["concurrency_speedup"],
+                "reported",
+                None if grpc["concurrency_speedup"] is None else True,
+                "x",
+            ),
+        ]
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    rates = [
+        ("PyTorch eager", results.get("pytorch")),
+        ("ONNX Runtime in-process", results["ort"]),
+        ("gRPC end to end", results.get("grpc")),
+    ]
+    if results.get("quantized"):
+        rates.append(("ONNX Runtime quantized", results["quantized"]))
+    lines.append("| path | batch tokens/s (median) | min s | max s |")
+    lines.append("|---|---|---|---|")
+    for name, section in rates:
+        if section and "batch" in section:
+            b = section["batch"]
+            lines.append(
+                f"| {name} | {b['rate_median']:.0f} | {b['min_s']:.3f} | {b['max_s']:.3f} |"
+            )
+    ort = results["ort"]
+    lines += [
+        "",
+        "| workload | value |",
+        "|---|---|",
+        f"| multiple choice, naive two-pass (s) | {ort['choice_naive']['median_s']:.3f} |",
+        f"| multiple choice, prefix reuse (s) | {ort['choice_prefix_reuse']['median_s']:.3f} |",
+        f"| short pair p50 / p99 in-process (ms) | {ort['short_pair_p50_ms']:.1f} / "
+        f"{ort['short_pair_p99_ms']:.1f} |",
+    ]
+    grpc = results.get("grpc")
+    if grpc:
+        lines += [
+            f"| short pair p50 / p99 gRPC (ms) | {grpc['short_pair_p50_ms']:.1f} / "
+            f"{grpc['short_pair_p99_ms']:.1f} |",
+            f"| 16 clients, cross-request batching (pairs/s) | "
+            f"{grpc['concurrent_batched']['pairs_per_s']:.1f} |",
+            f"| 16 clients, no cross-request batching (pairs/s) | "
+            f"{grpc['concurrent_unbatched']['pairs_per_s']:.1f} |",
+            f"| server cold start to SERVING (s) | {grpc['cold_start_s']:.2f} |",
+            f"| server RSS after the runs (MB) | {grpc['rss_bytes'] / 2**20:.0f} |",
+        ]
+    quantized = results.get("quantized")
+    if quantized:
+        d = quantized["deviation"]
+        lines.append(
+            f"| quantized deviation, mean / max per token (nats, {d['tokens']} held-out tokens) | "
+            f"{d['mean_abs_nats']:.4f} / {d['max_abs_nats']:.3f} |"
+        )
+    lines += ["", "| target | measured | wanted | status |", "|---|---|---|---|"]
+    lines += [c.row() for c in checks(results)]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rates, choice, concurrent) = plt.subplots(1, 3, figsize=(14, 4.2))
+    names, values = [], []
+    for name, key in [
+        ("PyTorch\neager", "pytorch"),
+        ("ORT\nin-process", "ort"),
+        ("gRPC\nend to end", "grpc"),
+        ("ORT\nquantized", "quantized"),
+    ]:
+        section = results.get(key)
+        if section and "batch" in section:
+            names.append(name)
+            values.append(section["batch"]["rate_median"])
+    rates.bar(names, values, color="#4477aa")
+    rates.set_title("batch scoring, 8 x 128 tokens")
+    rates.set_ylabel("tokens scored / s (median)")
+    ort = results["ort"]
+    choice.bar(
+        ["naive\ntwo-pass", "prefix\nreuse"],
+        [ort["choice_naive"]["median_s"], ort["choice_prefix_reuse"]["median_s"]],
+        color=["#bb5566", "#228833"],
+    )
+    choice.set_title(f"multiple choice: {ort['choice_speedup']:.1f}x faster")
+    choice.set_ylabel("seconds per 256-token prompt + 8 x 16")
+    grpc = results.get("grpc")
+    if grpc:
+        concurrent.bar(
+            ["without\nbatching", "cross-request\nbatching"],
+            [
+                grpc["concurrent_unbatched"]["pairs_per_s"],
+                grpc["concurrent_batched"]["pairs_per_s"],
+            ],
+            color=["#bb5566", "#228833"],
+        )
+        concurrent.set_title(f"16 concurrent clients: {grpc['concurrency_speedup']:.2f}x")
+        concurrent.set_ylabel("pairs / s")
+    figure.suptitle(f"lmscore bench: {results['model']}, {results['machine']['cpus']} CPUs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(results: dict[str, Any], output_dir: Path) -> tuple[Path, Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "bench.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    png_path = output_dir / "bench.png"
+    plot(results, png_path)
+    return json_path, png_path

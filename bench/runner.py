@@ -1,0 +1,283 @@
+"""`lmscore bench`: every path measured side by side in one run, reported as ratios.
+
+Paths: PyTorch eager on the same weights (what lm-eval's HFLM does), ONNX
+Runtime in-process (the engine without gRPC), the full gRPC path through the
+client (a real `lmscore serve` process), and the quantized variant when one is
+exported. Each timing is repeated after a warm-up; the report gives median, min
+and max. The paths run one after another, never at the same time, so they do
+not compete for the cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmscore.bench.workloads import Workloads, build_workloads
+from lmscore.client import Item, ScoringClient
+from lmscore.export.manifest import ONNX_NAME, Manifest
+from lmscore.server.app import load_model
+from lmscore.server.config import ServerConfig
+from lmscore.server.engine import ItemInput, ScoreOptions, ScoringEngine
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def summary(self, units: float = 1.0) -> dict[str, float]:
+        """Rates per second (units / seconds): median, and from the fastest and slowest run."""
+        return {
+            "median_s": self.median,
+            "min_s": min(self.seconds),
+            "max_s": max(self.seconds),
+            "rate_median": units / self.median,
+        }
+
+
+def timed(run: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - began)
+    return Timing(seconds)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _as_client_item(item: ItemInput) -> Item:
+    return Item(item.prompt, list(item.completions))  # type: ignore[arg-type]
+
+
+class ServerUnderTest:
+    """A real `lmscore serve` process on a free loopback port."""
+
+    def __init__(self, model_dir: Path, *flags: str) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        lmscore = str(Path(sys.executable).parent / "lmscore")
+        began = time.perf_counter()
+        self.process = subprocess.Popen(
+            [
+                lmscore,
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+                *flags,
+            ]
+        )
+        with ScoringClient(self.address) as client:
+            client.wait_until_ready(timeout=300)
+        self.cold_start_s = time.perf_counter() - began
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def _in_process(engine: ScoringEngine, items: list[ItemInput], options: ScoreOptions) -> list:
+    return engine.score_sync(engine.plan(items, options))
+
+
+def measure_in_process(engine: ScoringEngine, work: Workloads, repeats: int) -> dict[str, Any]:
+    options = ScoreOptions()
+    batch = timed(lambda: _in_process(engine, work.batch, options), repeats)
+    naive_options = ScoreOptions(separate_marginal_pass=True)
+    completions = list(work.choice.completions)
+
+    def naive() -> list:
+        # The seed's method: per completion, a joint pass over [x, y] and a marginal pass over x.
+        return [
+            _in_process(engine, [ItemInput(work.choice.prompt, [c])], naive_options)[0]
+            for c in completions
+        ]
+
+    def reuse() -> list:
+        return _in_process(engine, [work.choice], options)
+
+    naive_timing = timed(naive, max(1, repeats // 2))
+    reuse_timing = timed(reuse, repeats)
+    max_diff = max(
+        abs(a.conditional_logprob - b.conditional_logprob)
+        for a, b in zip(naive(), reuse(), strict=True)
+    )
+    latencies = timed(lambda: _in_process(engine, [work.short_pair], options), 50, warmup=5)
+    return {
+        "batch": batch.summary(work.batch_tokens),
+        "choice_naive": naive_timing.summary(),
+        "choice_prefix_reuse": reuse_timing.summary(),
+        "choice_speedup": naive_timing.median / reuse_timing.median,
+        "choice_max_abs_diff": max_diff,
+        "short_pair_p50_ms": 1000 * percentile(latencies.seconds, 50),
+        "short_pair_p99_ms": 1000 * percentile(latencies.seconds, 99),
+    }
+
+
+def measure_pytorch(source: str, work: Workloads, bos: int | None, repeats: int) -> dict[str, Any]:
+    """What lm-eval's HFLM does: one forward pass, log_softmax, gather the targets."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmscore.export.source import resolve_source
+
+    resolved = resolve_source(source)
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(resolved.directory), dtype=torch.float32, **kwargs
+    ).eval()
+    prefix = [] if bos is None else [bos]
+    ids = torch.tensor([prefix + list(item.completions[0]) for item in work.batch])  # type: ignore[arg-type]
+
+    def run() -> float:
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
+            return float(logprobs.gather(-1, ids[:, 1:, None]).double().sum())
+
+    return {"batch": timed(run, repeats).summary(work.batch_tokens)}
+
+
+def measure_grpc(
+    model_dir: Path, work: Workloads, repeats: int, concurrency: int
+) -> dict[str, Any]:
+    server = ServerUnderTest(model_dir)
+    try:
+        with ScoringClient(server.address, timeout=600) as client:
+            batch_items = [_as_client_item(i) for i in work.batch]
+            batch = timed(lambda: client.score(batch_items), repeats)
+            choice = timed(lambda: client.score([_as_client_item(work.choice)]), repeats)
+            pair = [_as_client_item(work.short_pair)]
+            latencies = timed(lambda: client.score(pair), 50, warmup=5)
+        result = {
+            "cold_start_s": server.cold_start_s,
+            "rss_bytes": server.rss_bytes(),
+            "batch": batch.summary(work.batch_tokens),
+            "choice_prefix_reuse": choice.summary(),
+            "short_pair_p50_ms": 1000 * percentile(latencies.seconds, 50),
+            "short_pair_p99_ms": 1000 * percentile(latencies.seconds, 99),
+            "concurrent_batched": measure_concurrency(server.address, work, concurrency),
+        }
+    finally:
+        server.close()
+    unbatched = ServerUnderTest(model_dir, "--no-cross-request-batching")
+    try:
+        result["concurrent_unbatched"] = measure_concurrency(unbatched.address, work, concurrency)
+    finally:
+        unbatched.close()
+    result["concurrency_speedup"] = (
+        result["concurrent_batched"]["pairs_per_s"] / result["concurrent_unbatched"]["pairs_per_s"]
+    )
+    return result
+
+
+def measure_concurrency(address: str, work: Workloads, clients: int) -> dict[str, float]:
+    """`clients` threads, each with its own channel, each sending single pairs one at a time."""
+    per_client = 4
+    prompt = list(work.short_pair.prompt)  # type: ignore[arg-type]
+    completion = list(work.short_pair.completions[0])  # type: ignore[arg-type]
+
+    def client_loop(number: int) -> int:
+        with ScoringClient(address, timeout=600) as client:
+            for i in range(per_client):
+                # Distinct prompts, so nothing is shared but the batches.
+                client.score(
+                    [Item([*prompt[1:], (number * per_client + i) % 1000 + 10], [completion])]
+                )
+        return per_client
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client_loop, range(clients)))  # warm-up
+        began = time.perf_counter()
+        done = sum(pool.map(client_loop, range(clients)))
+        elapsed = time.perf_counter() - began
+    return {"clients": clients, "pairs": done, "seconds": elapsed, "pairs_per_s": done / elapsed}
+
+
+def token_deviation(
+    reference: ScoringEngine, candidate: ScoringEngine, items: list[ItemInput]
+) -> dict[str, float]:
+    """Mean and max |log p_candidate - log p_reference| per token on held-out text."""
+    options = ScoreOptions(token_details=True)
+    diffs = []
+    for a, b in zip(
+        _in_process(reference, items, options), _in_process(candidate, items, options), strict=True
+    ):
+        for x, y in zip(a.tokens[1:], b.tokens[1:], strict=True):
+            diffs.append(abs(float(x.logprob) - float(y.logprob)))  # type: ignore[arg-type]
+    return {
+        "mean_abs_nats": float(np.mean(diffs)),
+        "max_abs_nats": float(np.max(diffs)),
+        "tokens": len(diffs),
+    }
+
+
+def run_bench(
+    model_dir: Path,
+    source: str,
+    quantized_dir: Path | None,
+    repeats: int,
+    concurrency: int,
+    include_pytorch: bool = True,
+) -> dict[str, Any]:
+    manifest = Manifest.read(model_dir)
+    loaded = load_model(ServerConfig(model_dir=model_dir))
+    work = build_workloads(loaded.engine.tokenizer)
+    results: dict[str, Any] = {
+        "model": manifest.name,
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "model_file_bytes": (model_dir / ONNX_NAME).stat().st_size,
+        "repeats": repeats,
+    }
+    print("measuring ONNX Runtime in-process (fp32) ...", file=sys.stderr)
+    results["ort"] = measure_in_process(loaded.engine, work, repeats)
+    if quantized_dir is not None:
+        print(f"measuring the quantized variant {quantized_dir} ...", file=sys.stderr)
+        quantized = load_model(ServerConfig(model_dir=quantized_dir))
+        fp32_again = timed(lambda: _in_process(loaded.engine, work.batch, ScoreOptions()), repeats)
+        q_timing = timed(lambda: _in_process(quantized.engine, work.batch, ScoreOptions()), repeats)
+        results["quantized"] = {
+            "dir": str(quantized_dir),
+            "batch": q_timing.summary(work.batch_tokens),
+            "fp32_batch_same_phase": fp32_again.summary(work.batch_tokens),
+            "speedup": fp32_again.median / q_timing.median,
+            "deviation": token_deviation(loaded.engine, quantized.engine, work.held_out),
+        }
+        quantized.engine.close()
+    loaded.engine.close()
+    if include_pytorch:
+        print("measuring PyTorch eager ...", file=sys.stderr)
+        results["pytorch"] = measure_pytorch(source, work, manifest.bos_token_id, repeats)
+    print("measuring gRPC end to end ...", file=sys.stderr)
+    results["grpc"] = measure_grpc(model_dir, work, repeats, concurrency)
+    return results
