@@ -10,6 +10,7 @@ Imports neither onnxruntime, torch nor transformers.
 """
 
 from lmscore.client.aio import AsyncScoringClient
+from lmscore.client.channel import TlsOptions
 from lmscore.client.errors import (
     DeadlineExceededError,
     InternalServerError,
@@ -45,6 +46,7 @@ __all__ = [
     "ScoringClient",
     "ScoringError",
     "ServerUnavailableError",
+    "TlsOptions",
     "Token",
     "TopToken",
 ]

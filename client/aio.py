@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lmscore.client.channel import TlsOptions, async_channel, auth_metadata
 from lmscore.client.convert import (
     build_request,
     in_input_order,
@@ -20,7 +21,6 @@ from lmscore.client.convert import (
 )
 from lmscore.client.errors import ServerUnavailableError, error_from_rpc
 from lmscore.client.retry import RetryPolicy
-from lmscore.client.sync import CHANNEL_OPTIONS
 from lmscore.client.types import (
     Item,
     ModelInfo,
@@ -42,12 +42,15 @@ class AsyncScoringClient:
         *,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel or async_channel(target, tls)
+        self._metadata = auth_metadata(token)
         self._stub = scoring_pb2_grpc.ScorerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -75,7 +78,9 @@ class AsyncScoringClient:
         while True:
             yielded = False
             try:
-                async for message in call(request, timeout=self._deadline(timeout)):
+                async for message in call(
+                    request, timeout=self._deadline(timeout), metadata=self._metadata
+                ):
                     yielded = True
                     yield message
                 return
@@ -122,7 +127,9 @@ class AsyncScoringClient:
     ) -> AsyncIterator[ScoreResult]:
         """Many requests on one bidirectional stream; results carry request_index. Not retried."""
         call = self._stub.ScoreStream(
-            (request_to_pb(r) for r in requests), timeout=self._deadline(timeout)
+            (request_to_pb(r) for r in requests),
+            timeout=self._deadline(timeout),
+            metadata=self._metadata,
         )
         try:
             async for message in call:
@@ -141,7 +148,9 @@ class AsyncScoringClient:
 
     async def is_server_ready(self, *, timeout: float = 1.0) -> bool:
         try:
-            response = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -157,7 +166,7 @@ class AsyncScoringClient:
 
 
 def _as_stream(unary: Callable[..., Awaitable[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def call(request: object, timeout: float | None) -> AsyncIterator[Any]:
-        yield await unary(request, timeout=timeout)
+    async def call(request: object, **kwargs: Any) -> AsyncIterator[Any]:
+        yield await unary(request, **kwargs)
 
     return call

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from lmscore.client.channel import TlsOptions
 from lmscore.client.errors import ScoringError
 from lmscore.client.sync import ScoringClient
 from lmscore.client.types import Item, ScoreOptions, ScoreResult
@@ -60,6 +62,14 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     parser.add_argument("--timeout", type=float, help="deadline of each request in seconds")
+    parser.add_argument(
+        "--token-file", type=Path, help="bearer token for the server (else $LMSCORE_TOKEN)"
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to trust; implies --tls")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
+    parser.add_argument("--tls-server-name", help="expected name in the server certificate")
     parser.add_argument(
         "--items-per-request",
         type=int,
@@ -177,6 +187,20 @@ def format_table(prompt: str, results: Sequence[ScoreResult]) -> str:
     return "\n".join(lines)
 
 
+def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """ScoringClient's token and tls arguments from the flags (files read here)."""
+    token = args.token_file.read_text().strip() if args.token_file else environ.get("LMSCORE_TOKEN")
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsOptions(
+            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+            private_key=args.tls_key.read_bytes() if args.tls_key else None,
+            server_name=args.tls_server_name,
+        )
+    return {"token": token or None, "tls": tls}
+
+
 def run_score(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.prompt is None):
         print("lmscore score: give either --prompt with --completion, or --input", file=sys.stderr)
@@ -185,7 +209,9 @@ def run_score(args: argparse.Namespace) -> int:
         print("lmscore score: --prompt needs at least one --completion", file=sys.stderr)
         return 2
     try:
-        with ScoringClient(args.server, timeout=args.timeout) as client:
+        with ScoringClient(
+            args.server, timeout=args.timeout, **connection(args, os.environ)
+        ) as client:
             if args.input is not None:
                 if args.output is None:
                     return score_file(client, args, sys.stdout)

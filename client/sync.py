@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lmscore.client.channel import TlsOptions, auth_metadata, sync_channel
 from lmscore.client.convert import (
     build_request,
     in_input_order,
@@ -29,9 +31,6 @@ from lmscore.client.types import (
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1 import scoring_pb2_grpc
 
-# Results with token details and top-k can exceed gRPC's 4 MiB default.
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
-
 
 class ScoringClient:
     """Client of one lmscore server. `timeout` (seconds) is the default deadline of every call;
@@ -43,12 +42,15 @@ class ScoringClient:
         *,
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel or sync_channel(target, tls)
+        self._metadata = auth_metadata(token)
         self._stub = scoring_pb2_grpc.ScorerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -76,7 +78,9 @@ class ScoringClient:
         while True:
             yielded = False
             try:
-                for message in call(request, timeout=self._deadline(timeout)):  # type: ignore[operator]
+                for message in call(
+                    request, timeout=self._deadline(timeout), metadata=self._metadata
+                ):  # type: ignore[operator]
                     yielded = True
                     yield message
                 return
@@ -126,7 +130,9 @@ class ScoringClient:
         Not retried: the requests iterable may not be replayable."""
         messages = (request_to_pb(r) for r in requests)
         try:
-            for message in self._stub.ScoreStream(messages, timeout=self._deadline(timeout)):
+            for message in self._stub.ScoreStream(
+                messages, timeout=self._deadline(timeout), metadata=self._metadata
+            ):
                 yield result_from_pb(message)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
@@ -140,7 +146,9 @@ class ScoringClient:
     def is_server_ready(self, *, timeout: float = 1.0) -> bool:
         """True when the health service reports the server SERVING."""
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -159,7 +167,7 @@ class ScoringClient:
 def _as_stream(unary: Callable[..., object]) -> Callable[..., Iterator[object]]:
     """A unary call seen as a one-message stream, so it shares the retry loop."""
 
-    def call(request: object, timeout: float | None) -> Iterator[object]:
-        yield unary(request, timeout=timeout)
+    def call(request: object, **kwargs: Any) -> Iterator[object]:
+        yield unary(request, **kwargs)
 
     return call

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.server.config import ServerConfig
 from lmscore.server.engine import EngineLimits, ItemInput, ScoreOptions, ScoringEngine
+from lmscore.server.interceptors import BearerTokenInterceptor, ErrorInterceptor
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.servicer import ScorerServicer
 from lmscore.server.tokenization import TextTokenizer
@@ -44,6 +45,11 @@ def load_model(config: ServerConfig) -> LoadedModel:
         vocab_size=manifest.vocab_size,
         max_batch_tokens=config.max_batch_tokens,
         max_top_k=config.max_top_k,
+        max_items_per_request=config.max_items_per_request,
+        max_completions_per_item=config.max_completions_per_item,
+        max_tokens_per_item=config.max_tokens_per_item,
+        max_tokens_per_request=config.max_tokens_per_request,
+        max_queue_length=config.max_queue_length,
         max_queue_delay=config.max_queue_delay_ms / 1000,
         cross_request_batching=config.cross_request_batching,
         prefix_reuse=config.prefix_reuse,
@@ -73,24 +79,53 @@ def warm_up(engine: ScoringEngine) -> None:
     engine.score_sync(plan)
 
 
+def build_server(config: ServerConfig, loaded: LoadedModel) -> grpc.aio.Server:
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.auth_tokens:
+        exempt = [health.SERVICE_NAME] if config.health_without_auth else []
+        interceptors.append(BearerTokenInterceptor(config.auth_tokens, exempt))
+    interceptors.append(ErrorInterceptor())
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    servicer = ScorerServicer(loaded.engine, loaded.info, config.max_concurrent_requests)
+    scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
+    return server
+
+
+def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Listen with TLS when a certificate is configured; warn about exposed plaintext."""
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key, config.tls_cert)],
+            root_certificates=config.tls_client_ca,
+            require_client_auth=config.tls_client_ca is not None,
+        )
+        return server.add_secure_port(config.address, credentials)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.auth_tokens:
+        log.warning("listening on %s without TLS or authentication", config.host)
+    elif config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without TLS: bearer tokens travel in clear text", config.host)
+    return server.add_insecure_port(config.address)
+
+
 async def serve(config: ServerConfig) -> None:
     started = time.perf_counter()
     loaded = load_model(config)
     warm_up(loaded.engine)
 
-    server = grpc.aio.server()
-    scoring_pb2_grpc.add_ScorerServicer_to_server(
-        ScorerServicer(loaded.engine, loaded.info), server
-    )
+    server = build_server(config, loaded)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
             [SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-    port = server.add_insecure_port(config.address)
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without TLS or authentication", config.host)
+    port = bind(server, config)
     await server.start()
     for service in ("", SCORER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -120,6 +120,9 @@ class DynamicBatcher:
         self._wakeup.set()
         return future
 
+    def pending_count(self) -> int:
+        return sum(1 for job in self._pending if not job.future.done())
+
     def stats(self) -> BatchingStats:
         return BatchingStats(
             self.model_runs, self.sequences_run, self.padded_tokens, self.real_tokens

@@ -83,6 +83,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    limits = parser.add_argument_group("limits")
+    for flag, default, what in [
+        ("--max-message-bytes", 16 * 1024 * 1024, "size of one gRPC message"),
+        ("--max-items-per-request", 1024, "items in one request"),
+        ("--max-completions-per-item", 256, "completions of one item"),
+        ("--max-tokens-per-item", 0, "tokens of one joint sequence (0: the model's context)"),
+        ("--max-tokens-per-request", 262_144, "tokens over all sequences of one request"),
+        ("--max-concurrent-requests", 64, "Score/ScoreStream calls in flight"),
+        ("--max-queue-length", 4096, "sequences waiting for the model, all requests together"),
+    ]:
+        limits.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
+    security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    security.add_argument(
+        "--tls-client-ca", type=Path, help="CA (PEM) that client certificates must chain to (mTLS)"
+    )
+    security.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="bearer tokens, one per line; also read from $LMSCORE_AUTH_TOKENS (comma-separated)",
+    )
+    security.add_argument(
+        "--health-without-auth",
+        action="store_true",
+        help="let grpc.health.v1 calls through without a token (for load-balancer probes)",
+    )
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def auth_tokens(token_file: Path | None, environ: dict[str, str]) -> tuple[str, ...]:
+    tokens = [t.strip() for t in environ.get("LMSCORE_AUTH_TOKENS", "").split(",")]
+    data = _read(token_file, "--auth-token-file")
+    if data is not None:
+        tokens += [line.strip() for line in data.decode().splitlines()]
+    return tuple(t for t in tokens if t and not t.startswith("#"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +142,22 @@ def run(args: argparse.Namespace) -> int:
     from lmscore.server.runtime import DeviceError
 
     model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
+    try:
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if args.tls_client_ca is not None and args.tls_cert is None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        tls = [
+            _read(args.tls_cert, "--tls-cert"),
+            _read(args.tls_key, "--tls-key"),
+            _read(args.tls_client_ca, "--tls-client-ca"),
+        ]
+        tokens = auth_tokens(args.auth_token_file, dict(os.environ))
+        if args.auth_token_file is not None and not tokens:
+            raise ConfigError(f"--auth-token-file {args.auth_token_file} holds no token")
+    except ConfigError as exc:
+        print(f"lmscore serve: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         model_dir=model_dir,
         host=args.host,
@@ -111,6 +175,18 @@ def run(args: argparse.Namespace) -> int:
         max_top_k=args.max_top_k,
         reflection=not args.no_reflection,
         shutdown_grace_seconds=args.shutdown_grace,
+        max_message_bytes=args.max_message_bytes,
+        max_items_per_request=args.max_items_per_request,
+        max_completions_per_item=args.max_completions_per_item,
+        max_tokens_per_item=args.max_tokens_per_item or None,
+        max_tokens_per_request=args.max_tokens_per_request,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_queue_length=args.max_queue_length,
+        tls_cert=tls[0],
+        tls_key=tls[1],
+        tls_client_ca=tls[2],
+        auth_tokens=tokens,
+        health_without_auth=args.health_without_auth,
     )
     try:
         asyncio.run(serve(config))

@@ -26,6 +26,20 @@ class ServerConfig:
     max_top_k: int = 20
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
+    # Limits (RESOURCE_EXHAUSTED for load and size, INVALID_ARGUMENT for shape).
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_items_per_request: int = 1024
+    max_completions_per_item: int = 256
+    max_tokens_per_item: int | None = None
+    max_tokens_per_request: int = 262_144
+    max_concurrent_requests: int = 64
+    max_queue_length: int = 4096
+    # Security: TLS (PEM bytes; a client CA turns on mutual TLS) and bearer tokens.
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None
+    auth_tokens: tuple[str, ...] = ()
+    health_without_auth: bool = False
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(

@@ -41,6 +41,14 @@ class InvalidInput(ValueError):
         self.description = message
 
 
+class RequestTooLarge(InvalidInput):
+    """A request exceeds a size limit (items, completions, tokens): RESOURCE_EXHAUSTED."""
+
+
+class Overloaded(RuntimeError):
+    """The server's queue is full: RESOURCE_EXHAUSTED, try again later."""
+
+
 class Segment(enum.Enum):
     BOS = "bos"
     PROMPT = "prompt"
@@ -119,6 +127,13 @@ class EngineLimits:
     vocab_size: int
     max_batch_tokens: int = 1024
     max_top_k: int = 20
+    max_items_per_request: int = 1024
+    max_completions_per_item: int = 256
+    # Per item (joint sequence, BOS included); the model's context caps it too.
+    max_tokens_per_item: int | None = None
+    max_tokens_per_request: int = 262_144
+    # Sequences waiting for the model, over all requests.
+    max_queue_length: int = 4096
     # Seconds the batcher waits for other requests' sequences to share a run.
     max_queue_delay: float = 0.002
     cross_request_batching: bool = True
@@ -231,11 +246,23 @@ class ScoringEngine:
 
     def plan(self, items: Sequence[ItemInput], options: ScoreOptions) -> ScoringPlan:
         """Validate and tokenize; raises InvalidInput naming the first bad field."""
+        limits = self.limits
         if not items:
             raise InvalidInput("items", "must hold at least one item")
+        if len(items) > limits.max_items_per_request:
+            raise RequestTooLarge(
+                "items",
+                f"{len(items)} items exceed the limit of {limits.max_items_per_request}",
+            )
         add_bos = self._check_options(options)
         bos = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
-        max_context = self.limits.max_context
+        max_context = min(limits.max_context, limits.max_tokens_per_item or limits.max_context)
+        limit_name = (
+            "the model's context"
+            if max_context == limits.max_context
+            else "the server's per-item limit (--max-tokens-per-item)"
+        )
+        request_tokens = 0
         sequence_index: dict[tuple[int, ...], int] = {}
 
         def intern(ids: tuple[int, ...]) -> int:
@@ -247,6 +274,12 @@ class ScoringEngine:
             if not item.completions:
                 raise InvalidInput(
                     f"items[{item_index}].completions", "must hold at least one completion"
+                )
+            if len(item.completions) > limits.max_completions_per_item:
+                raise RequestTooLarge(
+                    f"items[{item_index}].completions",
+                    f"{len(item.completions)} completions exceed the limit of "
+                    f"{limits.max_completions_per_item} per item",
                 )
             for completion_index, completion in enumerate(item.completions):
                 field = f"items[{item_index}].completions[{completion_index}]"
@@ -260,8 +293,8 @@ class ScoringEngine:
                         raise InvalidInput(
                             field,
                             f"sequence of {length} tokens ({len(bos)} BOS + {len(prompt_ids)} "
-                            f"prompt + {len(completion_ids)} completion) exceeds the model's "
-                            f"context of {max_context} tokens; set options.truncate_prompt_left "
+                            f"prompt + {len(completion_ids)} completion) exceeds {limit_name} "
+                            f"of {max_context} tokens; set options.truncate_prompt_left "
                             "to drop prompt tokens from the left",
                         )
                     truncated = length - max_context
@@ -269,11 +302,18 @@ class ScoringEngine:
                         raise InvalidInput(
                             field,
                             f"completion of {len(completion_ids)} tokens (+{len(bos)} BOS) does "
-                            f"not fit the model's context of {max_context} tokens even with "
+                            f"not fit {limit_name} of {max_context} tokens even with "
                             "the whole prompt truncated",
                         )
                     prompt_ids = prompt_ids[truncated:]
                 layout = SequenceLayout(bool(bos), len(prompt_ids), len(completion_ids))
+                request_tokens += layout.length
+                if request_tokens > limits.max_tokens_per_request:
+                    raise RequestTooLarge(
+                        "items",
+                        f"more than {limits.max_tokens_per_request} tokens in one request "
+                        f"(reached at {field})",
+                    )
                 joint = intern(tuple(bos + prompt_ids + completion_ids))
                 prefixes.setdefault(joint, tuple(bos + prompt_ids))
                 marginal = (
@@ -459,6 +499,11 @@ class ScoringEngine:
         When the consumer stops early (client cancelled or went away), the plan's
         queued work is cancelled and never runs.
         """
+        queued = self.batcher.pending_count()
+        if queued + len(plan.full_passes) + len(plan.prefix_groups) > self.limits.max_queue_length:
+            raise Overloaded(
+                f"queue full: {queued} sequences waiting, limit {self.limits.max_queue_length}"
+            )
         progress = _PlanProgress(plan)
         for completion in progress.start():
             yield self._finish(plan, completion, progress.scored)

@@ -6,8 +6,6 @@ google.rpc.BadRequest field violation; an unknown model name NOT_FOUND.
 
 from __future__ import annotations
 
-import logging
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,6 +17,8 @@ from lmscore.server.engine import (
     CompletionScore,
     InvalidInput,
     ItemInput,
+    Overloaded,
+    RequestTooLarge,
     ScoreOptions,
     ScoringEngine,
     ScoringPlan,
@@ -27,8 +27,6 @@ from lmscore.server.engine import (
 )
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1 import scoring_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 _SEGMENTS = {
     Segment.BOS: pb.SEGMENT_BOS,
@@ -100,22 +98,27 @@ def _result_message(
     return message
 
 
-async def _abort_invalid(context: grpc.aio.ServicerContext, field: str, description: str) -> None:
+async def _abort_with_field(
+    context: grpc.aio.ServicerContext, field: str, description: str, code: int
+) -> None:
+    """Abort with a google.rpc.BadRequest field violation that clients can read."""
     violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     status = rpc_status.to_status(
-        status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=f"{field}: {description}", details=[detail]
-        )
+        status_pb2.Status(code=code, message=f"{field}: {description}", details=[detail])
     )
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
-    def __init__(self, engine: ScoringEngine, model_info: pb.ModelInfo) -> None:
+    def __init__(
+        self, engine: ScoringEngine, model_info: pb.ModelInfo, max_concurrent_requests: int = 64
+    ) -> None:
         self._engine = engine
         self._model_info = model_info
+        self._max_concurrent = max_concurrent_requests
+        self.active_requests = 0
 
     def _plan(self, request: pb.ScoreRequest) -> ScoringPlan:
         if request.model and request.model != self._model_info.name:
@@ -138,50 +141,60 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
     ) -> AsyncIterator[pb.ScoreResult]:
         try:
             plan = self._plan(request)
+        except RequestTooLarge as exc:
+            await _abort_with_field(
+                context, field_prefix + exc.field, exc.description, code_pb2.RESOURCE_EXHAUSTED
+            )
+            return
         except InvalidInput as exc:
-            await _abort_invalid(context, field_prefix + exc.field, exc.description)
+            await _abort_with_field(
+                context, field_prefix + exc.field, exc.description, code_pb2.INVALID_ARGUMENT
+            )
             return
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, field_prefix + str(exc))
             return
-        async for result in self._engine.score(plan):
-            yield _result_message(result, request, index)
+        try:
+            async for result in self._engine.score(plan):
+                yield _result_message(result, request, index)
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        if self.active_requests >= self._max_concurrent:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.active_requests} requests in flight, limit {self._max_concurrent} "
+                "(--max-concurrent-requests); retry later",
+            )
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
+        await self._admit(context)
+        self.active_requests += 1
         try:
             async for message in self._score_one(request, 0, context):
                 yield message
-        except Exception as exc:
-            await _abort_internal(context, exc)
+        finally:
+            self.active_requests -= 1
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
+        await self._admit(context)
+        self.active_requests += 1
         try:
             index = 0
             async for request in request_iterator:
-                async for message in self._score_one(
-                    request, index, context, f"requests[{index}]."
-                ):
+                prefix = f"requests[{index}]."
+                async for message in self._score_one(request, index, context, prefix):
                     yield message
                 index += 1
-        except Exception as exc:
-            await _abort_internal(context, exc)
+        finally:
+            self.active_requests -= 1
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         return self._model_info
-
-
-async def _abort_internal(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    # context.abort raises an exception of grpc's own to end the RPC: let it through.
-    if isinstance(exc, grpc.aio.AbortError):
-        raise exc
-    request_id = uuid.uuid4().hex[:12]
-    log.exception("internal error, request id %s", request_id)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}, see server log)"
-    )

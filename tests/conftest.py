@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,10 +38,11 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+    def wait_ready(self, timeout: float = 120.0, **client_options: Any) -> ServerProcess:
+        """Until health says SERVING; `client_options` (tls, token) as for ScoringClient."""
         from lmscore.client import ScoringClient
 
-        with ScoringClient(self.address) as client:
+        with ScoringClient(self.address, **client_options) as client:
             deadline = time.monotonic() + timeout
             while not client.is_server_ready(timeout=0.5):
                 if self.process.poll() is not None:
@@ -66,8 +68,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path | str, *extra: str) -> Iterator[ServerProcess]:
-    server = ServerProcess(model_dir, *extra).wait_ready()
+def running_server(
+    model_dir: Path | str, *extra: str, **client_options: Any
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(model_dir, *extra).wait_ready(**client_options)
     try:
         yield server
     finally:

@@ -1,0 +1,143 @@
+"""Cross-cutting concerns of every RPC, in one place: bearer-token auth and unexpected errors."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+log = logging.getLogger("lmscore.server")
+
+Behavior = Callable[..., Any]
+
+
+def _with_behavior(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior wrapped; `wrap(behavior, response_streaming)`."""
+    kinds = [
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    ]
+    for attribute, make in kinds:
+        behavior = getattr(handler, attribute)
+        if behavior is not None:
+            return make(
+                wrap(behavior, attribute.endswith("_stream")),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise ValueError("handler without behavior")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Any unexpected exception becomes INTERNAL with a request id, logged with its trace.
+    The server keeps serving."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+
+        async def internal(context: grpc.aio.ServicerContext) -> None:
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("internal error in %s, request id %s", method, request_id)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error (request id {request_id}, see server log)",
+            )
+
+        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
+            if streaming:
+
+                async def stream(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[Any]:
+                    try:
+                        async for response in behavior(request, context):
+                            yield response
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception:
+                        await internal(context)
+
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    await internal(context)
+
+            return unary
+
+        return _with_behavior(handler, wrap)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC needs `authorization: Bearer TOKEN` with one of `tokens` (compared in
+    constant time), except the methods of `exempt_services`; else UNAUTHENTICATED."""
+
+    def __init__(self, tokens: Sequence[str], exempt_services: Sequence[str] = ()) -> None:
+        if not tokens or any(not t for t in tokens):
+            raise ValueError("auth needs at least one non-empty token")
+        self._tokens = [t.encode() for t in tokens]
+        self._exempt = tuple(f"/{service}/" for service in exempt_services)
+
+    def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
+        header = next((v for k, v in metadata or () if k == "authorization"), "")
+        if isinstance(header, bytes):
+            header = header.decode(errors="replace")
+        scheme, _, token = header.partition(" ")
+        presented = token.strip().encode()
+        # Compare with every token so the time taken says nothing about which matched.
+        matches = [hmac.compare_digest(presented, t) for t in self._tokens]
+        return scheme.lower() == "bearer" and any(matches)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self._exempt):
+            return handler
+        if self._authorized(details.invocation_metadata):
+            return handler
+
+        async def deny(context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token (metadata 'authorization: Bearer TOKEN')",
+            )
+
+        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
+            if streaming:
+
+                async def stream(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[Any]:
+                    await deny(context)
+                    yield  # pragma: no cover (abort raises)
+
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await deny(context)
+
+            return unary
+
+        return _with_behavior(handler, wrap)
