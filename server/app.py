@@ -149,4 +149,11 @@ async def serve(config: ServerConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_seconds)
     loaded.engine.close()
-    log.info("stopped")
+    stats = loaded.engine.batcher.stats()
+    log.info(
+        "stopped: %d sequences scored in %d batched model runs (%d of %d padded tokens real)",
+        stats.sequences,
+        stats.model_runs,
+        stats.real_tokens,
+        stats.padded_tokens,
+    )
