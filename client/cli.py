@@ -8,6 +8,7 @@ works from a client-only install.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +46,11 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         '"completions": [str, ...]}, optional "id"',
     )
     parser.add_argument("--output", type=Path, help="JSONL results (default: standard output)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --output: keep its complete lines and score only what is missing",
+    )
     parser.add_argument("--token-details", action="store_true", help="per-token log-probs")
     parser.add_argument(
         "--top-k", type=int, default=0, help="with --token-details: K alternatives per token"
@@ -140,23 +146,57 @@ def result_record(result: ScoreResult, index: int, item_id: Any, token_details: 
     return record
 
 
-def _chunks(
-    records: Sequence[tuple[Item, Any]], size: int
-) -> Iterator[tuple[int, Sequence[tuple[Item, Any]]]]:
+def _chunks(records: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
     for start in range(0, len(records), size):
         yield start, records[start : start + size]
 
 
-def score_file(client: ScoringClient, args: argparse.Namespace, out: TextIO) -> int:
+def completed_results(path: Path) -> set[tuple[int, int]]:
+    """(index, completion_index) of every complete line of an earlier run's output; a torn
+    last line (the run was killed while writing it) is cut off the file."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
+    done = set()
+    for number, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            done.add((int(record["index"]), int(record["completion_index"])))
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{path}:{number}: not a result line of lmscore score") from None
+    if keep < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+    return done
+
+
+def score_file(
+    client: ScoringClient, args: argparse.Namespace, out: TextIO, done: set[tuple[int, int]]
+) -> int:
+    """Score every (line, completion) not in `done`, in input order, a chunk per request."""
     with args.input.open(encoding="utf-8") as handle:
         records = list(read_items(handle, str(args.input)))
     options = _options(args)
-    total = sum(len(item.completions) for item, _ in records)
+    # Per input record, the completion indices still to score.
+    todo = [
+        (index, [c for c in range(len(item.completions)) if (index, c) not in done])
+        for index, (item, _) in enumerate(records)
+    ]
+    todo = [(index, wanted) for index, wanted in todo if wanted]
+    total = sum(len(wanted) for _, wanted in todo)
     with tqdm(total=total, desc="scoring", unit="completion", file=sys.stderr) as bar:
-        for start, chunk in _chunks(records, max(1, args.items_per_request)):
-            results = client.score([item for item, _ in chunk], options, timeout=args.timeout)
+        for _, chunk in _chunks(todo, max(1, args.items_per_request)):
+            items = [
+                Item(records[index][0].prompt, [records[index][0].completions[c] for c in wanted])
+                for index, wanted in chunk
+            ]
+            results = client.score(items, options, timeout=args.timeout)
             for result in results:
-                index = start + result.item_index
+                index, wanted = chunk[result.item_index]
+                result = dataclasses.replace(
+                    result, completion_index=wanted[result.completion_index]
+                )
                 record = result_record(result, index, records[index][1], args.token_details)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
@@ -205,6 +245,9 @@ def run_score(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.prompt is None):
         print("lmscore score: give either --prompt with --completion, or --input", file=sys.stderr)
         return 2
+    if args.resume and args.output is None:
+        print("lmscore score: --resume needs --output", file=sys.stderr)
+        return 2
     if args.prompt is not None and not args.completion:
         print("lmscore score: --prompt needs at least one --completion", file=sys.stderr)
         return 2
@@ -214,9 +257,10 @@ def run_score(args: argparse.Namespace) -> int:
         ) as client:
             if args.input is not None:
                 if args.output is None:
-                    return score_file(client, args, sys.stdout)
-                with args.output.open("w", encoding="utf-8") as out:
-                    return score_file(client, args, out)
+                    return score_file(client, args, sys.stdout, set())
+                done = completed_results(args.output) if args.resume else set()
+                with args.output.open("a" if args.resume else "w", encoding="utf-8") as out:
+                    return score_file(client, args, out, done)
             results = client.score_completions(args.prompt, args.completion, _options(args))
     except (InputError, OSError) as exc:
         print(f"lmscore score: {exc}", file=sys.stderr)

@@ -58,6 +58,12 @@ def _completion_of(completion: pb.Completion) -> TokenInput | None:
 
 
 def _options_of(options: pb.ScoreOptions) -> ScoreOptions:
+    if options.marginal_mode not in pb.MarginalMode.values():
+        raise InvalidInput(
+            "options.marginal_mode",
+            f"unknown value {options.marginal_mode}; known: "
+            + ", ".join(f"{n} = {v}" for n, v in pb.MarginalMode.items()),
+        )
     return ScoreOptions(
         token_details=options.token_details,
         top_k=options.top_k,

@@ -112,3 +112,49 @@ def test_port_in_use_exits_with_one_line(tiny_export: Path) -> None:
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
     assert str(port) in run.stderr.strip().splitlines()[-1]
+
+
+def test_batch_cli_resumes_without_repeating_or_skipping(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    import json
+
+    source = tmp_path / "in.jsonl"
+    lines = [
+        {"prompt": f"Line {i} of the file ", "completions": ["says yes", "says no"], "id": i}
+        for i in range(400)
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    target = tmp_path / "out.jsonl"
+    command = [
+        LMSCORE,
+        "score",
+        "--server",
+        tiny_server.address,
+        "--input",
+        str(source),
+        "--output",
+        str(target),
+        "--items-per-request",
+        "4",
+    ]
+    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while (not target.exists() or target.stat().st_size < 2000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.kill()
+    first.wait()
+    with target.open("a") as handle:
+        handle.write('{"index": 399, "completion_ind')  # a line torn by the kill
+    partial = len(target.read_text().splitlines()) - 1
+    assert 0 < partial < 800
+    subprocess.run([*command, "--resume"], check=True, capture_output=True, timeout=300)
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    keys = [(r["index"], r["completion_index"]) for r in rows]
+    assert sorted(keys) == [(i, c) for i in range(400) for c in (0, 1)]  # each exactly once
+    assert keys == sorted(keys)
+    with ScoringClient(tiny_server.address) as client:
+        expected = client.score([Item(line["prompt"], line["completions"]) for line in lines])
+    for row, result in zip(rows, expected, strict=True):
+        assert row["id"] == row["index"]
+        assert row["conditional_logprob"] == pytest.approx(result.conditional_logprob, abs=1e-4)
