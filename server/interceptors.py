@@ -15,8 +15,36 @@ log = logging.getLogger("lmscore.server")
 Behavior = Callable[..., Any]
 
 
+class _Undecodable:
+    """Stands for a request message whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError and kin
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+async def _abort_undecodable(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({request.error})"
+    )
+
+
 def _with_behavior(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Behavior, bool], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behavior wrapped; `wrap(behavior, response_streaming)`."""
     kinds = [
@@ -30,15 +58,16 @@ def _with_behavior(
         if behavior is not None:
             return make(
                 wrap(behavior, attribute.endswith("_stream")),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     raise ValueError("handler without behavior")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Any unexpected exception becomes INTERNAL with a request id, logged with its trace.
-    The server keeps serving."""
+    """Any unexpected exception becomes INTERNAL with a request id, logged with its trace;
+    bytes that do not parse as the request message become INVALID_ARGUMENT (gRPC itself
+    would answer UNKNOWN). The server keeps serving."""
 
     async def intercept_service(
         self,
@@ -58,12 +87,29 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 f"internal error (request id {request_id}, see server log)",
             )
 
+        request_streaming = handler.request_streaming
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not request_streaming:
+                if isinstance(request, _Undecodable):
+                    await _abort_undecodable(context, request)
+                return request
+
+            async def messages() -> AsyncIterator[Any]:
+                async for message in request:
+                    if isinstance(message, _Undecodable):
+                        await _abort_undecodable(context, message)
+                    yield message
+
+            return messages()
+
         def wrap(behavior: Behavior, streaming: bool) -> Behavior:
             if streaming:
 
                 async def stream(
                     request: Any, context: grpc.aio.ServicerContext
                 ) -> AsyncIterator[Any]:
+                    request = await checked(request, context)
                     try:
                         async for response in behavior(request, context):
                             yield response
@@ -75,6 +121,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return stream
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                request = await checked(request, context)
                 try:
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
@@ -84,7 +131,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        return _with_behavior(handler, wrap)
+        return _with_behavior(handler, wrap, _tolerant(handler.request_deserializer))
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
