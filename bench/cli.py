@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantized",
         default="auto",
-        help="exported quantized model dir; 'auto' = $LMSCORE_HOME/models/NAME-int8 if it "
-        "exists; 'none' to skip (default: %(default)s)",
+        help="exported quantized model dir; 'auto' = the first of $LMSCORE_HOME/models/NAME-RECIPE "
+        "that exists; 'none' to skip (default: %(default)s)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
@@ -30,15 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmscore.bench.report import table, write
     from lmscore.bench.runner import run_bench
-    from lmscore.export.paths import default_model_dir, lmscore_home
+    from lmscore.export.paths import default_model_dir
 
     model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
     quantized: Path | None
     if args.quantized == "none":
         quantized = None
     elif args.quantized == "auto":
-        candidate = lmscore_home(os.environ) / "models" / f"{model_dir.name}-int8"
-        quantized = candidate if candidate.is_dir() else None
+        from lmscore.export.quant_recipes import RECIPES
+
+        candidates = [model_dir.parent / f"{model_dir.name}-{recipe}" for recipe in RECIPES]
+        quantized = next((c for c in candidates if c.is_dir()), None)
     else:
         quantized = Path(args.quantized)
     results = run_bench(

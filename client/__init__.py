@@ -24,6 +24,7 @@ from lmscore.client.sync import ScoringClient
 from lmscore.client.types import (
     Item,
     ModelInfo,
+    QuantizationInfo,
     ScoreOptions,
     ScoreRequest,
     ScoreResult,
@@ -39,6 +40,7 @@ __all__ = [
     "Item",
     "ModelInfo",
     "ModelNotFoundError",
+    "QuantizationInfo",
     "RetryPolicy",
     "ScoreOptions",
     "ScoreRequest",

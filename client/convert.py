@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from lmscore.client.types import (
     Item,
     ModelInfo,
+    QuantizationInfo,
     ScoreOptions,
     ScoreRequest,
     ScoreResult,
@@ -114,6 +115,15 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
         source_sha256=message.source_sha256,
         max_top_k=message.max_top_k,
         manifest=json.loads(message.manifest_json) if message.manifest_json else {},
+        quantization=QuantizationInfo(
+            recipe=message.quantization.recipe,
+            speedup=message.quantization.speedup,
+            mean_abs_deviation=message.quantization.mean_abs_deviation,
+            max_abs_deviation=message.quantization.max_abs_deviation,
+            held_out_tokens=message.quantization.held_out_tokens,
+        )
+        if message.HasField("quantization")
+        else None,
     )
 
 

@@ -81,6 +81,17 @@ class ScoreResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizationInfo:
+    recipe: str
+    # Tokens per second, quantized / float32, measured side by side at export.
+    speedup: float
+    # |log p_quantized - log p_float32| per token on held-out text, in nats.
+    mean_abs_deviation: float
+    max_abs_deviation: float
+    held_out_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     name: str
     architecture: str
@@ -95,3 +106,5 @@ class ModelInfo:
     source_sha256: str
     max_top_k: int
     manifest: dict[str, Any]
+    # None for a float32 model.
+    quantization: QuantizationInfo | None = None

@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="export again even if OUTPUT holds this source"
     )
     parser.add_argument(
+        "--quantize",
+        metavar="RECIPE",
+        help="also write a quantized variant NAME-RECIPE beside OUTPUT, with its speed-up and "
+        "deviation measured against float32; recipes: q4-exact, int8-dynamic",
+    )
+    parser.add_argument(
         "--max-validation-diff",
         type=float,
         default=1e-3,
@@ -43,6 +49,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmscore export: {exc}", file=sys.stderr)
         return 2
     output = args.output or lmscore_home(os.environ) / "models" / source.name
+    status = _export_fp32(args, source, output)
+    if status != 0 or not args.quantize:
+        return status
+    from lmscore.export.quant_recipes import RECIPES
+    from lmscore.export.quantize import quantize_export
+
+    if args.quantize not in RECIPES:
+        print(f"lmscore export: --quantize must be one of {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    target = output.parent / f"{output.name}-{args.quantize}"
+    manifest = quantize_export(output, target, args.quantize)
+    q = manifest.quantization or {}
+    print(
+        f"quantized ({args.quantize}) to {target}: {q['speedup']:.2f}x the float32 throughput, "
+        f"mean |delta log p| {q['mean_abs_deviation']:.4f} nats/token "
+        f"(max {q['max_abs_deviation']:.3f}) over {q['held_out_tokens']} held-out tokens"
+    )
+    return 0
+
+
+def _export_fp32(args: argparse.Namespace, source, output: Path) -> int:
     if not args.force:
         try:
             existing = Manifest.read(output)

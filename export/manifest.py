@@ -47,6 +47,8 @@ class Manifest:
     validation_tokens: int
     export_seconds: float
     created_at: str
+    # Quantized variants: recipe, and speed and deviation measured against the fp32 export.
+    quantization: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -65,10 +67,11 @@ class Manifest:
                 "export the model again with `lmscore export`"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - data.keys())
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = sorted(names - optional - data.keys())
         if missing:
             raise ManifestError(f"manifest lacks fields: {', '.join(missing)}")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:

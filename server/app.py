@@ -70,6 +70,17 @@ def load_model(config: ServerConfig) -> LoadedModel:
         max_top_k=config.max_top_k,
         manifest_json=manifest.to_json(),
     )
+    if manifest.quantization:
+        q = manifest.quantization
+        info.quantization.CopyFrom(
+            scoring_pb2.QuantizationInfo(
+                recipe=q["recipe"],
+                speedup=q["speedup"],
+                mean_abs_deviation=q["mean_abs_deviation"],
+                max_abs_deviation=q["max_abs_deviation"],
+                held_out_tokens=q["held_out_tokens"],
+            )
+        )
     return LoadedModel(manifest, runtime, engine, info)
 
 

@@ -110,3 +110,37 @@ def test_incompatible_or_missing_manifest_is_refused(tiny_export: Path, tmp_path
     (tmp_path / "lmscore-manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="format_version"):
         Manifest.read(tmp_path)
+
+
+@pytest.mark.parametrize("recipe", ["q4-exact", "int8-dynamic"])
+def test_quantized_variant_records_what_it_measured(
+    tiny_export: Path, tmp_path: Path, recipe: str
+) -> None:
+    from lmscore.export.quantize import quantize_export
+    from lmscore.server.app import load_model
+    from lmscore.server.config import ServerConfig
+    from lmscore.server.engine import ItemInput, ScoreOptions
+
+    target = tmp_path / f"tiny-{recipe}"
+    manifest = quantize_export(tiny_export, target, recipe)
+    figures = manifest.quantization
+    assert figures is not None and figures["recipe"] == recipe
+    assert figures["speedup"] > 0 and figures["held_out_tokens"] > 1000
+    assert Manifest.read(target).quantization == figures
+
+    # The deviation, measured again through the server's own engine on held-out text.
+    engines = [load_model(ServerConfig(model_dir=d)).engine for d in (tiny_export, target)]
+    text = Path("/usr/share/common-licenses/Apache-2.0").read_text()
+    ids = engines[0].tokenizer.encode(text)
+    items = [ItemInput(None, [ids[i * 95 : (i + 1) * 95]]) for i in range(8)]
+    scored = [e.score_sync(e.plan(items, ScoreOptions(token_details=True))) for e in engines]
+    deltas = [
+        abs(a.logprob - b.logprob)
+        for x, y in zip(*scored, strict=True)
+        for a, b in zip(x.tokens[1:], y.tokens[1:], strict=True)
+    ]
+    assert np.mean(deltas) == pytest.approx(figures["mean_abs_deviation"], rel=0.5, abs=1e-3)
+    assert 0 < figures["mean_abs_deviation"] < 2.0  # random weights are not on a 4-bit grid
+    info = load_model(ServerConfig(model_dir=target)).info
+    assert info.quantization.recipe == recipe
+    assert info.quantization.mean_abs_deviation == figures["mean_abs_deviation"]

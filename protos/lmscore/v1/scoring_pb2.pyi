@@ -402,6 +402,7 @@ class ModelInfo(_message.Message):
     SOURCE_SHA256_FIELD_NUMBER: _builtins.int
     MAX_TOP_K_FIELD_NUMBER: _builtins.int
     MANIFEST_JSON_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     architecture: _builtins.str
     vocab_size: _builtins.int
@@ -421,6 +422,12 @@ class ModelInfo(_message.Message):
     def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Execution providers actually in use, as ONNX Runtime reports them."""
 
+    @_builtins.property
+    def quantization(self) -> Global___QuantizationInfo:
+        """Set for a quantized variant: its recipe, and what the export measured
+        against the float32 model on held-out text.
+        """
+
     def __init__(
         self,
         *,
@@ -437,11 +444,45 @@ class ModelInfo(_message.Message):
         source_sha256: _builtins.str = ...,
         max_top_k: _builtins.int = ...,
         manifest_json: _builtins.str = ...,
+        quantization: Global___QuantizationInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "export_validation_max_abs_diff", b"export_validation_max_abs_diff", "manifest_json", b"manifest_json", "max_context", b"max_context", "max_top_k", b"max_top_k", "name", b"name", "onnxruntime_version", b"onnxruntime_version", "providers", b"providers", "source_sha256", b"source_sha256", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "export_validation_max_abs_diff", b"export_validation_max_abs_diff", "manifest_json", b"manifest_json", "max_context", b"max_context", "max_top_k", b"max_top_k", "name", b"name", "onnxruntime_version", b"onnxruntime_version", "providers", b"providers", "quantization", b"quantization", "source_sha256", b"source_sha256", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class QuantizationInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPE_FIELD_NUMBER: _builtins.int
+    SPEEDUP_FIELD_NUMBER: _builtins.int
+    MEAN_ABS_DEVIATION_FIELD_NUMBER: _builtins.int
+    MAX_ABS_DEVIATION_FIELD_NUMBER: _builtins.int
+    HELD_OUT_TOKENS_FIELD_NUMBER: _builtins.int
+    recipe: _builtins.str
+    speedup: _builtins.float
+    """Tokens scored per second, quantized / float32, side by side on this machine."""
+    mean_abs_deviation: _builtins.float
+    """Mean and max |log p_quantized - log p_float32| per token, in nats."""
+    max_abs_deviation: _builtins.float
+    held_out_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        recipe: _builtins.str = ...,
+        speedup: _builtins.float = ...,
+        mean_abs_deviation: _builtins.float = ...,
+        max_abs_deviation: _builtins.float = ...,
+        held_out_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_out_tokens", b"held_out_tokens", "max_abs_deviation", b"max_abs_deviation", "mean_abs_deviation", b"mean_abs_deviation", "recipe", b"recipe", "speedup", b"speedup"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuantizationInfo: _TypeAlias = QuantizationInfo  # noqa: Y015
