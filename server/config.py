@@ -18,7 +18,7 @@ class ServerConfig:
     intra_op_threads: int = 0
     cpu_arena: bool = False
     optimized_cache_dir: Path | None = None
-    max_batch_tokens: int = 1024
+    max_batch_tokens: int = 1536
     # Dynamic batching: how long a sequence may wait for others to share its model run.
     max_queue_delay_ms: float = 2.0
     cross_request_batching: bool = True

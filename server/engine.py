@@ -125,7 +125,7 @@ class TokenScorer(Protocol):
 class EngineLimits:
     max_context: int
     vocab_size: int
-    max_batch_tokens: int = 1024
+    max_batch_tokens: int = 1536
     max_top_k: int = 20
     max_items_per_request: int = 1024
     max_completions_per_item: int = 256

@@ -33,6 +33,10 @@ class DeviceError(RuntimeError):
     """The requested execution provider did not load."""
 
 
+class ModelLoadError(RuntimeError):
+    """ONNX Runtime could not load the graph (corrupt or truncated file, unsupported op)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchScores:
     """Scores of target_ids[b, t] under the logits at [b, t]."""
@@ -81,11 +85,12 @@ def _cpu_identity() -> str:
 
 
 def optimized_graph_path(cache_dir: Path, model_path: Path) -> Path:
-    """A cached optimized graph is valid only for the same graph, ORT version and CPU."""
+    """A cached optimized graph is valid only for the same graph file, ORT version and CPU.
+    The name starts with a digest of the graph's path, so stale versions can be found."""
     stat = model_path.stat()
-    key = "|".join(
+    where = hashlib.sha256(str(model_path.resolve()).encode()).hexdigest()[:16]
+    what = "|".join(
         [
-            str(model_path.resolve()),
             str(stat.st_size),
             str(stat.st_mtime_ns),
             ort.__version__,
@@ -93,7 +98,7 @@ def optimized_graph_path(cache_dir: Path, model_path: Path) -> Path:
             _cpu_identity(),
         ]
     )
-    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+    return cache_dir / f"{where}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.onnx"
 
 
 def _create_session(
@@ -112,6 +117,10 @@ def _create_session(
     session.optimized_model_filepath = str(partial)
     created = ort.InferenceSession(str(model_path), sess_options=session, providers=providers)
     partial.replace(cached)
+    prefix = cached.name.split("-")[0]
+    for stale in cached.parent.glob(f"{prefix}-*.onnx"):
+        if stale != cached:  # an older export of the same path
+            stale.unlink(missing_ok=True)
     log.info("cached the optimized graph at %s", cached)
     return created
 
@@ -125,7 +134,16 @@ class OnnxCausalLM:
         path = model_dir / ONNX_NAME
         want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
         providers = [CUDA, CPU] if want_cuda else [CPU]
-        self.session = _create_session(path, options, providers)
+        try:
+            self.session = _create_session(path, options, providers)
+        except Exception as exc:
+            # ORT's own exceptions (InvalidProtobuf, NoSuchFile, Fail) are plain Exceptions.
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
+            raise ModelLoadError(f"cannot load {path}: {first_line}") from None
         # ORT lists CUDA as available even without CUDA libraries, then silently
         # falls back to CPU: trust only what the session reports.
         self.providers: list[str] = list(self.session.get_providers())

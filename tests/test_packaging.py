@@ -103,3 +103,30 @@ def test_cached_optimized_graph_scores_the_same(tiny_export: Path, tmp_path: Pat
     for first, second in zip(*results, strict=True):
         assert first.joint_logprob == second.joint_logprob
         assert first.conditional_logprob == second.conditional_logprob
+
+
+def test_corrupt_model_file_exits_with_one_line(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_export, broken)
+    (broken / "model.onnx").write_bytes(b"this is not an ONNX graph")
+    result = serve_once("--model", str(broken))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("lmscore serve: cannot load")
+
+
+def test_manifest_of_another_format_exits_with_one_line(tiny_export: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_export, old)
+    manifest = json.loads((old / "lmscore-manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "lmscore-manifest.json").write_text(json.dumps(manifest))
+    result = serve_once("--model", str(old))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "format_version is 1" in result.stderr.strip().splitlines()[-1]
