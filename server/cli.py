@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lmscore.export.manifest import ManifestError
 from lmscore.export.paths import default_model_dir
+from lmscore.server import defaults
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=1536,
+        default=defaults.MAX_BATCH_TOKENS,
         help="padded tokens per model run (batch size x longest sequence) (default: %(default)s)",
     )
     parser.add_argument(
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue-delay-ms",
         type=float,
-        default=2.0,
+        default=defaults.MAX_QUEUE_DELAY_MS,
         help="dynamic batching: how long queued sequences wait for others to share a model "
         "run, unless --max-batch-tokens are already waiting (default: %(default)s)",
     )
@@ -69,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score every completion with a full pass, even when completions share a prompt",
     )
     parser.add_argument(
-        "--max-top-k", type=int, default=20, help="largest top_k a request may ask for"
+        "--max-top-k",
+        type=int,
+        default=defaults.MAX_TOP_K,
+        help="largest top_k a request may ask for",
     )
     parser.add_argument(
         "--no-reflection", action="store_true", help="do not register gRPC server reflection"
@@ -83,13 +87,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     limits = parser.add_argument_group("limits")
     for flag, default, what in [
-        ("--max-message-bytes", 16 * 1024 * 1024, "size of one gRPC message"),
-        ("--max-items-per-request", 1024, "items in one request"),
-        ("--max-completions-per-item", 256, "completions of one item"),
+        ("--max-message-bytes", defaults.MAX_MESSAGE_BYTES, "size of one gRPC message"),
+        ("--max-items-per-request", defaults.MAX_ITEMS_PER_REQUEST, "items in one request"),
+        (
+            "--max-completions-per-item",
+            defaults.MAX_COMPLETIONS_PER_ITEM,
+            "completions of one item",
+        ),
         ("--max-tokens-per-item", 0, "tokens of one joint sequence (0: the model's context)"),
-        ("--max-tokens-per-request", 262_144, "tokens over all sequences of one request"),
-        ("--max-concurrent-requests", 64, "Score/ScoreStream calls in flight"),
-        ("--max-queue-length", 4096, "sequences waiting for the model, all requests together"),
+        (
+            "--max-tokens-per-request",
+            defaults.MAX_TOKENS_PER_REQUEST,
+            "tokens over all sequences of one request",
+        ),
+        (
+            "--max-concurrent-requests",
+            defaults.MAX_CONCURRENT_REQUESTS,
+            "Score/ScoreStream calls in flight",
+        ),
+        (
+            "--max-queue-length",
+            defaults.MAX_QUEUE_LENGTH,
+            "sequences waiting for the model, all requests together",
+        ),
     ]:
         limits.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
     security = parser.add_argument_group("security")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lmscore.server import defaults
 from lmscore.server.runtime import Device, RuntimeOptions
 
 
@@ -18,22 +19,22 @@ class ServerConfig:
     intra_op_threads: int = 0
     cpu_arena: bool = False
     optimized_cache_dir: Path | None = None
-    max_batch_tokens: int = 1536
+    max_batch_tokens: int = defaults.MAX_BATCH_TOKENS
     # Dynamic batching: how long a sequence may wait for others to share its model run.
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = defaults.MAX_QUEUE_DELAY_MS
     cross_request_batching: bool = True
     prefix_reuse: bool = True
-    max_top_k: int = 20
+    max_top_k: int = defaults.MAX_TOP_K
     reflection: bool = True
     shutdown_grace_seconds: float = 10.0
     # Limits (RESOURCE_EXHAUSTED for load and size, INVALID_ARGUMENT for shape).
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_items_per_request: int = 1024
-    max_completions_per_item: int = 256
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
+    max_items_per_request: int = defaults.MAX_ITEMS_PER_REQUEST
+    max_completions_per_item: int = defaults.MAX_COMPLETIONS_PER_ITEM
     max_tokens_per_item: int | None = None
-    max_tokens_per_request: int = 262_144
-    max_concurrent_requests: int = 64
-    max_queue_length: int = 4096
+    max_tokens_per_request: int = defaults.MAX_TOKENS_PER_REQUEST
+    max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS
+    max_queue_length: int = defaults.MAX_QUEUE_LENGTH
     # Security: TLS (PEM bytes; a client CA turns on mutual TLS) and bearer tokens.
     tls_cert: bytes | None = None
     tls_key: bytes | None = None

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lmscore.server import defaults
 from lmscore.server.batching import DynamicBatcher, pack_by_length
 from lmscore.server.runtime import BatchScores, PastKeyValues
 from lmscore.server.scoring import PositionScores, SequenceLayout, sum_sequence
@@ -125,17 +126,17 @@ class TokenScorer(Protocol):
 class EngineLimits:
     max_context: int
     vocab_size: int
-    max_batch_tokens: int = 1536
-    max_top_k: int = 20
-    max_items_per_request: int = 1024
-    max_completions_per_item: int = 256
+    max_batch_tokens: int = defaults.MAX_BATCH_TOKENS
+    max_top_k: int = defaults.MAX_TOP_K
+    max_items_per_request: int = defaults.MAX_ITEMS_PER_REQUEST
+    max_completions_per_item: int = defaults.MAX_COMPLETIONS_PER_ITEM
     # Per item (joint sequence, BOS included); the model's context caps it too.
     max_tokens_per_item: int | None = None
-    max_tokens_per_request: int = 262_144
+    max_tokens_per_request: int = defaults.MAX_TOKENS_PER_REQUEST
     # Sequences waiting for the model, over all requests.
-    max_queue_length: int = 4096
+    max_queue_length: int = defaults.MAX_QUEUE_LENGTH
     # Seconds the batcher waits for other requests' sequences to share a run.
-    max_queue_delay: float = 0.002
+    max_queue_delay: float = defaults.MAX_QUEUE_DELAY_MS / 1000
     cross_request_batching: bool = True
     prefix_reuse: bool = True
 

@@ -1,0 +1,12 @@
+"""Default limits and batching settings, in one place (standard library only, so the CLI can
+show them without loading ONNX Runtime)."""
+
+MAX_BATCH_TOKENS = 1536
+MAX_QUEUE_DELAY_MS = 2.0
+MAX_TOP_K = 20
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_ITEMS_PER_REQUEST = 1024
+MAX_COMPLETIONS_PER_ITEM = 256
+MAX_TOKENS_PER_REQUEST = 262_144
+MAX_CONCURRENT_REQUESTS = 64
+MAX_QUEUE_LENGTH = 4096
