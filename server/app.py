@@ -14,9 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
+from lmscore.server import metrics
 from lmscore.server.config import ServerConfig
 from lmscore.server.engine import EngineLimits, ItemInput, ScoreOptions, ScoringEngine
-from lmscore.server.interceptors import BearerTokenInterceptor, ErrorInterceptor
+from lmscore.server.interceptors import (
+    BearerTokenInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+)
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.servicer import ScorerServicer
 from lmscore.server.tokenization import TextTokenizer
@@ -91,7 +96,7 @@ def warm_up(engine: ScoringEngine) -> None:
 
 
 def build_server(config: ServerConfig, loaded: LoadedModel) -> grpc.aio.Server:
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     if config.auth_tokens:
         exempt = [health.SERVICE_NAME] if config.health_without_auth else []
         interceptors.append(BearerTokenInterceptor(config.auth_tokens, exempt))
@@ -137,6 +142,16 @@ async def serve(config: ServerConfig) -> None:
             [SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
     port = bind(server, config)
+    if config.metrics_port:
+        metrics.MODEL.info(
+            {
+                "name": loaded.manifest.name,
+                "dtype": loaded.manifest.dtype,
+                "providers": ",".join(loaded.runtime.providers),
+                "source_sha256": loaded.manifest.source_sha256,
+            }
+        )
+        metrics.serve_metrics(config.metrics_host or config.host, config.metrics_port)
     await server.start()
     for service in ("", SCORER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
+from lmscore.server import metrics
 from lmscore.server.scoring import PositionScores
 
 
@@ -42,6 +43,7 @@ class _SequenceJob:
     top_k: int
     owner: int
     future: asyncio.Future[PositionScores]
+    queued_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -177,13 +179,20 @@ class DynamicBatcher:
                     continue
                 top_k = max(j.top_k for j in batch_jobs)
                 sequences = [j.ids for j in batch_jobs]
+                padded = len(sequences) * max(len(s) for s in sequences)
                 self.model_runs += 1
                 self.sequences_run += len(sequences)
-                self.padded_tokens += len(sequences) * max(len(s) for s in sequences)
+                self.padded_tokens += padded
                 self.real_tokens += sum(len(s) for s in sequences)
+                started = time.monotonic()
+                for job in batch_jobs:
+                    metrics.QUEUE_SECONDS.observe(started - job.queued_at)
+                metrics.BATCH_SEQUENCES.observe(len(sequences))
+                metrics.BATCH_TOKENS.observe(padded)
                 run = loop.run_in_executor(self._executor, self._run_sequences, sequences, top_k)
                 try:
-                    results = await run
+                    with metrics.COMPUTE_SECONDS.time():
+                        results = await run
                 except Exception as exc:
                     for job in batch_jobs:
                         if not job.future.done():

@@ -79,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-reflection", action="store_true", help="do not register gRPC server reflection"
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    parser.add_argument("--metrics-host", help="bind address of the metrics port (default: --host)")
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
@@ -190,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         prefix_reuse=not args.no_prefix_reuse,
         max_top_k=args.max_top_k,
         reflection=not args.no_reflection,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         shutdown_grace_seconds=args.shutdown_grace,
         max_message_bytes=args.max_message_bytes,
         max_items_per_request=args.max_items_per_request,

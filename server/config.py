@@ -26,6 +26,9 @@ class ServerConfig:
     prefix_reuse: bool = True
     max_top_k: int = defaults.MAX_TOP_K
     reflection: bool = True
+    # Prometheus /metrics over HTTP; 0: off. Host defaults to the gRPC host.
+    metrics_port: int = 0
+    metrics_host: str | None = None
     shutdown_grace_seconds: float = 10.0
     # Limits (RESOURCE_EXHAUSTED for load and size, INVALID_ARGUMENT for shape).
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES

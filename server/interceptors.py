@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -184,6 +186,69 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await deny(context)
+
+            return unary
+
+        return _with_behavior(handler, wrap)
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return getattr(code, "name", str(code)) if code is not None else "UNKNOWN"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and status code and times it (lmscore.server.metrics)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        from lmscore.server import metrics
+
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+
+        def record(code: str, began: float) -> None:
+            metrics.REQUESTS.labels(method, code).inc()
+            metrics.LATENCY.labels(method).observe(time.perf_counter() - began)
+
+        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
+            if streaming:
+
+                async def stream(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[Any]:
+                    began, code = time.perf_counter(), "OK"
+                    try:
+                        async for response in behavior(request, context):
+                            yield response
+                    except grpc.aio.AbortError:
+                        code = _code_name(context)
+                        raise
+                    except asyncio.CancelledError:
+                        code = "CANCELLED"
+                        raise
+                    finally:
+                        record(code, began)
+
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                began, code = time.perf_counter(), "OK"
+                try:
+                    return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    code = _code_name(context)
+                    raise
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                finally:
+                    record(code, began)
 
             return unary
 

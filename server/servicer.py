@@ -13,6 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from lmscore.server import metrics
 from lmscore.server.engine import (
     CompletionScore,
     InvalidInput,
@@ -162,6 +163,10 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             return
         try:
             async for result in self._engine.score(plan):
+                metrics.COMPLETIONS.inc()
+                metrics.TOKENS.inc(
+                    int(result.bos_added) + result.prompt_tokens + result.completion_tokens
+                )
                 yield _result_message(result, request, index)
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -179,17 +184,20 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
     ) -> AsyncIterator[pb.ScoreResult]:
         await self._admit(context)
         self.active_requests += 1
+        metrics.IN_FLIGHT.inc()
         try:
             async for message in self._score_one(request, 0, context):
                 yield message
         finally:
             self.active_requests -= 1
+            metrics.IN_FLIGHT.dec()
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
         await self._admit(context)
         self.active_requests += 1
+        metrics.IN_FLIGHT.inc()
         try:
             index = 0
             async for request in request_iterator:
@@ -199,6 +207,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                 index += 1
         finally:
             self.active_requests -= 1
+            metrics.IN_FLIGHT.dec()
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

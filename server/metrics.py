@@ -1,0 +1,38 @@
+"""Prometheus metrics of the server (`lmscore serve --metrics-port`).
+
+Module-level collectors in the default registry: one server per process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("lmscore_requests_total", "RPCs by method and status code", ["method", "code"])
+LATENCY = Histogram(
+    "lmscore_request_seconds", "RPC latency by method", ["method"], buckets=LATENCY_BUCKETS
+)
+IN_FLIGHT = Gauge("lmscore_requests_in_flight", "Score and ScoreStream calls in progress")
+COMPLETIONS = Counter("lmscore_completions_scored_total", "(item, completion) results returned")
+TOKENS = Counter("lmscore_tokens_scored_total", "tokens of the joint sequences of the results")
+BATCH_SEQUENCES = Histogram(
+    "lmscore_batch_sequences", "sequences per model run", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+BATCH_TOKENS = Histogram(
+    "lmscore_batch_padded_tokens",
+    "padded tokens per model run",
+    buckets=(16, 64, 256, 512, 1024, 1536, 2048, 4096, 8192),
+)
+QUEUE_SECONDS = Histogram(
+    "lmscore_queue_seconds", "time a sequence waited before its model run", buckets=LATENCY_BUCKETS
+)
+COMPUTE_SECONDS = Histogram(
+    "lmscore_compute_seconds", "duration of one model run", buckets=LATENCY_BUCKETS
+)
+MODEL = Info("lmscore_model", "the served model")
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Expose /metrics over HTTP on a daemon thread."""
+    start_http_server(port, addr=host)
