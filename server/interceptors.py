@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -43,12 +44,42 @@ async def _abort_undecodable(context: grpc.aio.ServicerContext, request: _Undeco
     )
 
 
-def _with_behavior(
+Guard = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+Prepare = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _guarded(
+    behavior: Behavior, streaming: bool, guard: Guard, prepare: Prepare | None
+) -> Behavior:
+    """`behavior` run inside `guard(context)`, for unary and streaming responses alike;
+    `prepare` may check or replace the request first."""
+    if streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if prepare is not None:
+                request = await prepare(request, context)
+            async with guard(context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if prepare is not None:
+            request = await prepare(request, context)
+        async with guard(context):
+            return await behavior(request, context)
+
+    return unary
+
+
+def _with_guard(
     handler: grpc.RpcMethodHandler,
-    wrap: Callable[[Behavior, bool], Behavior],
+    guard: Guard,
+    prepare: Prepare | None = None,
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """The same handler with its behavior wrapped; `wrap(behavior, response_streaming)`."""
+    """The same handler with its behavior run inside `guard`."""
     kinds = [
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
         ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -59,7 +90,7 @@ def _with_behavior(
         behavior = getattr(handler, attribute)
         if behavior is not None:
             return make(
-                wrap(behavior, attribute.endswith("_stream")),
+                _guarded(behavior, attribute.endswith("_stream"), guard, prepare),
                 request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -80,16 +111,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-
-        async def internal(context: grpc.aio.ServicerContext) -> None:
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s, request id %s", method, request_id)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error (request id {request_id}, see server log)",
-            )
-
         request_streaming = handler.request_streaming
+
+        @contextlib.asynccontextmanager
+        async def guard(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            try:
+                yield
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                request_id = uuid.uuid4().hex[:12]
+                log.exception("internal error in %s, request id %s", method, request_id)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error (request id {request_id}, see server log)",
+                )
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if not request_streaming:
@@ -105,35 +141,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return messages()
 
-        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
-            if streaming:
-
-                async def stream(
-                    request: Any, context: grpc.aio.ServicerContext
-                ) -> AsyncIterator[Any]:
-                    request = await checked(request, context)
-                    try:
-                        async for response in behavior(request, context):
-                            yield response
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception:
-                        await internal(context)
-
-                return stream
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                request = await checked(request, context)
-                try:
-                    return await behavior(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    await internal(context)
-
-            return unary
-
-        return _with_behavior(handler, wrap, _tolerant(handler.request_deserializer))
+        return _with_guard(handler, guard, checked, _tolerant(handler.request_deserializer))
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -167,29 +175,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if self._authorized(details.invocation_metadata):
             return handler
 
-        async def deny(context: grpc.aio.ServicerContext) -> None:
+        @contextlib.asynccontextmanager
+        async def deny(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or invalid bearer token (metadata 'authorization: Bearer TOKEN')",
             )
+            yield  # not reached: abort raises
 
-        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
-            if streaming:
-
-                async def stream(
-                    request: Any, context: grpc.aio.ServicerContext
-                ) -> AsyncIterator[Any]:
-                    await deny(context)
-                    yield  # pragma: no cover (abort raises)
-
-                return stream
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await deny(context)
-
-            return unary
-
-        return _with_behavior(handler, wrap)
+        return _with_guard(handler, deny)
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
@@ -212,44 +206,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
 
-        def record(code: str, began: float) -> None:
-            metrics.REQUESTS.labels(method, code).inc()
-            metrics.LATENCY.labels(method).observe(time.perf_counter() - began)
+        @contextlib.asynccontextmanager
+        async def measured(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            began, code = time.perf_counter(), "OK"
+            try:
+                yield
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                metrics.REQUESTS.labels(method, code).inc()
+                metrics.LATENCY.labels(method).observe(time.perf_counter() - began)
 
-        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
-            if streaming:
-
-                async def stream(
-                    request: Any, context: grpc.aio.ServicerContext
-                ) -> AsyncIterator[Any]:
-                    began, code = time.perf_counter(), "OK"
-                    try:
-                        async for response in behavior(request, context):
-                            yield response
-                    except grpc.aio.AbortError:
-                        code = _code_name(context)
-                        raise
-                    except asyncio.CancelledError:
-                        code = "CANCELLED"
-                        raise
-                    finally:
-                        record(code, began)
-
-                return stream
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                began, code = time.perf_counter(), "OK"
-                try:
-                    return await behavior(request, context)
-                except grpc.aio.AbortError:
-                    code = _code_name(context)
-                    raise
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                finally:
-                    record(code, began)
-
-            return unary
-
-        return _with_behavior(handler, wrap)
+        return _with_guard(handler, measured)
