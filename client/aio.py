@@ -18,12 +18,16 @@ from lmscore.client.convert import (
     model_info_from_pb,
     request_to_pb,
     result_from_pb,
+    rolling_request_to_pb,
+    rolling_result_from_pb,
 )
 from lmscore.client.errors import ServerUnavailableError, error_from_rpc
-from lmscore.client.retry import RetryPolicy
+from lmscore.client.retry import RetryPolicy, resume_key
 from lmscore.client.types import (
     Item,
     ModelInfo,
+    RollingOptions,
+    RollingResult,
     ScoreOptions,
     ScoreRequest,
     ScoreResult,
@@ -75,18 +79,27 @@ class AsyncScoringClient:
         self, call: Callable[..., Any], request: object, timeout: float | None
     ) -> AsyncIterator[Any]:
         delays = self.retry.delays()
+        # A replica that dies mid-stream: replay the call (round_robin sends it to another
+        # replica) and skip the results already yielded.
+        done: set[tuple[int, ...]] = set()
         while True:
-            yielded = False
+            resumable = True
             try:
                 async for message in call(
                     request, timeout=self._deadline(timeout), metadata=self._metadata
                 ):
-                    yielded = True
+                    key = resume_key(message)
+                    if key in done:
+                        continue
+                    if key is None:
+                        resumable = False
+                    else:
+                        done.add(key)
                     yield message
                 return
             except grpc.RpcError as error:
                 delay = next(delays, None)
-                if yielded or delay is None or not self.retry.retryable(error):
+                if not resumable or delay is None or not self.retry.retryable(error):
                     raise error_from_rpc(error) from None
                 await asyncio.sleep(delay)
 
@@ -121,6 +134,29 @@ class AsyncScoringClient:
         timeout: float | None = None,
     ) -> list[ScoreResult]:
         return await self.score([Item(prompt, completions)], options, timeout=timeout)
+
+    async def iter_score_rolling(
+        self,
+        texts: Sequence[TokenInput],
+        options: RollingOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[RollingResult]:
+        """Whole-text log-likelihoods as the server streams them (not in input order)."""
+        request = rolling_request_to_pb(texts, options)
+        async for message in self._stream(self._stub.ScoreRolling, request, timeout):
+            yield rolling_result_from_pb(message)
+
+    async def score_rolling(
+        self,
+        texts: Sequence[TokenInput],
+        options: RollingOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[RollingResult]:
+        """Log-likelihood, token count and perplexity of each whole text, in input order."""
+        results = [r async for r in self.iter_score_rolling(texts, options, timeout=timeout)]
+        return sorted(results, key=lambda r: r.text_index)
 
     async def score_stream(
         self, requests: Iterable[ScoreRequest], *, timeout: float | None = None

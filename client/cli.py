@@ -12,10 +12,14 @@ import dataclasses
 import json
 import os
 import sys
+import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
 from tqdm import tqdm
 
 from lmscore.client.channel import TlsOptions
@@ -25,10 +29,42 @@ from lmscore.client.types import Item, ScoreOptions, ScoreResult
 
 # Items per Score request in batch (--input) mode.
 DEFAULT_ITEMS_PER_REQUEST = 32
+# Score requests in flight at once in batch mode.
+DEFAULT_CONCURRENCY = 4
+# Batch mode prints this many failed completions as they happen; all are in the output.
+MAX_PRINTED_ERRORS = 10
+
+BATCH_HELP = """\
+batch mode (--input):
+  Output has one JSON line per (input record, completion), keyed by "index" (0-based
+  record; blank lines are not records) and "completion_index". --concurrency requests
+  run at once, but lines are written in input order, whole, flushed after each request.
+  A completion the server rejects (e.g. a sequence longer than the context) gets the
+  line {"index", "completion_index", "line" (of the input), "error": {"code",
+  "message"}} instead; the run goes on and exits with 1. Any other failure (server
+  down, bad option) stops the run at the first request it hits, after the lines before
+  it; exit 1.
+  --resume keeps the complete result lines of --output, cuts a torn last line, drops
+  error lines (so they are retried) and appends what is missing; so after a resume that
+  retried errors, sort by (index, completion_index) if order matters.
+  A summary goes to standard error at the end. The progress bar (shown when standard
+  error is a terminal) counts completions; its tok/s counts the tokens of each scored
+  sequence, BOS + prompt + completion (a prompt once per completion).
+"""
 
 
 class InputError(ValueError):
     pass
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +85,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="with --output: keep its complete lines and score only what is missing",
+        help="with --output: keep its complete result lines and score only what is missing "
+        "(and retry its error lines)",
     )
     parser.add_argument("--token-details", action="store_true", help="per-token log-probs")
     parser.add_argument(
@@ -78,9 +115,23 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-server-name", help="expected name in the server certificate")
     parser.add_argument(
         "--items-per-request",
-        type=int,
+        type=positive_int,
         default=DEFAULT_ITEMS_PER_REQUEST,
+        metavar="N",
         help="with --input: items sent per request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help="with --input: requests in flight at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--summary-json",
+        type=Path,
+        metavar="PATH",
+        help="with --input: also write the end-of-run summary to this file as JSON",
     )
 
 
@@ -94,8 +145,15 @@ def _options(args: argparse.Namespace) -> ScoreOptions:
     )
 
 
-def read_items(lines: Iterator[str], source: str) -> Iterator[tuple[Item, Any]]:
-    """(item, id) per non-blank JSONL line; InputError names the line and the field."""
+@dataclasses.dataclass(frozen=True)
+class InputRecord:
+    line: int  # 1-based line number in the input file
+    item: Item
+    id: Any
+
+
+def read_records(lines: Iterator[str], source: str) -> Iterator[InputRecord]:
+    """One InputRecord per non-blank JSONL line; InputError names the line and the field."""
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -114,7 +172,15 @@ def read_items(lines: Iterator[str], source: str) -> Iterator[tuple[Item, Any]]:
         completions = record["completions"] if "completions" in record else [record["completion"]]
         if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
             raise InputError(f"{where}: completions must be strings")
-        yield Item(prompt, completions), record.get("id")
+        if not completions:
+            raise InputError(f"{where}: 'completions' must hold at least one string")
+        yield InputRecord(number, Item(prompt, completions), record.get("id"))
+
+
+def read_items(lines: Iterator[str], source: str) -> Iterator[tuple[Item, Any]]:
+    """(item, id) per non-blank JSONL line; InputError names the line and the field."""
+    for record in read_records(lines, source):
+        yield record.item, record.id
 
 
 def result_record(result: ScoreResult, index: int, item_id: Any, token_details: bool) -> dict:
@@ -151,56 +217,280 @@ def _chunks(records: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[A
         yield start, records[start : start + size]
 
 
-def completed_results(path: Path) -> set[tuple[int, int]]:
-    """(index, completion_index) of every complete line of an earlier run's output; a torn
-    last line (the run was killed while writing it) is cut off the file."""
+def completed_results(
+    path: Path, records: Sequence[InputRecord]
+) -> tuple[set[tuple[int, int]], int]:
+    """For --resume: (index, completion_index) of every complete result line of an earlier
+    run's output, and how many error lines it had. A torn last line (the run was killed
+    while writing it) is cut off the file; error lines are dropped from it (so they are
+    retried), rewriting it atomically. InputError when a line is not ours or names a record
+    or id that the input lacks (another input's output)."""
     if not path.exists():
-        return set()
+        return set(), 0
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
-    done = set()
-    for number, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
+    lines = data[:keep].splitlines(keepends=True)
+    done: set[tuple[int, int]] = set()
+    kept: list[bytes] = []
+    errors = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-            done.add((int(record["index"]), int(record["completion_index"])))
+            key = (int(record["index"]), int(record["completion_index"]))
         except (ValueError, KeyError, TypeError):
             raise InputError(f"{path}:{number}: not a result line of lmscore score") from None
-    if keep < len(data):
+        index, completion = key
+        if not (
+            0 <= index < len(records)
+            and 0 <= completion < len(records[index].item.completions)
+            and record.get("id") == records[index].id
+        ):
+            raise InputError(
+                f"{path}:{number}: result of record {index} completion {completion}"
+                f"{'' if record.get('id') is None else ' id ' + json.dumps(record['id'])}, "
+                "which the input does not have; is this the output of another input?"
+            )
+        if "error" in record:
+            errors += 1
+            continue
+        done.add(key)
+        kept.append(line)
+    if len(kept) < len(lines):  # error or blank lines to drop
+        temporary = path.with_name(path.name + ".resume-tmp")
+        with temporary.open("wb") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    elif keep < len(data):
         with path.open("r+b") as handle:
             handle.truncate(keep)
-    return done
+    return done, errors
+
+
+# A chunk: (record index, completion indices to score) per item of one request.
+Chunk = Sequence[tuple[int, Sequence[int]]]
+
+
+def _item_error(exc: ScoringError) -> bool:
+    """The server rejected something in the items (not an option, not the server's state):
+    smaller requests can find which completion, and the others still score."""
+    return exc.code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) and any(field.split("[", 1)[0] == "items" for field in exc.field_violations)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    records: list[dict[str, Any]]  # in (index, completion_index) order
+    completions: int  # scored
+    errors: list[dict[str, Any]]  # the error records among `records`
+    tokens: int  # BOS + prompt + completion of every scored sequence
+
+
+class BatchScorer:
+    """Scores chunks (on worker threads, sharing the client's channel)."""
+
+    def __init__(
+        self,
+        client: ScoringClient,
+        records: Sequence[InputRecord],
+        args: argparse.Namespace,
+    ) -> None:
+        self.client = client
+        self.records = records
+        self.options = _options(args)
+        self.timeout = args.timeout
+        self.token_details = args.token_details
+
+    def score(self, chunk: Chunk) -> ChunkResult:
+        items = [
+            Item(
+                self.records[index].item.prompt,
+                [self.records[index].item.completions[c] for c in wanted],
+            )
+            for index, wanted in chunk
+        ]
+        try:
+            results = self.client.score(items, self.options, timeout=self.timeout)
+        except ScoringError as exc:
+            if not _item_error(exc):
+                raise
+            # Split until the rejected completions are alone; the rest still score.
+            if len(chunk) > 1:
+                parts = [self.score([entry]) for entry in chunk]
+            elif len(chunk[0][1]) > 1:
+                index, wanted = chunk[0]
+                parts = [self.score([(index, [c])]) for c in wanted]
+            else:
+                error = self.error_record(chunk[0][0], chunk[0][1][0], exc)
+                return ChunkResult([error], 0, [error], 0)
+            return ChunkResult(
+                [r for part in parts for r in part.records],
+                sum(part.completions for part in parts),
+                [e for part in parts for e in part.errors],
+                sum(part.tokens for part in parts),
+            )
+        scored = []
+        tokens = 0
+        for result in results:
+            index, wanted = chunk[result.item_index]
+            result = dataclasses.replace(result, completion_index=wanted[result.completion_index])
+            scored.append(result_record(result, index, self.records[index].id, self.token_details))
+            tokens += int(result.bos_added) + result.prompt_tokens + result.completion_tokens
+        return ChunkResult(scored, len(scored), [], tokens)
+
+    def error_record(self, index: int, completion: int, exc: ScoringError) -> dict[str, Any]:
+        record: dict[str, Any] = {"index": index, "completion_index": completion}
+        if self.records[index].id is not None:
+            record["id"] = self.records[index].id
+        # The violation's field names the one-completion request; its description is the news.
+        message = next(iter(exc.field_violations.values()), exc.message)
+        record["line"] = self.records[index].line
+        record["error"] = {"code": exc.code.name, "message": message}
+        return record
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    items: int = 0  # records in the input
+    completions: int = 0  # scored (and written) by this run
+    errors: int = 0  # error lines written by this run
+    skipped: int = 0  # already in --output (--resume)
+    retried: int = 0  # error lines of --output dropped by --resume, so scored again
+    tokens: int = 0  # BOS + prompt + completion of each scored sequence
+    elapsed_s: float = 0.0
+    stopped: str | None = None  # why the run stopped before the end
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = self.elapsed_s or float("inf")
+        return {
+            **dataclasses.asdict(self),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "completions_per_s": round(self.completions / rate, 2),
+            "tokens_per_s": round(self.tokens / rate, 1),
+        }
+
+    def format(self) -> str:
+        numbers = self.as_dict()
+        resumed = f", {self.skipped} skipped by --resume" if self.skipped else ""
+        retried = f" ({self.retried} retried)" if self.retried else ""
+        return (
+            f"summary: {self.items} items, {self.completions} completions scored{retried}, "
+            f"{self.errors} errors{resumed}; {self.tokens} tokens in {self.elapsed_s:.1f} s: "
+            f"{numbers['completions_per_s']:.1f} completions/s, "
+            f"{numbers['tokens_per_s']:.0f} tokens/s"
+        )
 
 
 def score_file(
-    client: ScoringClient, args: argparse.Namespace, out: TextIO, done: set[tuple[int, int]]
-) -> int:
-    """Score every (line, completion) not in `done`, in input order, a chunk per request."""
-    with args.input.open(encoding="utf-8") as handle:
-        records = list(read_items(handle, str(args.input)))
-    options = _options(args)
-    # Per input record, the completion indices still to score.
+    client: ScoringClient,
+    args: argparse.Namespace,
+    records: Sequence[InputRecord],
+    out: TextIO,
+    done: set[tuple[int, int]],
+    summary: BatchSummary,
+) -> BatchSummary:
+    """Score every (record, completion) not in `done`, a chunk per request, --concurrency
+    requests at once; write the lines in input order. Fills and returns `summary`; a
+    failure that is not one completion's (ScoringError) stops at its chunk and sets
+    summary.stopped."""
     todo = [
-        (index, [c for c in range(len(item.completions)) if (index, c) not in done])
-        for index, (item, _) in enumerate(records)
+        (index, [c for c in range(len(record.item.completions)) if (index, c) not in done])
+        for index, record in enumerate(records)
     ]
     todo = [(index, wanted) for index, wanted in todo if wanted]
     total = sum(len(wanted) for _, wanted in todo)
-    with tqdm(total=total, desc="scoring", unit="completion", file=sys.stderr) as bar:
-        for _, chunk in _chunks(todo, max(1, args.items_per_request)):
-            items = [
-                Item(records[index][0].prompt, [records[index][0].completions[c] for c in wanted])
-                for index, wanted in chunk
-            ]
-            results = client.score(items, options, timeout=args.timeout)
-            for result in results:
-                index, wanted = chunk[result.item_index]
-                result = dataclasses.replace(
-                    result, completion_index=wanted[result.completion_index]
-                )
-                record = result_record(result, index, records[index][1], args.token_details)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    chunks = (chunk for _, chunk in _chunks(todo, args.items_per_request))
+    scorer = BatchScorer(client, records, args)
+    # Chunks submitted and not yet written, in input order: the workers run ahead of the
+    # writer by at most this many, which bounds the results held in memory.
+    window = 2 * args.concurrency
+    pending: deque[tuple[Chunk, Future[ChunkResult]]] = deque()
+    began = time.monotonic()
+    pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="lmscore-score")
+    bar = tqdm(total=total, desc="scoring", unit="completion", file=sys.stderr, disable=None)
+    try:
+        while True:
+            while len(pending) < window and (chunk := next(chunks, None)) is not None:
+                pending.append((chunk, pool.submit(scorer.score, chunk)))
+            if not pending:
+                break
+            chunk, future = pending.popleft()
+            try:
+                result = future.result()
+            except ScoringError as exc:
+                record = records[chunk[0][0]]
+                summary.stopped = f"{args.input}:{record.line}: {exc}"
+                break
+            for line in result.records:
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
             out.flush()
-            bar.update(len(results))
+            summary.completions += result.completions
+            summary.tokens += result.tokens
+            for error in result.errors:
+                summary.errors += 1
+                if summary.errors <= MAX_PRINTED_ERRORS:
+                    bar.write(
+                        f"{args.input}:{error['line']}: completion {error['completion_index']}: "
+                        f"{error['error']['code']}: {error['error']['message']}",
+                        file=sys.stderr,
+                    )
+                elif summary.errors == MAX_PRINTED_ERRORS + 1:
+                    bar.write("(further errors only in the output)", file=sys.stderr)
+            elapsed = time.monotonic() - began
+            postfix = f"tok/s={summary.tokens / max(elapsed, 1e-9):.0f}"
+            if summary.errors:
+                postfix += f", errors={summary.errors}"
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.update(result.completions + len(result.errors))
+    except KeyboardInterrupt:
+        summary.stopped = "interrupted"
+        client.close()  # cancels the requests in flight rather than waiting for them
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        summary.elapsed_s = time.monotonic() - began
+    return summary
+
+
+def run_batch(client: ScoringClient, args: argparse.Namespace) -> int:
+    with args.input.open(encoding="utf-8") as handle:
+        records = list(read_records(handle, str(args.input)))
+    summary = BatchSummary(items=len(records))
+    if args.output is None:
+        score_file(client, args, records, sys.stdout, set(), summary)
+    else:
+        done, summary.retried = (
+            completed_results(args.output, records) if args.resume else (set(), 0)
+        )
+        summary.skipped = len(done)
+        with args.output.open("a" if args.resume else "w", encoding="utf-8") as out:
+            score_file(client, args, records, out, done, summary)
+    print(summary.format(), file=sys.stderr)
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    again = f"; rerun with --output {args.output} --resume to continue" if args.output else ""
+    if summary.stopped == "interrupted":
+        print(f"lmscore score: interrupted{again}", file=sys.stderr)
+        return 130
+    if summary.stopped is not None:
+        print(f"lmscore score: stopped at {summary.stopped}{again}", file=sys.stderr)
+        return 1
+    if summary.errors:
+        where = f"lines of {args.output}" if args.output else "output lines"
+        retry = "; rerun with --resume to retry them" if args.output else ""
+        print(
+            f"lmscore score: {summary.errors} completions failed (their {where} have "
+            f'"error"){retry}',
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -252,15 +542,14 @@ def run_score(args: argparse.Namespace) -> int:
         print("lmscore score: --prompt needs at least one --completion", file=sys.stderr)
         return 2
     try:
-        with ScoringClient(
-            args.server, timeout=args.timeout, **connection(args, os.environ)
-        ) as client:
+        client = ScoringClient(args.server, timeout=args.timeout, **connection(args, os.environ))
+    except ValueError as exc:  # a --server list gRPC cannot resolve (see channel.grpc_target)
+        print(f"lmscore score: --server: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             if args.input is not None:
-                if args.output is None:
-                    return score_file(client, args, sys.stdout, set())
-                done = completed_results(args.output) if args.resume else set()
-                with args.output.open("a" if args.resume else "w", encoding="utf-8") as out:
-                    return score_file(client, args, out, done)
+                return run_batch(client, args)
             results = client.score_completions(args.prompt, args.completion, _options(args))
     except (InputError, OSError) as exc:
         print(f"lmscore score: {exc}", file=sys.stderr)
@@ -290,16 +579,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     server_cli.add_arguments(serve)
     serve.set_defaults(run=server_cli.run)
-    score = commands.add_parser("score", help="score prompt/completion pairs on a server")
+    score = commands.add_parser(
+        "score",
+        help="score prompt/completion pairs on a server",
+        epilog=BATCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_score_arguments(score)
     score.set_defaults(run=run_score)
     bench = commands.add_parser("bench", help="benchmark PyTorch, ONNX Runtime and gRPC paths")
     bench_cli.add_arguments(bench)
     bench.set_defaults(run=bench_cli.run)
+    commands.add_parser(
+        "eval",
+        help="lm-evaluation-harness with the `lmscore` model: lmscore eval --model lmscore "
+        "--model_args server=HOST:PORT --tasks ... (all arguments go to lm-eval)",
+        add_help=False,
+    )
     return parser
 
 
+def run_eval(argv: Sequence[str]) -> int:
+    """`lmscore eval ...`: lm-eval's own CLI with the `lmscore` model registered."""
+    try:
+        from lmscore.client.lmeval import run_lm_eval
+    except ModuleNotFoundError as exc:
+        print(f"lmscore eval: missing {exc.name!r}; install lmscore[lm-eval]", file=sys.stderr)
+        return 2
+    return run_lm_eval(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Every argument after `eval` belongs to lm-eval's CLI, untouched by our parser.
+    if argv[:1] == ["eval"]:
+        return run_eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

@@ -9,6 +9,8 @@ from lmscore.client.types import (
     Item,
     ModelInfo,
     QuantizationInfo,
+    RollingOptions,
+    RollingResult,
     ScoreOptions,
     ScoreRequest,
     ScoreResult,
@@ -124,6 +126,41 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
         )
         if message.HasField("quantization")
         else None,
+    )
+
+
+def rolling_request_to_pb(
+    texts: Sequence[TokenInput], options: RollingOptions | None, request_id: str = ""
+) -> pb.RollingRequest:
+    options = options or RollingOptions()
+    return pb.RollingRequest(
+        model=options.model,
+        request_id=request_id,
+        options=pb.RollingOptions(
+            max_window_tokens=options.max_window_tokens,
+            min_context_tokens=options.min_context_tokens,
+            token_logprobs=options.token_logprobs,
+        ),
+        texts=[
+            pb.RollingText(text=t)
+            if isinstance(t, str)
+            else pb.RollingText(token_ids=pb.TokenIds(ids=list(t)))
+            for t in texts
+        ],
+    )
+
+
+def rolling_result_from_pb(message: pb.RollingResult) -> RollingResult:
+    return RollingResult(
+        text_index=message.text_index,
+        logprob=message.logprob,
+        token_count=message.token_count,
+        perplexity=message.perplexity,
+        windows=message.windows,
+        prefix_token_id=message.prefix_token_id,
+        token_ids=tuple(message.token_ids),
+        token_logprobs=tuple(message.token_logprobs),
+        request_id=message.request_id,
     )
 
 

@@ -1,4 +1,5 @@
-"""Retry with exponential backoff, on UNAVAILABLE only (the server is down or restarting)."""
+"""Retry with exponential backoff, on UNAVAILABLE only (the server is down or restarting), and
+resuming a result stream that a dying replica cut off mid-way."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import random
 from collections.abc import Iterator
 
 import grpc
+
+from lmscore.v1 import scoring_pb2 as pb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,3 +32,15 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def resume_key(message: object) -> tuple[int, ...] | None:
+    """Which result a streamed message is, so that a call replayed after UNAVAILABLE mid-stream
+    (its replica died) yields only the results not yielded yet. Replaying is safe: scoring is a
+    read-only call whose every result is computed on its own, whichever replica computes it.
+    None: a message that cannot be told apart from others (the call is not resumed)."""
+    if isinstance(message, pb.ScoreResult):
+        return (message.request_index, message.item_index, message.completion_index)
+    if isinstance(message, pb.RollingResult):
+        return (message.text_index,)
+    return None

@@ -17,12 +17,16 @@ from lmscore.client.convert import (
     model_info_from_pb,
     request_to_pb,
     result_from_pb,
+    rolling_request_to_pb,
+    rolling_result_from_pb,
 )
 from lmscore.client.errors import ServerUnavailableError, error_from_rpc
-from lmscore.client.retry import RetryPolicy
+from lmscore.client.retry import RetryPolicy, resume_key
 from lmscore.client.types import (
     Item,
     ModelInfo,
+    RollingOptions,
+    RollingResult,
     ScoreOptions,
     ScoreRequest,
     ScoreResult,
@@ -33,8 +37,10 @@ from lmscore.v1 import scoring_pb2_grpc
 
 
 class ScoringClient:
-    """Client of one lmscore server. `timeout` (seconds) is the default deadline of every call;
-    each call may pass its own. Calls retry on UNAVAILABLE only, while no result has arrived."""
+    """Client of an lmscore server. `target`: HOST:PORT, several replicas as IP:PORT,IP:PORT,...
+    or dns:///NAME:PORT (calls spread over every address, round_robin). `timeout` (seconds) is
+    the default deadline of every call; each call may pass its own. Calls retry on UNAVAILABLE
+    only; a stream cut mid-way is replayed and yields only the results it had not yielded."""
 
     def __init__(
         self,
@@ -75,18 +81,27 @@ class ScoringClient:
         self, call: object, request: object, timeout: float | None
     ) -> Iterator[pb.ScoreResult]:
         delays = self.retry.delays()
+        # A replica that dies mid-stream: replay the call (round_robin sends it to another
+        # replica) and skip the results already yielded.
+        done: set[tuple[int, ...]] = set()
         while True:
-            yielded = False
+            resumable = True
             try:
                 for message in call(
                     request, timeout=self._deadline(timeout), metadata=self._metadata
                 ):  # type: ignore[operator]
-                    yielded = True
+                    key = resume_key(message)
+                    if key in done:
+                        continue
+                    if key is None:
+                        resumable = False
+                    else:
+                        done.add(key)
                     yield message
                 return
             except grpc.RpcError as error:
                 delay = next(delays, None)
-                if yielded or delay is None or not self.retry.retryable(error):
+                if not resumable or delay is None or not self.retry.retryable(error):
                     raise error_from_rpc(error) from None
                 time.sleep(delay)
 
@@ -122,6 +137,30 @@ class ScoringClient:
     ) -> list[ScoreResult]:
         """Score several completions of one prompt (e.g. multiple-choice answers)."""
         return self.score([Item(prompt, completions)], options, timeout=timeout)
+
+    def iter_score_rolling(
+        self,
+        texts: Sequence[TokenInput],
+        options: RollingOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[RollingResult]:
+        """Whole-text log-likelihoods as the server streams them (not in input order)."""
+        request = rolling_request_to_pb(texts, options)
+        for message in self._stream(self._stub.ScoreRolling, request, timeout):
+            yield rolling_result_from_pb(message)
+
+    def score_rolling(
+        self,
+        texts: Sequence[TokenInput],
+        options: RollingOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[RollingResult]:
+        """Log-likelihood, token count and perplexity of each whole text, in input order;
+        texts longer than the context are scored in rolling windows (lm-eval's rule)."""
+        results = self.iter_score_rolling(texts, options, timeout=timeout)
+        return sorted(results, key=lambda r: r.text_index)
 
     def score_stream(
         self, requests: Iterable[ScoreRequest], *, timeout: float | None = None

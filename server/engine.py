@@ -10,6 +10,10 @@ of one prompt, e.g. multiple choice) are scored by one pass over the prompt,
 whose key/value cache then serves all the completions in one batched pass.
 Causal attention makes this equal to separate full passes (tested to 1e-4).
 The sums are lmscore.server.scoring's.
+
+Rolling log-likelihood (whole texts of any length) is planned as one item per
+window of lmscore.server.rolling, token ids verbatim and no BOS, so windows go
+through the same validation, batching and sums as any item.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import dataclasses
 import enum
 import functools
+import math
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -26,6 +31,7 @@ import numpy as np
 
 from lmscore.server import defaults
 from lmscore.server.batching import DynamicBatcher, pack_by_length
+from lmscore.server.rolling import rolling_windows
 from lmscore.server.runtime import BatchScores, PastKeyValues
 from lmscore.server.scoring import PositionScores, SequenceLayout, sum_sequence
 from lmscore.server.tokenization import TextTokenizer
@@ -108,6 +114,40 @@ class CompletionScore:
     tokens: tuple[TokenScore, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class RollingOptions:
+    # 0: the longest window the server allows.
+    max_window_tokens: int = 0
+    # 0 or 1: lm-eval's disjoint windows.
+    min_context_tokens: int = 0
+    token_logprobs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RollingScore:
+    text_index: int
+    logprob: float
+    token_count: int
+    # exp(-logprob / token_count); NaN without tokens.
+    perplexity: float
+    windows: int
+    prefix_token_id: int
+    token_ids: tuple[int, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass
+class RollingPlan:
+    """Windows of every text as the items of one ScoringPlan; `windows_of[t]` lists text t's
+    item indices in text order."""
+
+    options: RollingOptions
+    prefix_token_id: int
+    texts: list[list[int]]
+    windows_of: list[list[int]]
+    plan: ScoringPlan | None  # None when every text is empty
+
+
 class TokenScorer(Protocol):
     """What the engine needs of a model (lmscore.server.runtime.OnnxCausalLM)."""
 
@@ -182,10 +222,13 @@ class ScoringEngine:
         tokenizer: TextTokenizer,
         bos_token_id: int | None,
         limits: EngineLimits,
+        *,
+        eos_token_id: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
         self.limits = limits
         self.vocab_size = limits.vocab_size
         # One model run at a time: ORT already spreads one run over the cores.
@@ -245,9 +288,16 @@ class ScoringEngine:
             return prompt_text, completion, prompt_ids, self.tokenizer.encode(completion)
         return prompt_text, "", prompt_ids, self._check_ids(completion, f"{field}.token_ids")
 
-    def plan(self, items: Sequence[ItemInput], options: ScoreOptions) -> ScoringPlan:
-        """Validate and tokenize; raises InvalidInput naming the first bad field."""
-        limits = self.limits
+    def plan(
+        self,
+        items: Sequence[ItemInput],
+        options: ScoreOptions,
+        *,
+        limits: EngineLimits | None = None,
+    ) -> ScoringPlan:
+        """Validate and tokenize; raises InvalidInput naming the first bad field.
+        `limits` replaces the engine's (a rolling plan checks its own request limits)."""
+        limits = limits or self.limits
         if not items:
             raise InvalidInput("items", "must hold at least one item")
         if len(items) > limits.max_items_per_request:
@@ -257,7 +307,7 @@ class ScoringEngine:
             )
         add_bos = self._check_options(options)
         bos = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
-        max_context = min(limits.max_context, limits.max_tokens_per_item or limits.max_context)
+        max_context = self._max_sequence()
         limit_name = (
             "the model's context"
             if max_context == limits.max_context
@@ -337,6 +387,119 @@ class ScoringEngine:
         grouped = {m for g in groups for m in g.members}
         full_passes = [i for i, ids in enumerate(sequences) if len(ids) > 1 and i not in grouped]
         return ScoringPlan(options, sequences, completions, full_passes, groups)
+
+    def _max_sequence(self) -> int:
+        limits = self.limits
+        return min(limits.max_context, limits.max_tokens_per_item or limits.max_context)
+
+    def plan_rolling(
+        self, texts: Sequence[TokenInput | None], options: RollingOptions
+    ) -> RollingPlan:
+        """Validate and tokenize texts, cut them into windows; InvalidInput names the field."""
+        limits = self.limits
+        if not texts:
+            raise InvalidInput("texts", "must hold at least one text")
+        if len(texts) > limits.max_items_per_request:
+            raise RequestTooLarge(
+                "texts", f"{len(texts)} texts exceed the limit of {limits.max_items_per_request}"
+            )
+        prefix = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
+        if prefix is None:
+            raise InvalidInput("texts", "the model has neither BOS nor EOS to start a text with")
+        longest = self._max_sequence() - 1
+        window = options.max_window_tokens or longest
+        if window > longest:
+            raise InvalidInput(
+                "options.max_window_tokens",
+                f"must be <= {longest} (the server's longest sequence, {longest + 1} tokens, "
+                f"holds {longest} model inputs and the last predicted token), got {window}",
+            )
+        min_context = max(options.min_context_tokens, 1)
+        if min_context > window:
+            raise InvalidInput(
+                "options.min_context_tokens",
+                f"must be <= the window of {window} tokens, got {min_context}",
+            )
+        encoded: list[list[int]] = []
+        for index, text in enumerate(texts):
+            if text is None:
+                raise InvalidInput(f"texts[{index}]", "has neither text nor token_ids")
+            if isinstance(text, str):
+                encoded.append(self.tokenizer.encode(text))
+            else:
+                encoded.append(self._check_ids(text, f"texts[{index}].token_ids"))
+        items: list[ItemInput] = []
+        windows_of: list[list[int]] = []
+        model_tokens = 0
+        for index, ids in enumerate(encoded):
+            own = []
+            for w in rolling_windows(ids, prefix, window, min_context):
+                own.append(len(items))
+                items.append(ItemInput(list(w.context), [list(w.continuation)]))
+                model_tokens += len(w.context) + len(w.continuation)
+            if model_tokens > limits.max_tokens_per_request:
+                raise RequestTooLarge(
+                    "texts",
+                    f"more than {limits.max_tokens_per_request} tokens in model windows in one "
+                    f"request (reached at texts[{index}], {len(ids)} tokens); send fewer texts",
+                )
+            windows_of.append(own)
+        plan = None
+        if items:
+            # The request limits are checked above, in terms of texts.
+            unlimited = dataclasses.replace(
+                limits, max_items_per_request=len(items), max_tokens_per_request=model_tokens
+            )
+            scoring = ScoreOptions(token_details=options.token_logprobs, add_bos=False)
+            plan = self.plan(items, scoring, limits=unlimited)
+        return RollingPlan(options, prefix, encoded, windows_of, plan)
+
+    def _rolling_score(
+        self, plan: RollingPlan, text_index: int, windows: dict[int, CompletionScore]
+    ) -> RollingScore:
+        ids = plan.texts[text_index]
+        parts = [windows[i] for i in plan.windows_of[text_index]]
+        token_logprobs: tuple[float, ...] = ()
+        if plan.options.token_logprobs:
+            token_logprobs = tuple(
+                t.logprob  # type: ignore[misc]
+                for part in parts
+                for t in part.tokens
+                if t.segment is Segment.COMPLETION
+            )
+        logprob = math.fsum(p.conditional_logprob for p in parts)
+        return RollingScore(
+            text_index=text_index,
+            logprob=logprob,
+            token_count=len(ids),
+            perplexity=math.exp(-logprob / len(ids)) if ids else math.nan,
+            windows=len(parts),
+            prefix_token_id=plan.prefix_token_id,
+            token_ids=tuple(ids) if plan.options.token_logprobs else (),
+            token_logprobs=token_logprobs,
+        )
+
+    async def score_rolling(self, plan: RollingPlan) -> AsyncIterator[RollingScore]:
+        """Each text's result as soon as all its windows are scored."""
+        text_of = {i: t for t, own in enumerate(plan.windows_of) for i in own}
+        done: dict[int, CompletionScore] = {}
+        remaining = [len(own) for own in plan.windows_of]
+        for text_index, count in enumerate(remaining):
+            if count == 0:
+                yield self._rolling_score(plan, text_index, done)
+        if plan.plan is None:
+            return
+        async for result in self.score(plan.plan):
+            done[result.item_index] = result
+            text_index = text_of[result.item_index]
+            remaining[text_index] -= 1
+            if remaining[text_index] == 0:
+                yield self._rolling_score(plan, text_index, done)
+
+    def score_rolling_sync(self, plan: RollingPlan) -> list[RollingScore]:
+        """score_rolling in the calling thread, in text order (tests, benchmarks)."""
+        done = {r.item_index: r for r in self.score_sync(plan.plan)} if plan.plan else {}
+        return [self._rolling_score(plan, t, done) for t in range(len(plan.texts))]
 
     def _prefix_groups(
         self, prefixes: dict[int, tuple[int, ...]], options: ScoreOptions

@@ -13,9 +13,13 @@ REQUESTS = Counter("lmscore_requests_total", "RPCs by method and status code", [
 LATENCY = Histogram(
     "lmscore_request_seconds", "RPC latency by method", ["method"], buckets=LATENCY_BUCKETS
 )
-IN_FLIGHT = Gauge("lmscore_requests_in_flight", "Score and ScoreStream calls in progress")
+IN_FLIGHT = Gauge("lmscore_requests_in_flight", "scoring calls in progress")
 COMPLETIONS = Counter("lmscore_completions_scored_total", "(item, completion) results returned")
-TOKENS = Counter("lmscore_tokens_scored_total", "tokens of the joint sequences of the results")
+ROLLING_TEXTS = Counter("lmscore_rolling_texts_scored_total", "ScoreRolling results returned")
+TOKENS = Counter(
+    "lmscore_tokens_scored_total",
+    "tokens of the results: joint sequences (Score, ScoreStream) and texts (ScoreRolling)",
+)
 BATCH_SEQUENCES = Histogram(
     "lmscore_batch_sequences", "sequences per model run", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )

@@ -6,7 +6,9 @@ google.rpc.BadRequest field violation; an unknown model name NOT_FOUND.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -20,6 +22,9 @@ from lmscore.server.engine import (
     ItemInput,
     Overloaded,
     RequestTooLarge,
+    RollingOptions,
+    RollingPlan,
+    RollingScore,
     ScoreOptions,
     ScoringEngine,
     ScoringPlan,
@@ -36,6 +41,9 @@ _SEGMENTS = {
 }
 
 
+Planned = TypeVar("Planned")
+
+
 class ModelNotFound(LookupError):
     pass
 
@@ -49,12 +57,13 @@ def _prompt_of(item: pb.ScoreItem) -> TokenInput | None:
     return None
 
 
-def _completion_of(completion: pb.Completion) -> TokenInput | None:
-    which = completion.WhichOneof("input")
+def _input_of(message: pb.Completion | pb.RollingText) -> TokenInput | None:
+    """The `input` oneof of a Completion or RollingText: text, token ids or unset."""
+    which = message.WhichOneof("input")
     if which == "text":
-        return completion.text
+        return message.text
     if which == "token_ids":
-        return list(completion.token_ids.ids)
+        return list(message.token_ids.ids)
     return None
 
 
@@ -71,6 +80,20 @@ def _options_of(options: pb.ScoreOptions) -> ScoreOptions:
         separate_marginal_pass=options.marginal_mode == pb.MARGINAL_MODE_SEPARATE_PASS,
         truncate_prompt_left=options.truncate_prompt_left,
         add_bos=options.add_bos if options.HasField("add_bos") else None,
+    )
+
+
+def _rolling_message(result: RollingScore, request: pb.RollingRequest) -> pb.RollingResult:
+    return pb.RollingResult(
+        text_index=result.text_index,
+        request_id=request.request_id,
+        logprob=result.logprob,
+        token_count=result.token_count,
+        perplexity=result.perplexity,
+        windows=result.windows,
+        prefix_token_id=result.prefix_token_id,
+        token_logprobs=result.token_logprobs,
+        token_ids=result.token_ids,
     )
 
 
@@ -127,17 +150,49 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         self._max_concurrent = max_concurrent_requests
         self.active_requests = 0
 
-    def _plan(self, request: pb.ScoreRequest) -> ScoringPlan:
-        if request.model and request.model != self._model_info.name:
+    def _check_model(self, model: str) -> None:
+        if model and model != self._model_info.name:
             raise ModelNotFound(
-                f"model: {request.model!r} is not served here; this server serves "
-                f"{self._model_info.name!r}"
+                f"model: {model!r} is not served here; this server serves {self._model_info.name!r}"
             )
+
+    def _plan(self, request: pb.ScoreRequest) -> ScoringPlan:
+        self._check_model(request.model)
         items = [
-            ItemInput(_prompt_of(item), [_completion_of(c) for c in item.completions])
+            ItemInput(_prompt_of(item), [_input_of(c) for c in item.completions])
             for item in request.items
         ]
         return self._engine.plan(items, _options_of(request.options))
+
+    def _plan_rolling(self, request: pb.RollingRequest) -> RollingPlan:
+        self._check_model(request.model)
+        options = RollingOptions(
+            max_window_tokens=request.options.max_window_tokens,
+            min_context_tokens=request.options.min_context_tokens,
+            token_logprobs=request.options.token_logprobs,
+        )
+        return self._engine.plan_rolling([_input_of(t) for t in request.texts], options)
+
+    async def _plan_or_abort(
+        self,
+        context: grpc.aio.ServicerContext,
+        make_plan: Callable[[], Planned],
+        field_prefix: str = "",
+    ) -> Planned:
+        """The plan, or the call aborted with the status its bad field deserves."""
+        try:
+            return make_plan()
+        except RequestTooLarge as exc:
+            await _abort_with_field(
+                context, field_prefix + exc.field, exc.description, code_pb2.RESOURCE_EXHAUSTED
+            )
+        except InvalidInput as exc:
+            await _abort_with_field(
+                context, field_prefix + exc.field, exc.description, code_pb2.INVALID_ARGUMENT
+            )
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, field_prefix + str(exc))
+        _unreachable()
 
     async def _score_one(
         self,
@@ -146,21 +201,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         context: grpc.aio.ServicerContext,
         field_prefix: str = "",
     ) -> AsyncIterator[pb.ScoreResult]:
-        try:
-            plan = self._plan(request)
-        except RequestTooLarge as exc:
-            await _abort_with_field(
-                context, field_prefix + exc.field, exc.description, code_pb2.RESOURCE_EXHAUSTED
-            )
-            return
-        except InvalidInput as exc:
-            await _abort_with_field(
-                context, field_prefix + exc.field, exc.description, code_pb2.INVALID_ARGUMENT
-            )
-            return
-        except ModelNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, field_prefix + str(exc))
-            return
+        plan = await self._plan_or_abort(context, lambda: self._plan(request), field_prefix)
         try:
             async for result in self._engine.score(plan):
                 metrics.COMPLETIONS.inc()
@@ -171,45 +212,59 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Counts the call in flight, or aborts it when the server is at its limit."""
         if self.active_requests >= self._max_concurrent:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.active_requests} requests in flight, limit {self._max_concurrent} "
                 "(--max-concurrent-requests); retry later",
             )
-
-    async def Score(
-        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ScoreResult]:
-        await self._admit(context)
         self.active_requests += 1
         metrics.IN_FLIGHT.inc()
         try:
-            async for message in self._score_one(request, 0, context):
-                yield message
+            yield
         finally:
             self.active_requests -= 1
             metrics.IN_FLIGHT.dec()
 
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResult]:
+        async with self._admitted(context):
+            async for message in self._score_one(request, 0, context):
+                yield message
+
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
-        await self._admit(context)
-        self.active_requests += 1
-        metrics.IN_FLIGHT.inc()
-        try:
+        async with self._admitted(context):
             index = 0
             async for request in request_iterator:
                 prefix = f"requests[{index}]."
                 async for message in self._score_one(request, index, context, prefix):
                     yield message
                 index += 1
-        finally:
-            self.active_requests -= 1
-            metrics.IN_FLIGHT.dec()
+
+    async def ScoreRolling(
+        self, request: pb.RollingRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RollingResult]:
+        async with self._admitted(context):
+            plan = await self._plan_or_abort(context, lambda: self._plan_rolling(request))
+            try:
+                async for result in self._engine.score_rolling(plan):
+                    metrics.ROLLING_TEXTS.inc()
+                    metrics.TOKENS.inc(result.token_count)
+                    yield _rolling_message(result, request)
+            except Overloaded as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         return self._model_info
+
+
+def _unreachable() -> NoReturn:
+    raise AssertionError("context.abort raises")

@@ -7,6 +7,7 @@ the same GGUF file) as the independent reference. Tolerance 1e-3 nats.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -15,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import LMSCORE, running_server
-from lmscore.client import Item, ScoreOptions, ScoringClient
+from lmscore.client import Item, RollingOptions, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
 from lmscore.export.paths import default_model_dir
 from lmscore.export.source import default_gguf_path
-from reference import reference_score
+from reference import reference_score, sequence_logprobs
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
@@ -129,3 +130,27 @@ def test_default_model_token_details_equal_pytorch(default_server, torch_default
         assert token.logprob == pytest.approx(logprob, abs=TOLERANCE)
         assert token.rank == rank
         assert [t.id for t in token.top] == top
+
+
+def test_default_model_rolling_equals_pytorch_windows(default_server, torch_default) -> None:
+    """A ~700-token text in 256-token windows (lm-eval's rule) against PyTorch on each window."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    model, tokenizer = torch_default
+    text = re.sub(r"\s+", " ", TEXTS[0].read_text())[:3000]
+    with ScoringClient(default_server.address, timeout=300) as client:
+        [result] = client.score_rolling(
+            [text], RollingOptions(max_window_tokens=256, token_logprobs=True)
+        )
+    tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    expected: list[float] = []
+    for pair in get_rolling_token_windows(tokens, 1, 256, 1):
+        context, continuation = make_disjoint_window(pair)
+        scores, _, _ = sequence_logprobs(model, context + continuation)
+        expected.extend(float(x) for x in scores[len(context) - 1 :])
+    assert list(result.token_ids) == tokens and result.windows == len(tokens) // 256 + 1
+    assert result.token_logprobs == pytest.approx(expected, abs=TOLERANCE)
+    assert result.logprob == pytest.approx(math.fsum(expected), abs=TOLERANCE)
+    assert result.perplexity == pytest.approx(
+        math.exp(-math.fsum(expected) / len(tokens)), rel=1e-4
+    )

@@ -144,3 +144,54 @@ def test_quantized_variant_records_what_it_measured(
     info = load_model(ServerConfig(model_dir=target)).info
     assert info.quantization.recipe == recipe
     assert info.quantization.mean_abs_deviation == figures["mean_abs_deviation"]
+
+
+@pytest.mark.parametrize("vocab", [512, 49152, 50257])
+def test_scoring_head_log_softmax_is_unbiased(tmp_path: Path, vocab: int) -> None:
+    """On a bare logits graph: the head's log-probs against float64 over a realistic spread of
+    logits (a long tail of tiny probabilities, which a one-accumulator float32 sum drops), with
+    vocabularies that do and do not fill whole summation blocks."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lmscore.export.head import add_scoring_head
+
+    shape = ["batch", "sequence"]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["raw"], ["logits"])],
+        "logits-only",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, shape),
+            helper.make_tensor_value_info("raw", TensorProto.FLOAT, [*shape, vocab]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*shape, vocab])],
+    )
+    path = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    add_scoring_head(path)
+
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal((2, 64, vocab)) * 3).astype(np.float32)
+    targets = rng.integers(0, vocab, (2, 64))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logprobs, ranks, top_logprobs, top_ids = session.run(
+        ["target_logprobs", "target_ranks", "top_logprobs", "top_ids"],
+        {
+            "input_ids": targets,
+            "raw": logits,
+            "target_ids": targets,
+            "top_k": np.array([3], np.int64),
+        },
+    )
+    wide = logits.astype(np.float64)
+    normalizer = np.log(np.exp(wide).sum(axis=-1))
+    target_logits = np.take_along_axis(wide, targets[..., None], -1)
+    expected = target_logits[..., 0] - normalizer
+    error = logprobs - expected
+    assert np.abs(error).max() < 5e-6
+    assert abs(error.mean()) < 5e-7  # no systematic drift over a long text
+    np.testing.assert_array_equal(ranks, 1 + (wide > target_logits).sum(-1))
+    np.testing.assert_array_equal(top_ids, np.argsort(-wide, axis=-1, kind="stable")[..., :3])
+    np.testing.assert_allclose(
+        top_logprobs, np.sort(wide, axis=-1)[..., ::-1][..., :3] - normalizer[..., None], atol=5e-6
+    )

@@ -371,6 +371,158 @@ class ScoreResult(_message.Message):
 Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
 
 @_typing.final
+class RollingText(_message.Message):
+    """A text scored as a whole, by rolling windows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Encoded without special tokens (no whitespace rule: there is no prompt)."""
+    @_builtins.property
+    def token_ids(self) -> Global___TokenIds: ...
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        token_ids: Global___TokenIds | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___RollingText: _TypeAlias = RollingText  # noqa: Y015
+
+@_typing.final
+class RollingOptions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    MIN_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    max_window_tokens: _builtins.int
+    """Model inputs per window (lm-eval's max_length). 0 = the longest the server
+    allows: ModelInfo.max_context - 1 (the server's sequences include the
+    last predicted token). Larger is INVALID_ARGUMENT.
+    """
+    min_context_tokens: _builtins.int
+    """Every token after the first window is predicted from at least this many
+    preceding tokens (lm-eval's context_len). 0 or 1 = lm-eval's
+    loglikelihood_rolling: disjoint windows, the fewest model inputs. Larger
+    values overlap the windows (a sliding window with stride
+    max_window_tokens - min_context_tokens + 1), so that tokens at a window's
+    start keep more context; at most max_window_tokens.
+    """
+    token_logprobs: _builtins.bool
+    """Return every token's log-probability, in text order."""
+    def __init__(
+        self,
+        *,
+        max_window_tokens: _builtins.int = ...,
+        min_context_tokens: _builtins.int = ...,
+        token_logprobs: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_window_tokens", b"max_window_tokens", "min_context_tokens", b"min_context_tokens", "token_logprobs", b"token_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollingOptions: _TypeAlias = RollingOptions  # noqa: Y015
+
+@_typing.final
+class RollingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Served model name; empty means the server's model. Other names: NOT_FOUND."""
+    request_id: _builtins.str
+    """Echoed in every result."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RollingText]: ...
+    @_builtins.property
+    def options(self) -> Global___RollingOptions: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        texts: _abc.Iterable[Global___RollingText] | None = ...,
+        options: Global___RollingOptions | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "request_id", b"request_id", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollingRequest: _TypeAlias = RollingRequest  # noqa: Y015
+
+@_typing.final
+class RollingResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_INDEX_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    PERPLEXITY_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    PREFIX_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    text_index: _builtins.int
+    request_id: _builtins.str
+    logprob: _builtins.float
+    """Sum of log p(t_i | t_<i) over every token of the text, the first one
+    predicted from prefix_token_id alone.
+    """
+    token_count: _builtins.int
+    perplexity: _builtins.float
+    """exp(-logprob / token_count); NaN for an empty text (no tokens)."""
+    windows: _builtins.int
+    """Model passes (windows) the text took."""
+    prefix_token_id: _builtins.int
+    """Token that stands before the text in the first window: the model's BOS,
+    or EOS when it has no BOS (lm-eval's prefix token).
+    """
+    @_builtins.property
+    def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """With options.token_logprobs: log p of each token, token_count entries."""
+
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        text_index: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        token_count: _builtins.int = ...,
+        perplexity: _builtins.float = ...,
+        windows: _builtins.int = ...,
+        prefix_token_id: _builtins.int = ...,
+        token_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "perplexity", b"perplexity", "prefix_token_id", b"prefix_token_id", "request_id", b"request_id", "text_index", b"text_index", "token_count", b"token_count", "token_ids", b"token_ids", "token_logprobs", b"token_logprobs", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollingResult: _TypeAlias = RollingResult  # noqa: Y015
+
+@_typing.final
 class GetModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class ScorerStub:
                 request_serializer=lmscore_dot_v1_dot_scoring__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=lmscore_dot_v1_dot_scoring__pb2.ScoreResult.FromString,
                 _registered_method=True)
+        self.ScoreRolling = channel.unary_stream(
+                '/lmscore.v1.Scorer/ScoreRolling',
+                request_serializer=lmscore_dot_v1_dot_scoring__pb2.RollingRequest.SerializeToString,
+                response_deserializer=lmscore_dot_v1_dot_scoring__pb2.RollingResult.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/lmscore.v1.Scorer/GetModelInfo',
                 request_serializer=lmscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
@@ -73,6 +78,16 @@ class ScorerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreRolling(self, request, context):
+        """Log-likelihood of whole texts, however long: each text is cut into
+        windows of at most max_window_tokens model inputs so that every token is
+        scored exactly once (lm-evaluation-harness's loglikelihood_rolling rule).
+        One RollingResult per text, streamed as each text completes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """What is being served: model, tokenizer facts, limits, export figures.
         """
@@ -92,6 +107,11 @@ def add_ScorerServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=lmscore_dot_v1_dot_scoring__pb2.ScoreRequest.FromString,
                     response_serializer=lmscore_dot_v1_dot_scoring__pb2.ScoreResult.SerializeToString,
+            ),
+            'ScoreRolling': grpc.unary_stream_rpc_method_handler(
+                    servicer.ScoreRolling,
+                    request_deserializer=lmscore_dot_v1_dot_scoring__pb2.RollingRequest.FromString,
+                    response_serializer=lmscore_dot_v1_dot_scoring__pb2.RollingResult.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -153,6 +173,33 @@ class Scorer:
             '/lmscore.v1.Scorer/ScoreStream',
             lmscore_dot_v1_dot_scoring__pb2.ScoreRequest.SerializeToString,
             lmscore_dot_v1_dot_scoring__pb2.ScoreResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreRolling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmscore.v1.Scorer/ScoreRolling',
+            lmscore_dot_v1_dot_scoring__pb2.RollingRequest.SerializeToString,
+            lmscore_dot_v1_dot_scoring__pb2.RollingResult.FromString,
             options,
             channel_credentials,
             insecure,

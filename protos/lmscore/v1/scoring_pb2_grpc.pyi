@@ -50,6 +50,12 @@ class ScorerStub:
     request's request_id. An invalid request ends the stream with
     INVALID_ARGUMENT naming that request's index and field.
     """
+    ScoreRolling: _grpc.UnaryStreamMultiCallable[_scoring_pb2.RollingRequest, _scoring_pb2.RollingResult]
+    """Log-likelihood of whole texts, however long: each text is cut into
+    windows of at most max_window_tokens model inputs so that every token is
+    scored exactly once (lm-evaluation-harness's loglikelihood_rolling rule).
+    One RollingResult per text, streamed as each text completes.
+    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.GetModelInfoRequest, _scoring_pb2.ModelInfo]
     """What is being served: model, tokenizer facts, limits, export figures."""
 
@@ -66,6 +72,12 @@ class ScorerAsyncStub(ScorerStub):
     request_index (0-based position of its request on this stream) and the
     request's request_id. An invalid request ends the stream with
     INVALID_ARGUMENT naming that request's index and field.
+    """
+    ScoreRolling: _aio.UnaryStreamMultiCallable[_scoring_pb2.RollingRequest, _scoring_pb2.RollingResult]  # type: ignore[assignment]
+    """Log-likelihood of whole texts, however long: each text is cut into
+    windows of at most max_window_tokens model inputs so that every token is
+    scored exactly once (lm-evaluation-harness's loglikelihood_rolling rule).
+    One RollingResult per text, streamed as each text completes.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_scoring_pb2.GetModelInfoRequest, _scoring_pb2.ModelInfo]  # type: ignore[assignment]
     """What is being served: model, tokenizer facts, limits, export figures."""
@@ -92,6 +104,18 @@ class ScorerServicer(metaclass=_abc_1.ABCMeta):
         request_index (0-based position of its request on this stream) and the
         request's request_id. An invalid request ends the stream with
         INVALID_ARGUMENT naming that request's index and field.
+        """
+
+    @_abc_1.abstractmethod
+    def ScoreRolling(
+        self,
+        request: _scoring_pb2.RollingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scoring_pb2.RollingResult], _abc.AsyncIterator[_scoring_pb2.RollingResult]]:
+        """Log-likelihood of whole texts, however long: each text is cut into
+        windows of at most max_window_tokens model inputs so that every token is
+        scored exactly once (lm-evaluation-harness's loglikelihood_rolling rule).
+        One RollingResult per text, streamed as each text completes.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,164 @@
+'use strict';
+// A small Node.js client of lmscore.v1.Scorer. The service is built at runtime from the
+// project's own .proto file, so this client and the server share one contract and no
+// generated code can drift from it.
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
+const PROTO_FILE = 'lmscore/v1/scoring.proto';
+
+const LOADER_OPTIONS = {
+  keepCase: true, // field names as in the .proto (item_index), as the Python client's to_dict()
+  longs: Number,
+  enums: String,
+  defaults: true, // every result carries every field, even when it holds 0 / false / ""
+  oneofs: true,
+  includeDirs: [PROTO_ROOT],
+};
+
+// Token details with top-k can exceed gRPC's 4 MiB default; same limit as the Python client.
+const CHANNEL_OPTIONS = { 'grpc.max_receive_message_length': 256 * 1024 * 1024 };
+
+const MARGINAL_MODES = {
+  same_pass: 'MARGINAL_MODE_SAME_PASS',
+  separate_pass: 'MARGINAL_MODE_SEPARATE_PASS',
+};
+
+let scorerService; // loaded once, on first use
+
+function loadService() {
+  if (!scorerService) {
+    const definition = protoLoader.loadSync(PROTO_FILE, LOADER_OPTIONS);
+    scorerService = grpc.loadPackageDefinition(definition).lmscore.v1.Scorer;
+  }
+  return scorerService;
+}
+
+/** The status code's name (INVALID_ARGUMENT) for a grpc-js error, or UNKNOWN. */
+function statusName(code) {
+  return Object.keys(grpc.status).find((name) => grpc.status[name] === code) || 'UNKNOWN';
+}
+
+// A prompt or completion is text (string) or pre-tokenized ids (array of numbers).
+function tokenInput(value, textKey, idsKey) {
+  return Array.isArray(value) ? { [idsKey]: { ids: value } } : { [textKey]: value };
+}
+
+/** {prompt, completions} as the Python client's Item -> a ScoreItem message. */
+function toScoreItem(item) {
+  const message = {
+    completions: item.completions.map((c) => tokenInput(c, 'text', 'token_ids')),
+  };
+  // null / undefined prompt: unset, the empty prompt.
+  if (item.prompt !== null && item.prompt !== undefined) {
+    Object.assign(message, tokenInput(item.prompt, 'prompt', 'prompt_token_ids'));
+  }
+  return message;
+}
+
+function toScoreOptions(options) {
+  if (options.marginal && !(options.marginal in MARGINAL_MODES)) {
+    throw new Error(`marginal must be same_pass or separate_pass, got ${options.marginal}`);
+  }
+  const message = {
+    token_details: Boolean(options.tokenDetails),
+    top_k: options.topK || 0,
+    marginal_mode: MARGINAL_MODES[options.marginal || 'same_pass'],
+    truncate_prompt_left: Boolean(options.truncatePromptLeft),
+  };
+  // `add_bos` is proto3 optional: leave it unset for the server's default.
+  if (options.addBos !== undefined) message.add_bos = options.addBos;
+  return message;
+}
+
+// proto-loader marks a set proto3-optional field with a synthetic oneof key (_logprob);
+// give the unset first-token log-probability as null instead.
+function cleanToken(token) {
+  const { _logprob, ...rest } = token;
+  return { ...rest, logprob: _logprob ? token.logprob : null };
+}
+
+class ScorerClient {
+  /**
+   * Connect to `address` (HOST:PORT, plaintext) and wait until the channel is ready.
+   * `token` (default: $LMSCORE_TOKEN) is sent as `authorization: Bearer <token>`.
+   */
+  static async connect(address, { token = process.env.LMSCORE_TOKEN, timeoutMs = 10000 } = {}) {
+    const Scorer = loadService();
+    const client = new ScorerClient(
+      new Scorer(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS),
+      token,
+      timeoutMs,
+    );
+    await new Promise((resolve, reject) => {
+      client.stub.waitForReady(Date.now() + timeoutMs, (error) => {
+        if (!error) return resolve();
+        // Not a gRPC status of its own: report it as UNAVAILABLE, like a failed call.
+        client.close();
+        reject(Object.assign(error, { code: grpc.status.UNAVAILABLE, details: error.message }));
+      });
+    });
+    return client;
+  }
+
+  constructor(stub, token, timeoutMs) {
+    this.stub = stub;
+    this.timeoutMs = timeoutMs;
+    this.metadata = new grpc.Metadata();
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
+  }
+
+  close() {
+    this.stub.close();
+  }
+
+  callOptions(timeoutMs) {
+    return { deadline: Date.now() + (timeoutMs || this.timeoutMs) };
+  }
+
+  /** GetModelInfo; `manifest_json` is also given parsed, as `manifest`. */
+  modelInfo({ timeoutMs } = {}) {
+    return new Promise((resolve, reject) => {
+      this.stub.GetModelInfo({}, this.metadata, this.callOptions(timeoutMs), (error, info) => {
+        if (error) return reject(error);
+        resolve({ ...info, manifest: info.manifest_json ? JSON.parse(info.manifest_json) : {} });
+      });
+    });
+  }
+
+  /**
+   * Score `items` ([{prompt, completions}]) in one Score call. The server streams results
+   * as they are computed; they are collected and returned in input order
+   * (item_index, then completion_index).
+   * options: {tokenDetails, topK, marginal: 'same_pass' | 'separate_pass',
+   *           truncatePromptLeft, addBos, model, requestId, timeoutMs}
+   */
+  async score(items, options = {}) {
+    const request = {
+      model: options.model || '',
+      items: items.map(toScoreItem),
+      options: toScoreOptions(options),
+      request_id: options.requestId || '',
+    };
+    return new Promise((resolve, reject) => {
+      const results = [];
+      const call = this.stub.Score(request, this.metadata, this.callOptions(options.timeoutMs));
+      call.on('data', ({ tokens, ...result }) => {
+        results.push({ ...result, tokens: tokens.map(cleanToken) });
+      });
+      // A failed call emits 'error' before any 'end'; the promise keeps the first outcome.
+      call.on('error', reject);
+      call.on('end', () => {
+        results.sort(
+          (a, b) => a.item_index - b.item_index || a.completion_index - b.completion_index,
+        );
+        resolve(results);
+      });
+    });
+  }
+}
+
+module.exports = { ScorerClient, statusName, PROTO_ROOT, PROTO_FILE };
