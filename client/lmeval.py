@@ -124,14 +124,16 @@ class LmscoreLM(LM):
             items.setdefault(context, []).append(continuation)
         batches: list[list[Item]] = [[]]
         size = 0
-        for context, continuations in items.items():
-            if size and size + len(continuations) > self.batch_size:
-                batches.append([])
-                size = 0
+        for context, all_continuations in items.items():
             # An empty context is the prefix token: its ids go verbatim, the text is encoded alone.
             prompt = context if context else [self.prefix_token_id]
-            batches[-1].append(Item(prompt, continuations))
-            size += len(continuations)
+            for start in range(0, len(all_continuations), self.batch_size):
+                continuations = all_continuations[start : start + self.batch_size]
+                if size and size + len(continuations) > self.batch_size:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(Item(prompt, continuations))
+                size += len(continuations)
         options = ScoreOptions(add_bos=False, truncate_prompt_left=True)
 
         def run(batch: list[Item]) -> list[tuple[str, str, float, bool]]:

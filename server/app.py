@@ -58,6 +58,7 @@ def load_model(config: ServerConfig) -> LoadedModel:
         max_queue_delay=config.max_queue_delay_ms / 1000,
         cross_request_batching=config.cross_request_batching,
         prefix_reuse=config.prefix_reuse,
+        min_prefix_reuse_saved_tokens=config.min_prefix_reuse_saved_tokens,
     )
     engine = ScoringEngine(
         runtime, tokenizer, manifest.bos_token_id, limits, eos_token_id=manifest.eos_token_id

@@ -70,6 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score every completion with a full pass, even when completions share a prompt",
     )
     parser.add_argument(
+        "--min-prefix-reuse-tokens",
+        type=int,
+        default=defaults.MIN_PREFIX_REUSE_SAVED_TOKENS,
+        metavar="N",
+        help="reuse a shared prompt's pass only when it saves at least N tokens, "
+        "(completions - 1) x prompt tokens; shorter prompts batch better as full passes "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-top-k",
         type=int,
         default=defaults.MAX_TOP_K,
@@ -195,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue_delay_ms=args.max_queue_delay_ms,
         cross_request_batching=not args.no_cross_request_batching,
         prefix_reuse=not args.no_prefix_reuse,
+        min_prefix_reuse_saved_tokens=args.min_prefix_reuse_tokens,
         max_top_k=args.max_top_k,
         reflection=not args.no_reflection,
         metrics_port=args.metrics_port,

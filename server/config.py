@@ -24,6 +24,7 @@ class ServerConfig:
     max_queue_delay_ms: float = defaults.MAX_QUEUE_DELAY_MS
     cross_request_batching: bool = True
     prefix_reuse: bool = True
+    min_prefix_reuse_saved_tokens: int = defaults.MIN_PREFIX_REUSE_SAVED_TOKENS
     max_top_k: int = defaults.MAX_TOP_K
     reflection: bool = True
     # Prometheus /metrics over HTTP; 0: off. Host defaults to the gRPC host.

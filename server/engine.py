@@ -179,6 +179,7 @@ class EngineLimits:
     max_queue_delay: float = defaults.MAX_QUEUE_DELAY_MS / 1000
     cross_request_batching: bool = True
     prefix_reuse: bool = True
+    min_prefix_reuse_saved_tokens: int = defaults.MIN_PREFIX_REUSE_SAVED_TOKENS
 
 
 @dataclasses.dataclass
@@ -504,15 +505,22 @@ class ScoringEngine:
     def _prefix_groups(
         self, prefixes: dict[int, tuple[int, ...]], options: ScoreOptions
     ) -> list[_PrefixGroup]:
-        """Two or more joint sequences sharing a non-empty prefix, in same-pass mode
-        (separate-pass mode stays the definition verbatim: full passes only)."""
+        """Two or more joint sequences sharing a non-empty prefix that saves at least
+        min_prefix_reuse_saved_tokens, in same-pass mode (separate-pass mode stays the
+        definition verbatim: full passes only)."""
         if not self.limits.prefix_reuse or options.separate_marginal_pass:
             return []
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for joint, prefix in prefixes.items():
             if prefix:
                 by_prefix.setdefault(prefix, []).append(joint)
-        return [_PrefixGroup(p, m) for p, m in by_prefix.items() if len(m) > 1]
+        # The prefix pass runs len(p) - 1 tokens once instead of once per member.
+        least = self.limits.min_prefix_reuse_saved_tokens
+        return [
+            _PrefixGroup(p, m)
+            for p, m in by_prefix.items()
+            if len(m) > 1 and (len(m) - 1) * (len(p) - 1) >= least
+        ]
 
     # -- execution --------------------------------------------------------------------------
 

@@ -103,5 +103,7 @@ def tiny_torch(tiny_hf_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_export: Path) -> Iterator[ServerProcess]:
-    with running_server(tiny_export, "--max-batch-tokens", "256") as server:
+    # Every shared prompt reused, however short: the tests' prompts exercise that path.
+    flags = ("--max-batch-tokens", "256", "--min-prefix-reuse-tokens", "1")
+    with running_server(tiny_export, *flags) as server:
         yield server

@@ -70,7 +70,9 @@ def make_engine(tokenizer: TextTokenizer, bos: int | None = 1, **limits: Any) ->
         FakeCausalModel(),
         tokenizer,
         bos,
-        EngineLimits(**{"max_context": 64, "vocab_size": VOCAB, **limits}),
+        EngineLimits(
+            **{"max_context": 64, "vocab_size": VOCAB, "min_prefix_reuse_saved_tokens": 1, **limits}
+        ),
     )
 
 
@@ -226,7 +228,8 @@ def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: Scor
     reuse = make_engine(tokenizer)
     full = make_engine(tokenizer, prefix_reuse=False)
     plan = reuse.plan(MULTIPLE_CHOICE, options)
-    assert [len(g.members) for g in plan.prefix_groups] == [5, 2]
+    # The BOS-only prefix saves nothing: its completions stay full passes.
+    assert [len(g.members) for g in plan.prefix_groups] == [5]
     with_reuse = reuse.score_sync(plan)
     without = full.score_sync(full.plan(MULTIPLE_CHOICE, options))
     assert len(with_reuse) == len(without) == 8
@@ -281,3 +284,15 @@ def test_abandoned_request_does_no_more_work(tokenizer: TextTokenizer) -> None:
 
     asyncio.run(take_one_and_leave())
     assert 1 <= len(engine.model.calls) < 5  # 20 sequences were queued, one batch each
+
+
+def test_prefix_reuse_only_where_it_saves_enough_tokens(tokenizer: TextTokenizer) -> None:
+    """(completions - 1) x prompt tokens (BOS included, last prompt token excluded) must reach
+    the threshold; below it the completions go as full passes, batched with everything else."""
+    prompt = list(range(10, 30))  # [BOS] + 20 prompt tokens: 20 tokens saved per extra member
+    items = [ItemInput(prompt, [[40], [41], [42]])]  # 2 extra members: 40 saved
+    for least, grouped in ((40, True), (41, False)):
+        engine = make_engine(tokenizer, min_prefix_reuse_saved_tokens=least)
+        plan = engine.plan(items, ScoreOptions())
+        assert bool(plan.prefix_groups) is grouped
+        assert len(plan.full_passes) == (0 if grouped else 3)

@@ -35,7 +35,9 @@ OPTIONS = [
 
 def engines(model_dir: Path) -> tuple[ScoringEngine, ScoringEngine, OnnxCausalLM]:
     """The server's own engine (plain path on CPU) and the same with IO binding forced."""
-    plain = load_model(ServerConfig(model_dir=model_dir, device="cpu")).engine
+    # Reuse every shared prompt, however short, so the cache path runs on ITEMS.
+    config = ServerConfig(model_dir=model_dir, device="cpu", min_prefix_reuse_saved_tokens=1)
+    plain = load_model(config).engine
     bound_model = OnnxCausalLM(model_dir, RuntimeOptions(device="cpu", io_binding=True))
     manifest = Manifest.read(model_dir)
     bound = ScoringEngine(

@@ -133,3 +133,27 @@ def test_generation_is_refused_clearly(tiny_server: ServerProcess) -> None:
         model.generate_until([])
     with pytest.raises(ValueError, match="max_length must be <= 95"):
         LmscoreLM(server=tiny_server.address, max_length=MAX_CONTEXT)
+
+
+def test_adapter_splits_batches_and_keeps_request_order(tiny_server: ServerProcess) -> None:
+    """More answers per context than batch_size, an empty context, a repeated request: each
+    answer equals a direct Score call with lm-eval's conventions, in the order asked."""
+    from types import SimpleNamespace
+
+    from lmscore.client import Item, ScoreOptions, ScoringClient
+    from lmscore.client.lmeval import LmscoreLM
+
+    context = "This License applies to any program"
+    answers = [" or other work", " and", " which", " that", " or"]
+    pairs = [(context, a) for a in answers] + [("", "Everyone is permitted"), (context, " and")]
+    model = LmscoreLM(server=tiny_server.address, batch_size=2, concurrency=3)
+    got = model.loglikelihood([SimpleNamespace(args=p) for p in pairs], disable_tqdm=True)
+    options = ScoreOptions(add_bos=False, truncate_prompt_left=True)
+    with ScoringClient(tiny_server.address) as client:
+        direct = client.score([Item(context, answers)], options)
+        [empty] = client.score([Item([1], ["Everyone is permitted"])], options)
+    expected = [(r.conditional_logprob, r.greedy) for r in direct]
+    expected += [(empty.conditional_logprob, empty.greedy), expected[1]]
+    # Equal up to float32 noise of different batch shapes (the server pads differently).
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-5)
