@@ -125,9 +125,9 @@ def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
             require_client_auth=config.tls_client_ca is not None,
         )
         return server.add_secure_port(config.address, credentials)
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.auth_tokens:
+    if not config.loopback_only and not config.auth_tokens:
         log.warning("listening on %s without TLS or authentication", config.host)
-    elif config.host not in ("127.0.0.1", "localhost", "::1"):
+    elif not config.loopback_only:
         log.warning("listening on %s without TLS: bearer tokens travel in clear text", config.host)
     return server.add_insecure_port(config.address)
 
@@ -140,7 +140,7 @@ async def serve(config: ServerConfig) -> None:
     server = build_server(config, loaded)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
+    if config.reflection_enabled:
         reflection.enable_server_reflection(
             [SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

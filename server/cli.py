@@ -85,7 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest top_k a request may ask for",
     )
     parser.add_argument(
-        "--no-reflection", action="store_true", help="do not register gRPC server reflection"
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="register gRPC server reflection (default: on when --host is loopback, off "
+        "otherwise: it describes every service to anyone who can connect)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         prefix_reuse=not args.no_prefix_reuse,
         min_prefix_reuse_saved_tokens=args.min_prefix_reuse_tokens,
         max_top_k=args.max_top_k,
-        reflection=not args.no_reflection,
+        reflection=args.reflection,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         shutdown_grace_seconds=args.shutdown_grace,

@@ -8,6 +8,8 @@ from pathlib import Path
 from lmscore.server import defaults
 from lmscore.server.runtime import Device, RuntimeOptions
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -26,7 +28,8 @@ class ServerConfig:
     prefix_reuse: bool = True
     min_prefix_reuse_saved_tokens: int = defaults.MIN_PREFIX_REUSE_SAVED_TOKENS
     max_top_k: int = defaults.MAX_TOP_K
-    reflection: bool = True
+    # gRPC server reflection; None: on when listening on loopback only.
+    reflection: bool | None = None
     # Prometheus /metrics over HTTP; 0: off. Host defaults to the gRPC host.
     metrics_port: int = 0
     metrics_host: str | None = None
@@ -53,6 +56,16 @@ class ServerConfig:
             cpu_arena=self.cpu_arena,
             optimized_cache_dir=self.optimized_cache_dir,
         )
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+    @property
+    def reflection_enabled(self) -> bool:
+        """Reflection describes every service to anyone who can connect: by default only
+        to local tools."""
+        return self.loopback_only if self.reflection is None else self.reflection
 
     @property
     def address(self) -> str:
