@@ -11,7 +11,7 @@ MAX_TOKENS_PER_REQUEST = 262_144
 MAX_CONCURRENT_REQUESTS = 64
 MAX_QUEUE_LENGTH = 4096
 # Prefix reuse pays once it saves this many prompt tokens, (completions - 1) x prompt:
-# measured on the 2-core CPU, SmolLM2, 12 items, full passes / prefix reuse = 0.95 at
-# 64 saved (64-token prompt, 2 completions), 1.25 at 96, 1.85 at 192, 2.6 at 384;
-# 0.6 for 14-token prompts with 2 completions. Below it, full passes batch better.
+# `python -m lmscore.bench.prefix` (docs/benchmarks.md) on the 2-core CPU: full passes /
+# prefix reuse = 0.50 at 14 saved, 1.02 at 64, 1.30 at 96, 1.85 at 192, 2.85 at 384.
+# Below it, full passes batched with other items are faster.
 MIN_PREFIX_REUSE_SAVED_TOKENS = 96
