@@ -5,7 +5,7 @@
 For each (prompt tokens, completions) on a grid, 12 items of GPL-3 token ids
 (8-token completions) are scored in-process twice, with prefix reuse forced on
 and with it off; the ratio full / reuse > 1 means reuse is faster. The
-threshold `--min-prefix-reuse-tokens` (lmscore.server.defaults) comes from
+threshold `--min-prefix-reuse-tokens` (lmscore.server.config) comes from
 this table: tokens saved = (completions - 1) x prompt.
 """
 
@@ -20,7 +20,7 @@ from lmscore.bench.runner import timed
 from lmscore.export.paths import default_model_dir
 from lmscore.server.app import load_model
 from lmscore.server.config import ServerConfig
-from lmscore.server.engine import ItemInput, ScoreOptions
+from lmscore.server.requests import ItemInput, PlanOptions
 
 GRID = ((14, 2), (32, 4), (64, 2), (64, 4), (128, 2), (128, 4))
 ITEMS = 12
@@ -52,10 +52,10 @@ def main() -> int:
             items.append(ItemInput(prompt, answers))
         seconds = {}
         for reuse in (True, False):
-            engine.limits = dataclasses.replace(
-                engine.limits, prefix_reuse=reuse, min_prefix_reuse_saved_tokens=1
+            settings = dataclasses.replace(
+                engine.settings, prefix_reuse=reuse, min_prefix_reuse_tokens=1
             )
-            plan = engine.plan(items, ScoreOptions())
+            plan = engine.plan(items, PlanOptions(), settings=settings)
             seconds[reuse] = timed(lambda plan=plan: engine.score_sync(plan), args.repeats).median
         saved = (completions - 1) * prompt_len
         print(

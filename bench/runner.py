@@ -28,7 +28,8 @@ from lmscore.client import Item, ScoringClient
 from lmscore.export.manifest import ONNX_NAME, Manifest
 from lmscore.server.app import load_model
 from lmscore.server.config import ServerConfig
-from lmscore.server.engine import ItemInput, ScoreOptions, ScoringEngine
+from lmscore.server.engine import ScoringEngine
+from lmscore.server.requests import ItemInput, PlanOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +108,14 @@ class ServerUnderTest:
         self.process.wait(timeout=60)
 
 
-def _in_process(engine: ScoringEngine, items: list[ItemInput], options: ScoreOptions) -> list:
+def _in_process(engine: ScoringEngine, items: list[ItemInput], options: PlanOptions) -> list:
     return engine.score_sync(engine.plan(items, options))
 
 
 def measure_in_process(engine: ScoringEngine, work: Workloads, repeats: int) -> dict[str, Any]:
-    options = ScoreOptions()
+    options = PlanOptions()
     batch = timed(lambda: _in_process(engine, work.batch, options), repeats)
-    naive_options = ScoreOptions(separate_marginal_pass=True)
+    naive_options = PlanOptions(marginal_mode="separate_pass")
     completions = list(work.choice.completions)
 
     def naive() -> list:
@@ -230,7 +231,7 @@ def token_deviation(
     reference: ScoringEngine, candidate: ScoringEngine, items: list[ItemInput]
 ) -> dict[str, float]:
     """Mean and max |log p_candidate - log p_reference| per token on held-out text."""
-    options = ScoreOptions(token_details=True)
+    options = PlanOptions(token_details=True)
     diffs = []
     for a, b in zip(
         _in_process(reference, items, options), _in_process(candidate, items, options), strict=True
@@ -266,8 +267,8 @@ def run_bench(
     if quantized_dir is not None:
         print(f"measuring the quantized variant {quantized_dir} ...", file=sys.stderr)
         quantized = load_model(ServerConfig(model_dir=quantized_dir))
-        fp32_again = timed(lambda: _in_process(loaded.engine, work.batch, ScoreOptions()), repeats)
-        q_timing = timed(lambda: _in_process(quantized.engine, work.batch, ScoreOptions()), repeats)
+        fp32_again = timed(lambda: _in_process(loaded.engine, work.batch, PlanOptions()), repeats)
+        q_timing = timed(lambda: _in_process(quantized.engine, work.batch, PlanOptions()), repeats)
         results["quantized"] = {
             "dir": str(quantized_dir),
             "batch": q_timing.summary(work.batch_tokens),

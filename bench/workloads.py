@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmscore.server.engine import ItemInput
+from lmscore.server.requests import ItemInput
 from lmscore.server.tokenization import TextTokenizer
 
 LICENSES = Path("/usr/share/common-licenses")

@@ -26,13 +26,10 @@ from lmscore.client.types import (
     ModelInfo,
     QuantizationInfo,
     RollingOptions,
-    RollingResult,
     ScoreOptions,
     ScoreRequest,
-    ScoreResult,
-    Token,
-    TopToken,
 )
+from lmscore.v1.results import RollingResult, ScoreResult, Token, TopToken
 
 __all__ = [
     "AsyncScoringClient",

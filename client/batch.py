@@ -1,9 +1,9 @@
-"""`lmscore score --input`: a JSONL file scored with several requests in flight, written
-in input order, resumable, with a progress bar and a summary (see BATCH_HELP)."""
+"""Batch scoring of a JSONL file (`lmscore score --input`, or score_jsonl from Python):
+several requests in flight, results written in input order, resumable, with a progress
+bar and a summary (see BATCH_HELP)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from lmscore.client.errors import ScoringError
 from lmscore.client.sync import ScoringClient
-from lmscore.client.types import Item, ScoreOptions, ScoreResult
+from lmscore.client.types import Item, ScoreOptions
+from lmscore.v1.results import ScoreResult
 
 # Items per Score request.
 DEFAULT_ITEMS_PER_REQUEST = 32
@@ -50,16 +51,6 @@ batch mode (--input):
 
 class InputError(ValueError):
     pass
-
-
-def score_options(args: argparse.Namespace) -> ScoreOptions:
-    return ScoreOptions(
-        token_details=args.token_details,
-        top_k=args.top_k,
-        marginal=args.marginal,
-        truncate_prompt_left=args.truncate_prompt_left,
-        add_bos=False if args.no_bos else None,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,38 +85,21 @@ def read_records(lines: Iterator[str], source: str) -> Iterator[InputRecord]:
         yield InputRecord(number, Item(prompt, completions), record.get("id"))
 
 
-def read_items(lines: Iterator[str], source: str) -> Iterator[tuple[Item, Any]]:
-    """(item, id) per non-blank JSONL line; InputError names the line and the field."""
-    for record in read_records(lines, source):
-        yield record.item, record.id
+# ScoreResult fields a result line leaves out: its place is "index" and "completion_index"
+# (of the input record), and the scored texts and BOS flag are in the input already.
+_NOT_IN_LINES = {"item_index", "request_id", "request_index", "bos_added"}
+_NOT_IN_LINES |= {"scored_prompt", "scored_completion", "tokens"}
 
 
 def result_record(result: ScoreResult, index: int, item_id: Any, token_details: bool) -> dict:
+    """The output line of `result` for input record `index`."""
     record: dict[str, Any] = {"index": index, "completion_index": result.completion_index}
     if item_id is not None:
         record["id"] = item_id
-    record.update(
-        joint_logprob=result.joint_logprob,
-        marginal_logprob=result.marginal_logprob,
-        conditional_logprob=result.conditional_logprob,
-        greedy=result.greedy,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        truncated_prompt_tokens=result.truncated_prompt_tokens,
-        first_token_scored=result.first_token_scored,
-    )
+    values = dataclasses.asdict(result)
+    record.update((k, v) for k, v in values.items() if k not in _NOT_IN_LINES)
     if token_details:
-        record["tokens"] = [
-            {
-                "id": t.id,
-                "text": t.text,
-                "segment": t.segment,
-                "logprob": t.logprob,
-                "rank": t.rank,
-                "top": [{"id": x.id, "text": x.text, "logprob": x.logprob} for x in t.top],
-            }
-            for t in result.tokens
-        ]
+        record["tokens"] = values["tokens"]
     return record
 
 
@@ -215,13 +189,13 @@ class BatchScorer:
         self,
         client: ScoringClient,
         records: Sequence[InputRecord],
-        args: argparse.Namespace,
+        options: ScoreOptions,
+        timeout: float | None,
     ) -> None:
         self.client = client
         self.records = records
-        self.options = score_options(args)
-        self.timeout = args.timeout
-        self.token_details = args.token_details
+        self.options = options
+        self.timeout = timeout
 
     def score(self, chunk: Chunk) -> ChunkResult:
         items = [
@@ -256,7 +230,8 @@ class BatchScorer:
         for result in results:
             index, wanted = chunk[result.item_index]
             result = dataclasses.replace(result, completion_index=wanted[result.completion_index])
-            scored.append(result_record(result, index, self.records[index].id, self.token_details))
+            item_id = self.records[index].id
+            scored.append(result_record(result, index, item_id, self.options.token_details))
             tokens += int(result.bos_added) + result.prompt_tokens + result.completion_tokens
         return ChunkResult(scored, len(scored), [], tokens)
 
@@ -303,32 +278,40 @@ class BatchSummary:
         )
 
 
-def score_file(
-    client: ScoringClient,
-    args: argparse.Namespace,
-    records: Sequence[InputRecord],
-    out: TextIO,
-    done: set[tuple[int, int]],
-    summary: BatchSummary,
-) -> BatchSummary:
-    """Score every (record, completion) not in `done`, a chunk per request, --concurrency
-    requests at once; write the lines in input order. Fills and returns `summary`; a
-    failure that is not one completion's (ScoringError) stops at its chunk and sets
-    summary.stopped."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One batch run: what to score and how."""
+
+    client: ScoringClient
+    records: Sequence[InputRecord]
+    source: str  # the input's name, in messages
+    options: ScoreOptions
+    items_per_request: int
+    concurrency: int
+    timeout: float | None
+
+
+def _score_records(
+    run: _Run, out: TextIO, done: set[tuple[int, int]], summary: BatchSummary
+) -> None:
+    """Score every (record, completion) not in `done`, a chunk per request, `concurrency`
+    requests at once; write the lines in input order. Fills `summary`; a failure that is
+    not one completion's (ScoringError) stops at its chunk and sets summary.stopped."""
+    records = run.records
     todo = [
         (index, [c for c in range(len(record.item.completions)) if (index, c) not in done])
         for index, record in enumerate(records)
     ]
     todo = [(index, wanted) for index, wanted in todo if wanted]
     total = sum(len(wanted) for _, wanted in todo)
-    chunks = (chunk for _, chunk in _chunks(todo, args.items_per_request))
-    scorer = BatchScorer(client, records, args)
+    chunks = (chunk for _, chunk in _chunks(todo, run.items_per_request))
+    scorer = BatchScorer(run.client, records, run.options, run.timeout)
     # Chunks submitted and not yet written, in input order: the workers run ahead of the
     # writer by at most this many, which bounds the results held in memory.
-    window = 2 * args.concurrency
+    window = 2 * run.concurrency
     pending: deque[tuple[Chunk, Future[ChunkResult]]] = deque()
     began = time.monotonic()
-    pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="lmscore-score")
+    pool = ThreadPoolExecutor(run.concurrency, thread_name_prefix="lmscore-score")
     bar = tqdm(total=total, desc="scoring", unit="completion", file=sys.stderr, disable=None)
     try:
         while True:
@@ -341,7 +324,7 @@ def score_file(
                 result = future.result()
             except ScoringError as exc:
                 record = records[chunk[0][0]]
-                summary.stopped = f"{args.input}:{record.line}: {exc}"
+                summary.stopped = f"{run.source}:{record.line}: {exc}"
                 break
             for line in result.records:
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -352,7 +335,7 @@ def score_file(
                 summary.errors += 1
                 if summary.errors <= MAX_PRINTED_ERRORS:
                     bar.write(
-                        f"{args.input}:{error['line']}: completion {error['completion_index']}: "
+                        f"{run.source}:{error['line']}: completion {error['completion_index']}: "
                         f"{error['error']['code']}: {error['error']['message']}",
                         file=sys.stderr,
                     )
@@ -366,46 +349,50 @@ def score_file(
             bar.update(result.completions + len(result.errors))
     except KeyboardInterrupt:
         summary.stopped = "interrupted"
-        client.close()  # cancels the requests in flight rather than waiting for them
+        run.client.close()  # cancels the requests in flight rather than waiting for them
     finally:
         for _, future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         summary.elapsed_s = time.monotonic() - began
-    return summary
 
 
-def run_batch(client: ScoringClient, args: argparse.Namespace) -> int:
-    with args.input.open(encoding="utf-8") as handle:
-        records = list(read_records(handle, str(args.input)))
+def score_jsonl(
+    client: ScoringClient,
+    input_path: Path,
+    output_path: Path | None = None,
+    *,
+    options: ScoreOptions | None = None,
+    items_per_request: int = DEFAULT_ITEMS_PER_REQUEST,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    timeout: float | None = None,
+    resume: bool = False,
+) -> BatchSummary:
+    """Score the JSONL file `input_path` on `client`'s server and write one result line per
+    (record, completion) to `output_path` (standard output when None), in input order (see
+    BATCH_HELP). `resume` keeps the complete result lines of `output_path` and scores what
+    is missing. InputError for a bad input line, or an output that is not this input's.
+    The summary says what was scored; `stopped` is set when the run ended early."""
+    if resume and output_path is None:
+        raise ValueError("resume needs an output path")
+    with input_path.open(encoding="utf-8") as handle:
+        records = list(read_records(handle, str(input_path)))
+    run = _Run(
+        client,
+        records,
+        str(input_path),
+        options or ScoreOptions(),
+        items_per_request,
+        concurrency,
+        timeout,
+    )
     summary = BatchSummary(items=len(records))
-    if args.output is None:
-        score_file(client, args, records, sys.stdout, set(), summary)
-    else:
-        done, summary.retried = (
-            completed_results(args.output, records) if args.resume else (set(), 0)
-        )
-        summary.skipped = len(done)
-        with args.output.open("a" if args.resume else "w", encoding="utf-8") as out:
-            score_file(client, args, records, out, done, summary)
-    print(summary.format(), file=sys.stderr)
-    if args.summary_json is not None:
-        args.summary_json.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
-    again = f"; rerun with --output {args.output} --resume to continue" if args.output else ""
-    if summary.stopped == "interrupted":
-        print(f"lmscore score: interrupted{again}", file=sys.stderr)
-        return 130
-    if summary.stopped is not None:
-        print(f"lmscore score: stopped at {summary.stopped}{again}", file=sys.stderr)
-        return 1
-    if summary.errors:
-        where = f"lines of {args.output}" if args.output else "output lines"
-        retry = "; rerun with --resume to retry them" if args.output else ""
-        print(
-            f"lmscore score: {summary.errors} completions failed (their {where} have "
-            f'"error"){retry}',
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    if output_path is None:
+        _score_records(run, sys.stdout, set(), summary)
+        return summary
+    done, summary.retried = completed_results(output_path, records) if resume else (set(), 0)
+    summary.skipped = len(done)
+    with output_path.open("a" if resume else "w", encoding="utf-8") as out:
+        _score_records(run, out, done, summary)
+    return summary

@@ -1,10 +1,5 @@
-"""The `lmscore` command: export, serve, score, bench and eval.
-
-`export` and `serve` live in lmscore.export.cli and lmscore.server.cli, batch
-scoring in lmscore.client.batch, `eval` in lmscore.client.lmeval; heavy
-dependencies load only when their subcommand runs, so `lmscore score` works
-from a client-only install.
-"""
+"""`lmscore score`: prompt/completion pairs from the command line, or a JSONL file
+(lmscore.client.batch), scored on a server. Needs only the client install."""
 
 from __future__ import annotations
 
@@ -22,15 +17,17 @@ from lmscore.client.batch import (
     DEFAULT_ITEMS_PER_REQUEST,
     InputError,
     result_record,
-    run_batch,
-    score_options,
+    score_jsonl,
 )
 from lmscore.client.channel import TlsOptions
+from lmscore.client.convert import MARGINAL_MODES
 from lmscore.client.errors import ScoringError
 from lmscore.client.sync import ScoringClient
-from lmscore.client.types import ScoreResult
+from lmscore.client.types import ScoreOptions
+from lmscore.v1.results import ScoreResult
 
-# Items per Score request in batch (--input) mode.
+# `lmscore score --help` ends with the batch mode's rules.
+EPILOG = BATCH_HELP
 
 
 def positive_int(text: str) -> int:
@@ -43,7 +40,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
     parser.add_argument("--prompt", help="the prompt x (with --completion)")
     parser.add_argument(
@@ -69,8 +66,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-k", type=int, default=0, help="with --token-details: K alternatives per token"
     )
     parser.add_argument(
-        "--marginal",
-        choices=["same_pass", "separate_pass"],
+        "--marginal-mode",
+        choices=MARGINAL_MODES,
         default="same_pass",
         help="compute log Pr(x) from the joint pass or a separate pass (default: %(default)s)",
     )
@@ -148,7 +145,51 @@ def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str
     return {"token": token or None, "tls": tls}
 
 
-def run_score(args: argparse.Namespace) -> int:
+def score_options(args: argparse.Namespace) -> ScoreOptions:
+    return ScoreOptions(
+        token_details=args.token_details,
+        top_k=args.top_k,
+        marginal_mode=args.marginal_mode,
+        truncate_prompt_left=args.truncate_prompt_left,
+        add_bos=False if args.no_bos else None,
+    )
+
+
+def run_batch(client: ScoringClient, args: argparse.Namespace) -> int:
+    """`--input`: score_jsonl, its summary on standard error, and the exit status."""
+    summary = score_jsonl(
+        client,
+        args.input,
+        args.output,
+        options=score_options(args),
+        items_per_request=args.items_per_request,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        resume=args.resume,
+    )
+    print(summary.format(), file=sys.stderr)
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    again = f"; rerun with --output {args.output} --resume to continue" if args.output else ""
+    if summary.stopped == "interrupted":
+        print(f"lmscore score: interrupted{again}", file=sys.stderr)
+        return 130
+    if summary.stopped is not None:
+        print(f"lmscore score: stopped at {summary.stopped}{again}", file=sys.stderr)
+        return 1
+    if summary.errors:
+        where = f"lines of {args.output}" if args.output else "output lines"
+        retry = "; rerun with --resume to retry them" if args.output else ""
+        print(
+            f"lmscore score: {summary.errors} completions failed (their {where} have "
+            f'"error"){retry}',
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.prompt is None):
         print("lmscore score: give either --prompt with --completion, or --input", file=sys.stderr)
         return 2
@@ -179,71 +220,3 @@ def run_score(args: argparse.Namespace) -> int:
         for result in results:
             print(json.dumps(result_record(result, 0, None, True)["tokens"], ensure_ascii=False))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from lmscore.bench import cli as bench_cli
-    from lmscore.export import cli as export_cli
-    from lmscore.server import cli as server_cli
-
-    parser = argparse.ArgumentParser(
-        prog="lmscore", description="Score text with a causal language model over gRPC."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="export a model to ONNX")
-    export_cli.add_arguments(export)
-    export.set_defaults(run=export_cli.run)
-    serve = commands.add_parser("serve", help="run the gRPC server")
-    server_cli.add_arguments(serve)
-    serve.set_defaults(run=server_cli.run)
-    score = commands.add_parser(
-        "score",
-        help="score prompt/completion pairs on a server",
-        epilog=BATCH_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_score_arguments(score)
-    score.set_defaults(run=run_score)
-    bench = commands.add_parser("bench", help="benchmark PyTorch, ONNX Runtime and gRPC paths")
-    bench_cli.add_arguments(bench)
-    bench.set_defaults(run=bench_cli.run)
-    commands.add_parser(
-        "eval",
-        help="lm-evaluation-harness with the `lmscore` model: lmscore eval --model lmscore "
-        "--model_args server=HOST:PORT --tasks ... (all arguments go to lm-eval)",
-        add_help=False,
-    )
-    return parser
-
-
-def run_eval(argv: Sequence[str]) -> int:
-    """`lmscore eval ...`: lm-eval's own CLI with the `lmscore` model registered."""
-    try:
-        from lmscore.client.lmeval import run_lm_eval
-    except ModuleNotFoundError as exc:
-        print(f"lmscore eval: missing {exc.name!r}; install lmscore[lm-eval]", file=sys.stderr)
-        return 2
-    return run_lm_eval(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Every argument after `eval` belongs to lm-eval's CLI, untouched by our parser.
-    if argv[:1] == ["eval"]:
-        return run_eval(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except ModuleNotFoundError as exc:
-        extra = {"export": "export", "bench": "cpu,export,bench"}.get(args.command, "cpu")
-        print(
-            f"lmscore {args.command}: missing dependency {exc.name!r}; install lmscore[{extra}]",
-            file=sys.stderr,
-        )
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 from lmscore.client.types import (
     Item,
     ModelInfo,
     QuantizationInfo,
     RollingOptions,
-    RollingResult,
     ScoreOptions,
     ScoreRequest,
-    ScoreResult,
-    Token,
     TokenInput,
-    TopToken,
 )
 from lmscore.v1 import scoring_pb2 as pb
+from lmscore.v1.results import MarginalMode, RollingResult, ScoreResult, Segment, Token, TopToken
 
-_SEGMENTS = {
-    pb.SEGMENT_BOS: "bos",
-    pb.SEGMENT_PROMPT: "prompt",
-    pb.SEGMENT_COMPLETION: "completion",
-}
-_MARGINAL = {
-    "same_pass": pb.MARGINAL_MODE_SAME_PASS,
-    "separate_pass": pb.MARGINAL_MODE_SEPARATE_PASS,
-}
+MARGINAL_MODES = typing.get_args(MarginalMode)
 
 
 def _set_prompt(message: pb.ScoreItem, prompt: TokenInput | None) -> None:
@@ -46,15 +38,17 @@ def _completion(completion: TokenInput) -> pb.Completion:
 
 def request_to_pb(request: ScoreRequest) -> pb.ScoreRequest:
     options = request.options
-    if options.marginal not in _MARGINAL:
-        raise ValueError(f"marginal must be one of {sorted(_MARGINAL)}, got {options.marginal!r}")
+    if options.marginal_mode not in MARGINAL_MODES:
+        raise ValueError(
+            f"marginal_mode must be one of {list(MARGINAL_MODES)}, got {options.marginal_mode!r}"
+        )
     message = pb.ScoreRequest(
         model=options.model,
         request_id=request.request_id,
         options=pb.ScoreOptions(
             token_details=options.token_details,
             top_k=options.top_k,
-            marginal_mode=_MARGINAL[options.marginal],
+            marginal_mode=pb.MarginalMode.Value(f"MARGINAL_MODE_{options.marginal_mode.upper()}"),
             truncate_prompt_left=options.truncate_prompt_left,
         ),
     )
@@ -71,35 +65,27 @@ def build_request(items: Sequence[Item], options: ScoreOptions | None) -> pb.Sco
     return request_to_pb(ScoreRequest(items, options or ScoreOptions()))
 
 
-def result_from_pb(message: pb.ScoreResult) -> ScoreResult:
-    return ScoreResult(
-        item_index=message.item_index,
-        completion_index=message.completion_index,
-        joint_logprob=message.joint_logprob,
-        marginal_logprob=message.marginal_logprob,
-        conditional_logprob=message.conditional_logprob,
-        greedy=message.greedy,
-        prompt_tokens=message.prompt_tokens,
-        completion_tokens=message.completion_tokens,
-        bos_added=message.bos_added,
-        truncated_prompt_tokens=message.truncated_prompt_tokens,
-        first_token_scored=message.first_token_scored,
-        scored_prompt=message.scored_prompt,
-        scored_completion=message.scored_completion,
-        tokens=tuple(
-            Token(
-                id=t.id,
-                text=t.text,
-                segment=_SEGMENTS[t.segment],  # type: ignore[arg-type]
-                logprob=t.logprob if t.HasField("logprob") else None,
-                rank=t.rank,
-                top=tuple(TopToken(x.id, x.text, x.logprob) for x in t.top),
-            )
-            for t in message.tokens
-        ),
-        request_id=message.request_id,
-        request_index=message.request_index,
+def _fields_of(result_type: Any, message: Any) -> dict[str, Any]:
+    """The values of `message`'s fields that `result_type` (a dataclass) declares: the
+    contract's messages and its Python results share their field names."""
+    return {f.name: getattr(message, f.name) for f in dataclasses.fields(result_type)}
+
+
+def _token_from_pb(message: pb.TokenDetail) -> Token:
+    return Token(
+        **{
+            **_fields_of(Token, message),
+            "segment": Segment[pb.Segment.Name(message.segment).removeprefix("SEGMENT_")],
+            "logprob": message.logprob if message.HasField("logprob") else None,
+            "top": tuple(TopToken(**_fields_of(TopToken, top)) for top in message.top),
+        }
     )
+
+
+def result_from_pb(message: pb.ScoreResult) -> ScoreResult:
+    values = _fields_of(ScoreResult, message)
+    values["tokens"] = tuple(_token_from_pb(t) for t in message.tokens)
+    return ScoreResult(**values)
 
 
 def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
@@ -151,17 +137,9 @@ def rolling_request_to_pb(
 
 
 def rolling_result_from_pb(message: pb.RollingResult) -> RollingResult:
-    return RollingResult(
-        text_index=message.text_index,
-        logprob=message.logprob,
-        token_count=message.token_count,
-        perplexity=message.perplexity,
-        windows=message.windows,
-        prefix_token_id=message.prefix_token_id,
-        token_ids=tuple(message.token_ids),
-        token_logprobs=tuple(message.token_logprobs),
-        request_id=message.request_id,
-    )
+    values = _fields_of(RollingResult, message)
+    values.update(token_ids=tuple(message.token_ids), token_logprobs=tuple(message.token_logprobs))
+    return RollingResult(**values)
 
 
 def in_input_order(results: list[ScoreResult]) -> list[ScoreResult]:

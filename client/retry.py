@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from lmscore.client.errors import error_from_rpc
 from lmscore.v1 import scoring_pb2 as pb
 
 
@@ -44,3 +45,36 @@ def resume_key(message: object) -> tuple[int, ...] | None:
     if isinstance(message, pb.RollingResult):
         return (message.text_index,)
     return None
+
+
+class ResumableStream:
+    """The retry and resume rule of one streaming call, for ScoringClient and
+    AsyncScoringClient alike (they only loop over the attempts): a call that fails with
+    UNAVAILABLE is replayed after a backoff (round_robin sends it to another replica), and
+    the replay yields only the results not yielded yet. Any other failure, or one after a
+    message that resume_key cannot tell apart, raises its ScoringError."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._delays = policy.delays()
+        self._yielded: set[tuple[int, ...]] = set()
+        self._resumable = True
+
+    def is_new(self, message: object) -> bool:
+        """Whether to yield `message`: False for a result an earlier attempt yielded."""
+        key = resume_key(message)
+        if key is None:
+            self._resumable = False
+            return True
+        if key in self._yielded:
+            return False
+        self._yielded.add(key)
+        return True
+
+    def retry_after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before replaying the call; raises `error` as a ScoringError when
+        the call is not to be replayed."""
+        delay = next(self._delays, None)
+        if not self._resumable or delay is None or not self._policy.retryable(error):
+            raise error_from_rpc(error) from None
+        return delay

@@ -8,57 +8,29 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from lmscore.client.channel import TlsOptions, auth_metadata, sync_channel
-from lmscore.client.convert import (
-    build_request,
-    in_input_order,
-    model_info_from_pb,
-    request_to_pb,
-    result_from_pb,
-    rolling_request_to_pb,
-    rolling_result_from_pb,
-)
-from lmscore.client.errors import ServerUnavailableError, error_from_rpc
-from lmscore.client.retry import RetryPolicy, resume_key
+from lmscore.client import convert
+from lmscore.client.base import ClientBase
+from lmscore.client.channel import sync_channel
+from lmscore.client.errors import error_from_rpc
+from lmscore.client.retry import ResumableStream
 from lmscore.client.types import (
     Item,
     ModelInfo,
     RollingOptions,
-    RollingResult,
     ScoreOptions,
     ScoreRequest,
-    ScoreResult,
     TokenInput,
 )
 from lmscore.v1 import scoring_pb2 as pb
-from lmscore.v1 import scoring_pb2_grpc
+from lmscore.v1.results import RollingResult, ScoreResult
 
 
-class ScoringClient:
-    """Client of an lmscore server. `target`: HOST:PORT, several replicas as IP:PORT,IP:PORT,...
-    or dns:///NAME:PORT (calls spread over every address, round_robin). `timeout` (seconds) is
-    the default deadline of every call; each call may pass its own. Calls retry on UNAVAILABLE
-    only; a stream cut mid-way is replayed and yields only the results it had not yielded."""
+class ScoringClient(ClientBase):
+    __doc__ = "Client of an lmscore server. " + (ClientBase.__doc__ or "")
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        token: str | None = None,
-        tls: TlsOptions | None = None,
-        channel: grpc.Channel | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._channel = channel or sync_channel(target, tls)
-        self._metadata = auth_metadata(token)
-        self._stub = scoring_pb2_grpc.ScorerStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _connect = staticmethod(sync_channel)
 
     def __enter__(self) -> ScoringClient:
         return self
@@ -74,36 +46,16 @@ class ScoringClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
     def _stream(
-        self, call: object, request: object, timeout: float | None
-    ) -> Iterator[pb.ScoreResult]:
-        delays = self.retry.delays()
-        # A replica that dies mid-stream: replay the call (round_robin sends it to another
-        # replica) and skip the results already yielded.
-        done: set[tuple[int, ...]] = set()
+        self, call: Callable[..., Iterable[Any]], request: object, timeout: float | None
+    ) -> Iterator[Any]:
+        stream = ResumableStream(self.retry)
         while True:
-            resumable = True
             try:
-                for message in call(
-                    request, timeout=self._deadline(timeout), metadata=self._metadata
-                ):  # type: ignore[operator]
-                    key = resume_key(message)
-                    if key in done:
-                        continue
-                    if key is None:
-                        resumable = False
-                    else:
-                        done.add(key)
-                    yield message
+                yield from filter(stream.is_new, call(request, **self._call_options(timeout)))
                 return
             except grpc.RpcError as error:
-                delay = next(delays, None)
-                if not resumable or delay is None or not self.retry.retryable(error):
-                    raise error_from_rpc(error) from None
-                time.sleep(delay)
+                time.sleep(stream.retry_after(error))
 
     def iter_score(
         self,
@@ -113,9 +65,8 @@ class ScoringClient:
         timeout: float | None = None,
     ) -> Iterator[ScoreResult]:
         """Results as the server streams them (not in input order)."""
-        request = build_request(items, options)
-        for message in self._stream(self._stub.Score, request, timeout):
-            yield result_from_pb(message)
+        request = convert.build_request(items, options)
+        yield from map(convert.result_from_pb, self._stream(self._stub.Score, request, timeout))
 
     def score(
         self,
@@ -125,7 +76,7 @@ class ScoringClient:
         timeout: float | None = None,
     ) -> list[ScoreResult]:
         """One result per (item, completion), in input order."""
-        return in_input_order(list(self.iter_score(items, options, timeout=timeout)))
+        return convert.in_input_order(list(self.iter_score(items, options, timeout=timeout)))
 
     def score_completions(
         self,
@@ -146,9 +97,9 @@ class ScoringClient:
         timeout: float | None = None,
     ) -> Iterator[RollingResult]:
         """Whole-text log-likelihoods as the server streams them (not in input order)."""
-        request = rolling_request_to_pb(texts, options)
-        for message in self._stream(self._stub.ScoreRolling, request, timeout):
-            yield rolling_result_from_pb(message)
+        request = convert.rolling_request_to_pb(texts, options)
+        stream = self._stream(self._stub.ScoreRolling, request, timeout)
+        yield from map(convert.rolling_result_from_pb, stream)
 
     def score_rolling(
         self,
@@ -167,20 +118,19 @@ class ScoringClient:
     ) -> Iterator[ScoreResult]:
         """Many requests on one bidirectional stream; results carry request_index.
         Not retried: the requests iterable may not be replayable."""
-        messages = (request_to_pb(r) for r in requests)
+        messages = (convert.request_to_pb(r) for r in requests)
         try:
-            for message in self._stub.ScoreStream(
-                messages, timeout=self._deadline(timeout), metadata=self._metadata
-            ):
-                yield result_from_pb(message)
+            for message in self._stub.ScoreStream(messages, **self._call_options(timeout)):
+                yield convert.result_from_pb(message)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        [message] = self._stream(
-            _as_stream(self._stub.GetModelInfo), pb.GetModelInfoRequest(), timeout
-        )
-        return model_info_from_pb(message)
+        unary = self._stub.GetModelInfo
+        # A unary call seen as a one-message stream, so it shares the retry loop.
+        as_stream = lambda *args, **kwargs: [unary(*args, **kwargs)]  # noqa: E731
+        [message] = self._stream(as_stream, pb.GetModelInfoRequest(), timeout)
+        return convert.model_info_from_pb(message)
 
     def is_server_ready(self, *, timeout: float = 1.0) -> bool:
         """True when the health service reports the server SERVING."""
@@ -197,16 +147,5 @@ class ScoringClient:
         deadline = time.monotonic() + timeout
         while not self.is_server_ready():
             if time.monotonic() > deadline:
-                raise ServerUnavailableError(
-                    grpc.StatusCode.UNAVAILABLE, f"{self.target} not ready after {timeout:g} s"
-                )
+                raise self._not_ready(timeout)
             time.sleep(0.1)
-
-
-def _as_stream(unary: Callable[..., object]) -> Callable[..., Iterator[object]]:
-    """A unary call seen as a one-message stream, so it shares the retry loop."""
-
-    def call(request: object, **kwargs: Any) -> Iterator[object]:
-        yield unary(request, **kwargs)
-
-    return call

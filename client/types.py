@@ -1,13 +1,15 @@
-"""Requests and results of the client, as plain typed dataclasses."""
+"""Requests and model facts of the client, as plain typed dataclasses. The results
+(ScoreResult, Token, TopToken, RollingResult) are the contract's own (lmscore.v1.results)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
+
+from lmscore.v1.results import MarginalMode
 
 TokenInput = str | Sequence[int]
-MarginalMode = Literal["same_pass", "separate_pass"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Item:
 class ScoreOptions:
     token_details: bool = False
     top_k: int = 0
-    marginal: MarginalMode = "same_pass"
+    marginal_mode: MarginalMode = "same_pass"
     truncate_prompt_left: bool = False
     # None: the server's default (BOS when the model has one).
     add_bos: bool | None = None
@@ -40,47 +42,6 @@ class ScoreRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class TopToken:
-    id: int
-    text: str
-    logprob: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    id: int
-    text: str
-    segment: Literal["bos", "prompt", "completion"]
-    # None for the sequence's first token: nothing precedes it.
-    logprob: float | None
-    rank: int
-    top: tuple[TopToken, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreResult:
-    item_index: int
-    completion_index: int
-    joint_logprob: float
-    marginal_logprob: float
-    conditional_logprob: float
-    greedy: bool
-    prompt_tokens: int
-    completion_tokens: int
-    bos_added: bool
-    truncated_prompt_tokens: int
-    first_token_scored: bool
-    scored_prompt: str
-    scored_completion: str
-    tokens: tuple[Token, ...] = ()
-    request_id: str = ""
-    request_index: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
 class RollingOptions:
     """How ScoreRolling cuts texts into windows (see the proto's RollingOptions)."""
 
@@ -90,26 +51,6 @@ class RollingOptions:
     min_context_tokens: int = 0
     token_logprobs: bool = False
     model: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class RollingResult:
-    """Log-likelihood of one whole text: every token scored once, the first after the
-    model's prefix token (BOS, else EOS)."""
-
-    text_index: int
-    logprob: float
-    token_count: int
-    # exp(-logprob / token_count); NaN for an empty text.
-    perplexity: float
-    windows: int
-    prefix_token_id: int
-    token_ids: tuple[int, ...] = ()
-    token_logprobs: tuple[float, ...] = ()
-    request_id: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)

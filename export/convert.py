@@ -4,8 +4,9 @@ Steps (each shown on a progress bar, the slow ones are 1 and 2):
   1. load the source with transformers (a GGUF file is dequantized to float32);
   2. export the graph with Optimum (`text-generation-with-past`), in float32; with
      dtype "float16", convert it (lmscore.export.half);
-  3. add the fused scoring head (lmscore.export.head); save tokenizer.json and
-     the model config beside the graph;
+  3. add the fused scoring head (lmscore.export.head) and write the past-tiling
+     graph (lmscore.export.past_tile); save tokenizer.json and the model config
+     beside the graph;
   4. measure the validation figure (lmscore.export.validate) and write the manifest;
      it runs on ONNX Runtime's CPU provider for float16 too (ORT casts around the
      few ops it has no float16 CPU kernel for), under a float16 tolerance.
@@ -31,6 +32,7 @@ from lmscore.export.half import (
 )
 from lmscore.export.head import add_scoring_head
 from lmscore.export.manifest import FORMAT_VERSION, ONNX_NAME, TOKENIZER_NAME, Manifest
+from lmscore.export.past_tile import write_past_tile
 from lmscore.export.source import ModelSource, resolve_source
 from lmscore.export.validate import validate_export
 
@@ -107,6 +109,7 @@ def export_model(
 
         bar.set_description("adding the scoring head; saving tokenizer and config")
         add_scoring_head(work_dir / ONNX_NAME)
+        write_past_tile(work_dir)
         tokenizer.save_pretrained(str(work_dir))  # type: ignore[attr-defined]
         config.save_pretrained(str(work_dir))
         if not (work_dir / TOKENIZER_NAME).is_file() or not (work_dir / ONNX_NAME).is_file():

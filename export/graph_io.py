@@ -39,6 +39,15 @@ def past_name_for(present_name: str) -> str:
     return PAST_PREFIX + present_name[len(PRESENT_PREFIX) :]
 
 
+# The past-tiling graph (lmscore.export.past_tile): its inputs are the past_key_values names and
+# `repeats` [4] int64; its outputs are the tiled caches, named by tiled_name().
+TILE_REPEATS = "repeats"
+
+
+def tiled_name(past_name: str) -> str:
+    return f"{past_name}.tiled"
+
+
 def _dtype_of(onnx_type: str) -> type[np.generic]:
     return np.float16 if onnx_type == "tensor(float16)" else np.float32
 

@@ -14,6 +14,9 @@ MANIFEST_NAME = "lmscore-manifest.json"
 ONNX_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 CONFIG_NAME = "config.json"
+# Optional: the graph that repeats a key/value cache along the batch on the device
+# (lmscore.export.past_tile); exports made before it repeat on the host.
+PAST_TILE_NAME = "past_tile.onnx"
 # Bumped when the layout of an exported directory changes incompatibly.
 FORMAT_VERSION = 3
 

@@ -43,8 +43,8 @@ import time
 from lmscore.export.half import variant_name
 from lmscore.export.paths import default_model_dir
 from lmscore.server.app import load_model
-from lmscore.server.config import ServerConfig
-from lmscore.server.engine import ItemInput, ScoreOptions
+from lmscore.server.config import RuntimeOptions, ServerConfig
+from lmscore.server.requests import ItemInput, PlanOptions
 
 FP32_ITEM = 1e-3
 FP16_TOKEN, FP16_ITEM = 0.1, 0.15
@@ -60,14 +60,14 @@ items = [
     )
     for i in range(0, 1600, 100)
 ]
-options = ScoreOptions(token_details=True, top_k=3)
+options = PlanOptions(token_details=True, top_k=3)
 results = {}
 for label, model_dir, device in (
     ("cpu fp32", fp32_dir, "cpu"),
     ("cuda fp32", fp32_dir, "cuda"),
     ("cuda fp16", fp16_dir, "cuda"),
 ):
-    loaded = load_model(ServerConfig(model_dir=model_dir, device=device))
+    loaded = load_model(ServerConfig(model_dir=model_dir, runtime=RuntimeOptions(device=device)))
     runtime = loaded.runtime
     assert runtime.device == device, runtime.providers
     plan = loaded.engine.plan(items, options)

@@ -16,12 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.server import metrics
 from lmscore.server.config import ServerConfig
-from lmscore.server.engine import EngineLimits, ItemInput, ScoreOptions, ScoringEngine
+from lmscore.server.engine import ScoringEngine
 from lmscore.server.interceptors import (
     BearerTokenInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
 )
+from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.servicer import ScorerServicer
 from lmscore.server.tokenization import TextTokenizer
@@ -43,26 +44,15 @@ class LoadedModel:
 def load_model(config: ServerConfig) -> LoadedModel:
     """Read the manifest, open the ONNX session and the tokenizer, build the engine."""
     manifest = Manifest.read(config.model_dir)
-    runtime = OnnxCausalLM(config.model_dir, config.runtime_options())
+    runtime = OnnxCausalLM(config.model_dir, config.runtime)
     tokenizer = TextTokenizer(config.model_dir / TOKENIZER_NAME)
-    limits = EngineLimits(
+    facts = ModelFacts(
         max_context=manifest.max_context,
         vocab_size=manifest.vocab_size,
-        max_batch_tokens=config.max_batch_tokens,
-        max_top_k=config.max_top_k,
-        max_items_per_request=config.max_items_per_request,
-        max_completions_per_item=config.max_completions_per_item,
-        max_tokens_per_item=config.max_tokens_per_item,
-        max_tokens_per_request=config.max_tokens_per_request,
-        max_queue_length=config.max_queue_length,
-        max_queue_delay=config.max_queue_delay_ms / 1000,
-        cross_request_batching=config.cross_request_batching,
-        prefix_reuse=config.prefix_reuse,
-        min_prefix_reuse_saved_tokens=config.min_prefix_reuse_saved_tokens,
+        bos_token_id=manifest.bos_token_id,
+        eos_token_id=manifest.eos_token_id,
     )
-    engine = ScoringEngine(
-        runtime, tokenizer, manifest.bos_token_id, limits, eos_token_id=manifest.eos_token_id
-    )
+    engine = ScoringEngine(runtime, tokenizer, facts, config.engine)
     info = scoring_pb2.ModelInfo(
         name=manifest.name,
         architecture=manifest.architecture,
@@ -75,7 +65,7 @@ def load_model(config: ServerConfig) -> LoadedModel:
         onnxruntime_version=onnxruntime.__version__,
         export_validation_max_abs_diff=manifest.validation_max_abs_diff,
         source_sha256=manifest.source_sha256,
-        max_top_k=config.max_top_k,
+        max_top_k=config.engine.max_top_k,
         manifest_json=manifest.to_json(),
     )
     if manifest.quantization:
@@ -94,7 +84,7 @@ def load_model(config: ServerConfig) -> LoadedModel:
 
 def warm_up(engine: ScoringEngine) -> None:
     """One small request through the whole engine, so the first client pays no start-up cost."""
-    plan = engine.plan([ItemInput("Warm up the model", [" now."])], ScoreOptions())
+    plan = engine.plan([ItemInput("Warm up the model", [" now."])], PlanOptions())
     engine.score_sync(plan)
 
 
@@ -172,11 +162,9 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    log.info(
-        "shutting down: finishing in-flight requests (grace %.1f s)", config.shutdown_grace_seconds
-    )
+    log.info("shutting down: finishing in-flight requests (grace %.1f s)", config.shutdown_grace)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace_seconds)
+    await server.stop(config.shutdown_grace)
     loaded.engine.close()
     stats = loaded.engine.batcher.stats()
     log.info(

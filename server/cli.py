@@ -1,17 +1,68 @@
-"""`lmscore serve`: command-line flags -> ServerConfig -> the server."""
+"""`lmscore serve`: command-line flags -> ServerConfig -> the server.
+
+The flags are ServerConfig's settings (lmscore.server.config), derived from its
+fields: `--NAME` for field NAME, with its type, default and help. Only what is
+not a plain value is written here: `--model` (a directory or 'default') and the
+security flags that name files to read.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
 
 from lmscore.export.manifest import ManifestError
 from lmscore.export.paths import default_model_dir
-from lmscore.server import defaults
+from lmscore.server.config import (
+    LIMITS_GROUP,
+    SECURITY_GROUP,
+    EngineSettings,
+    RuntimeOptions,
+    ServerConfig,
+    is_flag,
+)
+
+# Each settings class and the help group its flags go in (None: the main list) unless a
+# field names its own (flag(..., group=...)).
+_GROUPS: tuple[tuple[type, str | None], ...] = (
+    (ServerConfig, None),
+    (RuntimeOptions, "ONNX Runtime"),
+    (EngineSettings, LIMITS_GROUP),
+)
+
+
+def _flag_options(field: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
+    """argparse keywords for one settings field, from its type hint and metadata."""
+    options: dict[str, Any] = {
+        k: v for k, v in field.metadata.items() if k not in ("help", "group")
+    }
+    options["default"] = field.default
+    help_text = field.metadata["help"]
+    # X | None: a flag of type X whose default None means "not set".
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if is_union else hint
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction  # --NAME / --no-NAME
+        if field.default is not None:
+            help_text += f" (default: {'on' if field.default else 'off'})"
+    else:
+        if typing.get_origin(kind) is Literal:
+            options["choices"] = typing.get_args(kind)
+        else:
+            options["type"] = kind
+        if field.default is not None:
+            help_text += " (default: %(default)s)"
+    options["help"] = help_text
+    return options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,118 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exported model directory, or 'default' for $LMSCORE_HOME/models/"
         "SmolLM2-135M-Instruct (default: %(default)s)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=50051, help="port (default: %(default)s)")
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="cuda fails unless CUDA actually loads; auto falls back to CPU (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=0,
-        help="ONNX Runtime threads per run; 0 = one per physical core (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=defaults.MAX_BATCH_TOKENS,
-        help="padded tokens per model run (batch size x longest sequence) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cpu-arena",
-        action="store_true",
-        help="keep ONNX Runtime's CPU memory arena (a little faster; memory never shrinks)",
-    )
-    parser.add_argument(
-        "--ort-cache-dir",
-        type=Path,
-        help="cache the ORT-optimized graph here and load it on later starts (off by default: "
-        "on the benchmark machine the cached graph started no faster and ran ~18%% slower)",
-    )
-    parser.add_argument(
-        "--max-queue-delay-ms",
-        type=float,
-        default=defaults.MAX_QUEUE_DELAY_MS,
-        help="dynamic batching: how long queued sequences wait for others to share a model "
-        "run, unless --max-batch-tokens are already waiting (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--no-cross-request-batching",
-        action="store_true",
-        help="batch sequences only with others of the same request",
-    )
-    parser.add_argument(
-        "--no-prefix-reuse",
-        action="store_true",
-        help="score every completion with a full pass, even when completions share a prompt",
-    )
-    parser.add_argument(
-        "--min-prefix-reuse-tokens",
-        type=int,
-        default=defaults.MIN_PREFIX_REUSE_SAVED_TOKENS,
-        metavar="N",
-        help="reuse a shared prompt's pass only when it saves at least N tokens, "
-        "(completions - 1) x prompt tokens; shorter prompts batch better as full passes "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-top-k",
-        type=int,
-        default=defaults.MAX_TOP_K,
-        help="largest top_k a request may ask for",
-    )
-    parser.add_argument(
-        "--reflection",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="register gRPC server reflection (default: on when --host is loopback, off "
-        "otherwise: it describes every service to anyone who can connect)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
-    )
-    parser.add_argument("--metrics-host", help="bind address of the metrics port (default: --host)")
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=10.0,
-        help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
-    limits = parser.add_argument_group("limits")
-    for flag, default, what in [
-        ("--max-message-bytes", defaults.MAX_MESSAGE_BYTES, "size of one gRPC message"),
-        ("--max-items-per-request", defaults.MAX_ITEMS_PER_REQUEST, "items in one request"),
-        (
-            "--max-completions-per-item",
-            defaults.MAX_COMPLETIONS_PER_ITEM,
-            "completions of one item",
-        ),
-        ("--max-tokens-per-item", 0, "tokens of one joint sequence (0: the model's context)"),
-        (
-            "--max-tokens-per-request",
-            defaults.MAX_TOKENS_PER_REQUEST,
-            "tokens over all sequences of one request",
-        ),
-        (
-            "--max-concurrent-requests",
-            defaults.MAX_CONCURRENT_REQUESTS,
-            "Score/ScoreStream calls in flight",
-        ),
-        (
-            "--max-queue-length",
-            defaults.MAX_QUEUE_LENGTH,
-            "sequences waiting for the model, all requests together",
-        ),
-    ]:
-        limits.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
-    security = parser.add_argument_group("security")
+    groups: dict[str | None, Any] = {None: parser}
+    for title in (*(t for _, t in _GROUPS), SECURITY_GROUP):
+        groups.setdefault(title, parser.add_argument_group(title))
+    for settings, title in _GROUPS:
+        hints = typing.get_type_hints(settings)
+        for field in dataclasses.fields(settings):
+            if is_flag(field):
+                group = groups[field.metadata.get("group", title)]
+                flag = "--" + field.name.replace("_", "-")
+                group.add_argument(flag, dest=field.name, **_flag_options(field, hints[field.name]))
+    security = groups[SECURITY_GROUP]
     security.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
     security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     security.add_argument(
@@ -142,11 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--auth-token-file",
         type=Path,
         help="bearer tokens, one per line; also read from $LMSCORE_AUTH_TOKENS (comma-separated)",
-    )
-    security.add_argument(
-        "--health-without-auth",
-        action="store_true",
-        help="let grpc.health.v1 calls through without a token (for load-balancer probes)",
     )
 
 
@@ -163,7 +108,7 @@ def _read(path: Path | None, what: str) -> bytes | None:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def auth_tokens(token_file: Path | None, environ: dict[str, str]) -> tuple[str, ...]:
+def auth_tokens(token_file: Path | None, environ: Mapping[str, str]) -> tuple[str, ...]:
     tokens = [t.strip() for t in environ.get("LMSCORE_AUTH_TOKENS", "").split(",")]
     data = _read(token_file, "--auth-token-file")
     if data is not None:
@@ -171,61 +116,42 @@ def auth_tokens(token_file: Path | None, environ: dict[str, str]) -> tuple[str, 
     return tuple(t for t in tokens if t and not t.startswith("#"))
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def _settings(settings: type, args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(settings) if is_flag(f)}
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
+    """The one place flags become a ServerConfig; ConfigError for unusable security flags."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    tokens = auth_tokens(args.auth_token_file, environ)
+    if args.auth_token_file is not None and not tokens:
+        raise ConfigError(f"--auth-token-file {args.auth_token_file} holds no token")
+    return ServerConfig(
+        model_dir=default_model_dir(environ) if args.model == "default" else Path(args.model),
+        tls_cert=_read(args.tls_cert, "--tls-cert"),
+        tls_key=_read(args.tls_key, "--tls-key"),
+        tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
+        auth_tokens=tokens,
+        runtime=RuntimeOptions(**_settings(RuntimeOptions, args)),
+        engine=EngineSettings(**_settings(EngineSettings, args)),
+        **_settings(ServerConfig, args),
     )
+
+
+def run(args: argparse.Namespace) -> int:
     from lmscore.server.app import serve
-    from lmscore.server.config import ServerConfig
     from lmscore.server.runtime import DeviceError
 
-    model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
     try:
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise ConfigError("--tls-cert and --tls-key go together")
-        if args.tls_client_ca is not None and args.tls_cert is None:
-            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
-        tls = [
-            _read(args.tls_cert, "--tls-cert"),
-            _read(args.tls_key, "--tls-key"),
-            _read(args.tls_client_ca, "--tls-client-ca"),
-        ]
-        tokens = auth_tokens(args.auth_token_file, dict(os.environ))
-        if args.auth_token_file is not None and not tokens:
-            raise ConfigError(f"--auth-token-file {args.auth_token_file} holds no token")
+        config = config_from_args(args, os.environ)
     except ConfigError as exc:
         print(f"lmscore serve: {exc}", file=sys.stderr)
         return 2
-    config = ServerConfig(
-        model_dir=model_dir,
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        intra_op_threads=args.intra_op_threads,
-        cpu_arena=args.cpu_arena,
-        optimized_cache_dir=args.ort_cache_dir,
-        max_batch_tokens=args.max_batch_tokens,
-        max_queue_delay_ms=args.max_queue_delay_ms,
-        cross_request_batching=not args.no_cross_request_batching,
-        prefix_reuse=not args.no_prefix_reuse,
-        min_prefix_reuse_saved_tokens=args.min_prefix_reuse_tokens,
-        max_top_k=args.max_top_k,
-        reflection=args.reflection,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        shutdown_grace_seconds=args.shutdown_grace,
-        max_message_bytes=args.max_message_bytes,
-        max_items_per_request=args.max_items_per_request,
-        max_completions_per_item=args.max_completions_per_item,
-        max_tokens_per_item=args.max_tokens_per_item or None,
-        max_tokens_per_request=args.max_tokens_per_request,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_queue_length=args.max_queue_length,
-        tls_cert=tls[0],
-        tls_key=tls[1],
-        tls_client_ca=tls[2],
-        auth_tokens=tokens,
-        health_without_auth=args.health_without_auth,
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         asyncio.run(serve(config))

@@ -1,61 +1,170 @@
-"""Server configuration: one typed object, built once from the command line, passed down."""
+"""Server configuration: every setting declared once, with its default, unit and help.
+
+A field whose metadata is `flag(...)` is also a flag of `lmscore serve`: `--NAME` with
+the field's name (underscores as dashes), type, default and help
+(lmscore.server.cli derives the flags from here). The server builds one
+ServerConfig at start and passes its parts down unchanged: `runtime` to ONNX
+Runtime (lmscore.server.runtime), `engine` to the scoring engine. A new limit
+is one field here. Standard library only, so the CLI shows the defaults without
+loading ONNX Runtime.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import field
 from pathlib import Path
+from typing import Any, Literal
 
-from lmscore.server import defaults
-from lmscore.server.runtime import Device, RuntimeOptions
-
+Device = Literal["auto", "cpu", "cuda"]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# `lmscore serve --help` groups.
+LIMITS_GROUP = "batching and limits"
+SECURITY_GROUP = "security"
+
+
+def flag(help: str, **argparse_keywords: Any) -> dict[str, Any]:
+    """The metadata that makes a field a flag of `lmscore serve` (extra keywords: metavar,
+    and group: the --help group, else its class's)."""
+    return {"help": help, **argparse_keywords}
+
+
+def is_flag(setting: dataclasses.Field[Any]) -> bool:
+    return "help" in setting.metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How ONNX Runtime runs the graph."""
+
+    device: Device = field(
+        default="auto",
+        metadata=flag("cuda fails unless CUDA actually loads; auto falls back to CPU"),
+    )
+    intra_op_threads: int = field(
+        default=0, metadata=flag("ONNX Runtime threads per run; 0 = one per physical core")
+    )
+    # ORT's CPU arena keeps the peak of every batch shape forever (onnxruntime #11627);
+    # without it memory goes back after each run, for a few percent of speed.
+    cpu_arena: bool = field(
+        default=False,
+        metadata=flag(
+            "keep ONNX Runtime's CPU memory arena (a little faster; memory never shrinks)"
+        ),
+    )
+    ort_cache_dir: Path | None = field(
+        default=None,
+        metadata=flag(
+            "cache the ORT-optimized graph here and load it on later starts (off by default: "
+            "on the benchmark machine the cached graph started no faster and ran ~18%% slower)",
+            metavar="DIR",
+        ),
+    )
+    # Run through session.io_binding() (outputs to host, key/value cache left on the device).
+    # None: on CUDA only; True forces it on CPU too (the tests hold it to the plain path).
+    io_binding: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Batching, prefix reuse and the per-request limits of the scoring engine."""
+
+    max_batch_tokens: int = field(
+        default=1536, metadata=flag("padded tokens per model run (batch size x longest sequence)")
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0,
+        metadata=flag(
+            "dynamic batching: how long queued sequences wait for others to share a model "
+            "run, unless --max-batch-tokens are already waiting",
+        ),
+    )
+    cross_request_batching: bool = field(
+        default=True,
+        metadata=flag(
+            "batch sequences of concurrent requests together (off: only within a request)"
+        ),
+    )
+    prefix_reuse: bool = field(
+        default=True,
+        metadata=flag(
+            "score the completions of a shared prompt against one pass over the prompt "
+            "(off: every completion gets a full pass)",
+        ),
+    )
+    # `python -m lmscore.bench.prefix` (docs/benchmarks.md) on the 2-core CPU: full passes /
+    # prefix reuse = 0.50 at 14 saved, 1.02 at 64, 1.30 at 96, 1.85 at 192, 2.85 at 384.
+    # Below it, full passes batched with other items are faster.
+    min_prefix_reuse_tokens: int = field(
+        default=96,
+        metadata=flag(
+            "reuse a shared prompt's pass only when it saves at least N tokens, "
+            "(completions - 1) x prompt tokens; shorter prompts batch better as full passes",
+            metavar="N",
+        ),
+    )
+    max_top_k: int = field(default=20, metadata=flag("largest top_k a request may ask for"))
+    max_items_per_request: int = field(default=1024, metadata=flag("items in one request"))
+    max_completions_per_item: int = field(default=256, metadata=flag("completions of one item"))
+    max_tokens_per_item: int = field(
+        default=0,
+        metadata=flag("tokens of one joint sequence, BOS included (0: the model's context)"),
+    )
+    max_tokens_per_request: int = field(
+        default=262_144, metadata=flag("tokens over all sequences of one request")
+    )
+    max_queue_length: int = field(
+        default=4096, metadata=flag("sequences waiting for the model, all requests together")
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
+    """Everything `lmscore serve` runs with, built once from the command line."""
+
     model_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: Device = "auto"
-    # 0 lets ONNX Runtime use one thread per physical core.
-    intra_op_threads: int = 0
-    cpu_arena: bool = False
-    optimized_cache_dir: Path | None = None
-    max_batch_tokens: int = defaults.MAX_BATCH_TOKENS
-    # Dynamic batching: how long a sequence may wait for others to share its model run.
-    max_queue_delay_ms: float = defaults.MAX_QUEUE_DELAY_MS
-    cross_request_batching: bool = True
-    prefix_reuse: bool = True
-    min_prefix_reuse_saved_tokens: int = defaults.MIN_PREFIX_REUSE_SAVED_TOKENS
-    max_top_k: int = defaults.MAX_TOP_K
+    host: str = field(default="127.0.0.1", metadata=flag("bind address"))
+    port: int = field(default=50051, metadata=flag("port"))
     # gRPC server reflection; None: on when listening on loopback only.
-    reflection: bool | None = None
-    # Prometheus /metrics over HTTP; 0: off. Host defaults to the gRPC host.
-    metrics_port: int = 0
-    metrics_host: str | None = None
-    shutdown_grace_seconds: float = 10.0
-    # Limits (RESOURCE_EXHAUSTED for load and size, INVALID_ARGUMENT for shape).
-    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
-    max_items_per_request: int = defaults.MAX_ITEMS_PER_REQUEST
-    max_completions_per_item: int = defaults.MAX_COMPLETIONS_PER_ITEM
-    max_tokens_per_item: int | None = None
-    max_tokens_per_request: int = defaults.MAX_TOKENS_PER_REQUEST
-    max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS
-    max_queue_length: int = defaults.MAX_QUEUE_LENGTH
-    # Security: TLS (PEM bytes; a client CA turns on mutual TLS) and bearer tokens.
+    reflection: bool | None = field(
+        default=None,
+        metadata=flag(
+            "register gRPC server reflection (default: on when --host is loopback, off "
+            "otherwise: it describes every service to anyone who can connect)",
+        ),
+    )
+    metrics_port: int = field(
+        default=0, metadata=flag("serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
+    )
+    metrics_host: str | None = field(
+        default=None, metadata=flag("bind address of the metrics port (default: --host)")
+    )
+    shutdown_grace: float = field(
+        default=10.0, metadata=flag("seconds in-flight requests get to finish after SIGTERM")
+    )
+    log_level: str = field(default="INFO", metadata=flag("logging level"))
+    max_message_bytes: int = field(
+        default=16 * 1024 * 1024, metadata=flag("size of one gRPC message", group=LIMITS_GROUP)
+    )
+    max_concurrent_requests: int = field(
+        default=64,
+        metadata=flag("Score/ScoreStream/ScoreRolling calls in flight", group=LIMITS_GROUP),
+    )
+    # Security: TLS (PEM bytes; a client CA turns on mutual TLS) and bearer tokens, read from
+    # the files that lmscore.server.cli's security flags name.
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     tls_client_ca: bytes | None = None
     auth_tokens: tuple[str, ...] = ()
-    health_without_auth: bool = False
-
-    def runtime_options(self) -> RuntimeOptions:
-        return RuntimeOptions(
-            device=self.device,
-            intra_op_threads=self.intra_op_threads,
-            cpu_arena=self.cpu_arena,
-            optimized_cache_dir=self.optimized_cache_dir,
-        )
+    health_without_auth: bool = field(
+        default=False,
+        metadata=flag(
+            "let grpc.health.v1 calls through without a token (for load-balancer probes)",
+            group=SECURITY_GROUP,
+        ),
+    )
+    runtime: RuntimeOptions = RuntimeOptions()
+    engine: EngineSettings = EngineSettings()
 
     @property
     def loopback_only(self) -> bool:

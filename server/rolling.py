@@ -16,11 +16,14 @@ and ``make_disjoint_window`` in lm_eval.utils), restated:
 A window is returned as (context, continuation): its joint sequence is
 ``context + continuation`` (at most W + 1 tokens, the last only predicted) and
 its score is the sum over the continuation, i.e. log Pr(continuation | context).
+The text's log-likelihood is the sum of its windows' scores (every token once),
+and its perplexity exp(-logprob / tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 
@@ -49,3 +52,13 @@ def rolling_windows(
         windows.append(Window(context, tokens[end - count : end]))
         predicted = end
     return windows
+
+
+def text_logprob(window_logprobs: Sequence[float]) -> float:
+    """log Pr(text): the windows' log Pr(continuation | context), summed exactly."""
+    return math.fsum(window_logprobs)
+
+
+def perplexity(logprob: float, token_count: int) -> float:
+    """exp(-logprob / token_count); NaN for a text without tokens."""
+    return math.exp(-logprob / token_count) if token_count else math.nan

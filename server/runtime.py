@@ -3,40 +3,52 @@
 The graph carries lmscore's scoring head (lmscore.export.head), so a run
 returns log-probs, ranks and top-k of the target ids, never the logits.
 
+A run may start from the key/value cache (`present`) of an earlier run, with
+`past_repeats`: each cache row then stands for that many consecutive rows of the
+batch (a prompt's batch-1 cache shared by all its completions).
+
 On CUDA every run goes through an IO binding: the inputs are bound from host
 arrays, the scoring outputs ([batch, seq] and [batch, seq, top_k]) are bound to
-host memory, and the key/value cache a prefix pass returns (`return_present`)
-stays on the GPU as DeviceArray values. Prefix reuse (ScoringEngine) np.repeat's
-that cache along the batch for the continuations: DeviceArray.repeat records the
-count, and the next run tiles the cache on the GPU (one small ONNX Runtime
-graph of Tile nodes) and binds it there, so the cache never crosses PCIe.
-Anything else done to a DeviceArray (np.asarray, indexing, other numpy
-functions) copies it to the host first.
+host memory, and `present` stays on the GPU as OrtValues. A batch-1 cache given
+back with past_repeats > 1 is repeated there by the export's past-tiling graph
+(lmscore.export.past_tile), so the cache never crosses PCIe; an export without
+that graph repeats it on the host (counted in host_past_tensors).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from lmscore.export.graph_io import PAST_PREFIX, PRESENT_PREFIX, model_feeds, past_name_for
+from lmscore.export.graph_io import (
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    TILE_REPEATS,
+    model_feeds,
+    past_name_for,
+    tiled_name,
+)
 from lmscore.export.head import HEAD_OUTPUTS
-from lmscore.export.manifest import ONNX_NAME, ManifestError
+from lmscore.export.manifest import ONNX_NAME, PAST_TILE_NAME, ManifestError
+from lmscore.server.config import RuntimeOptions
+from lmscore.server.scoring import BatchScores
 
-Device = Literal["auto", "cpu", "cuda"]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 log = logging.getLogger(__name__)
+
+# A key/value cache tensor: a host array, or an OrtValue where ORT wrote it (under IO binding).
+PastValue = np.ndarray | ort.OrtValue
+KeyValueCache = dict[str, PastValue]
 
 
 class DeviceError(RuntimeError):
@@ -45,34 +57,6 @@ class DeviceError(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """ONNX Runtime could not load the graph (corrupt or truncated file, unsupported op)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchScores:
-    """Scores of target_ids[b, t] under the logits at [b, t]."""
-
-    logprobs: np.ndarray  # float32 [batch, seq]
-    ranks: np.ndarray  # int64 [batch, seq]
-    top_logprobs: np.ndarray  # float32 [batch, seq, top_k]
-    top_ids: np.ndarray  # int64 [batch, seq, top_k]
-
-
-PastKeyValues = Mapping[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class RuntimeOptions:
-    device: Device = "auto"
-    # 0 lets ONNX Runtime use one thread per physical core.
-    intra_op_threads: int = 0
-    # ORT's CPU arena keeps the peak of every batch shape forever (onnxruntime #11627);
-    # without it memory goes back after each run, for a few percent of speed.
-    cpu_arena: bool = False
-    # Where the ORT-optimized graph is cached between starts (CPU only); None: no cache.
-    optimized_cache_dir: Path | None = None
-    # Run through session.io_binding() (outputs to host, key/value cache left on the device).
-    # None: on CUDA only; True forces it on CPU too (the tests hold it to the plain path).
-    io_binding: bool | None = None
 
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
@@ -118,9 +102,9 @@ def _create_session(
     model_path: Path, options: RuntimeOptions, providers: list[str]
 ) -> ort.InferenceSession:
     session = session_options(options)
-    if options.optimized_cache_dir is None or CUDA in providers:
+    if options.ort_cache_dir is None or CUDA in providers:
         return ort.InferenceSession(str(model_path), sess_options=session, providers=providers)
-    cached = optimized_graph_path(options.optimized_cache_dir, model_path)
+    cached = optimized_graph_path(options.ort_cache_dir, model_path)
     if cached.is_file():
         session.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         log.info("loading the cached optimized graph %s", cached)
@@ -138,143 +122,29 @@ def _create_session(
     return created
 
 
-class DeviceArray:
-    """A key/value cache tensor left where ONNX Runtime wrote it (GPU memory under CUDA).
+class _PastTiler:
+    """Repeats a batch-1 key/value cache along the batch where it lives: the export's
+    past-tiling graph (lmscore.export.past_tile) run on the model's device, outputs left there."""
 
-    What OnnxCausalLM.score returns as `present` under IO binding, and takes back as
-    `past`. np.repeat(value, n, axis=0) of a batch-1 value stays on the device (the
-    tiling runs inside the next score call); any other use copies it to the host.
-    """
-
-    def __init__(self, value: ort.OrtValue, repeats: int = 1) -> None:
-        self.value = value
-        self.repeats = repeats
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        batch, *rest = self.value.shape()
-        return (batch * self.repeats, *rest)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.float16 if self.value.data_type() == "tensor(float16)" else np.float32)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def device(self) -> str:
-        return str(self.value.device_name()).lower()
-
-    def numpy(self) -> np.ndarray:
-        """Copy to the host (repeated along the batch if repeat() was called)."""
-        host = self.value.numpy()
-        return host if self.repeats == 1 else np.repeat(host, self.repeats, axis=0)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        host = self.numpy()
-        return host if dtype is None else host.astype(dtype, copy=False)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return self.numpy()[key]
-
-    def repeat(self, repeats: Any, axis: int | None = None) -> DeviceArray | np.ndarray:
-        # np.repeat of a single row along the batch == Tile: stays on the device.
-        count = int(repeats) if isinstance(repeats, int | np.integer) else 0
-        if self.value.shape()[0] == 1 and axis in (0, -self.ndim) and count >= 1:
-            return DeviceArray(self.value, self.repeats * count)
-        return np.repeat(self.numpy(), repeats, axis=axis)
-
-    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        if func is np.repeat and args and args[0] is self:
-            return self.repeat(*args[1:], **kwargs)
-        return func(*_to_host(args), **_to_host(kwargs))
-
-
-def _to_host(value: Any) -> Any:
-    """`value` with every DeviceArray in it (through lists, tuples, dicts) copied to the host."""
-    if isinstance(value, DeviceArray):
-        return value.numpy()
-    if isinstance(value, list | tuple):
-        return type(value)(_to_host(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
-    return value
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | str | int) -> bytes:
-    """One protobuf field: a varint, or a length-delimited string or message."""
-    if isinstance(payload, int):
-        return _varint(number << 3) + _varint(payload)
-    data = payload.encode() if isinstance(payload, str) else payload
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-# ONNX TensorProto.DataType of the float types a key/value cache has.
-_ONNX_ELEM = {"tensor(float)": 1, "tensor(float16)": 10}
-
-
-def tile_model_bytes(elem_types: Sequence[int]) -> bytes:
-    """A serialized ONNX ModelProto (IR 8, opset 13): y{i} = Tile(x{i}, repeats) for rank-4
-    inputs x{i} of the given element types. Encoded by hand, field numbers from onnx.proto,
-    because the server does not depend on the onnx package."""
-
-    def dims(prefix: str) -> bytes:  # TensorShapeProto of 4 named dimensions (dim_param)
-        return b"".join(_field(1, _field(2, f"{prefix}{j}")) for j in range(4))
-
-    def value_info(name: str, elem: int, shape: bytes) -> bytes:
-        tensor = _field(1, elem) + _field(2, shape)  # TypeProto.Tensor: elem_type, shape
-        return _field(1, name) + _field(2, _field(1, tensor))  # name, TypeProto.tensor_type
-
-    graph = b"".join(
-        _field(
-            1, _field(1, f"x{i}") + _field(1, "repeats") + _field(2, f"y{i}") + _field(4, "Tile")
-        )
-        for i in range(len(elem_types))
-    )
-    graph += _field(2, "lmscore_tile_past")
-    graph += b"".join(
-        _field(11, value_info(f"x{i}", e, dims("in"))) for i, e in enumerate(elem_types)
-    )
-    graph += _field(11, value_info("repeats", 7, _field(1, _field(1, 4))))  # int64 [4]
-    graph += b"".join(
-        _field(12, value_info(f"y{i}", e, dims("out"))) for i, e in enumerate(elem_types)
-    )
-    opset = _field(1, "") + _field(2, 13)
-    return _field(1, 8) + _field(2, "lmscore") + _field(7, graph) + _field(8, opset)
-
-
-class _DeviceTiler:
-    """Tile(past, [n, 1, 1, 1]) for every past input in one run, output left on the device."""
-
-    def __init__(
-        self, past_inputs: Sequence[Any], providers: list[str], device: tuple[str, int]
-    ) -> None:
-        self.names = [i.name for i in past_inputs]
+    def __init__(self, path: Path, providers: list[str], device: tuple[str, int]) -> None:
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
-        model = tile_model_bytes([_ONNX_ELEM[i.type] for i in past_inputs])
-        self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.names = [i.name for i in self.session.get_inputs() if i.name != TILE_REPEATS]
         self.device = device
 
-    def tile(self, past: Mapping[str, DeviceArray], repeats: int) -> dict[str, ort.OrtValue]:
+    def tile(self, past: Mapping[str, ort.OrtValue], repeats: int) -> dict[str, ort.OrtValue]:
         binding = self.session.io_binding()
-        for i, name in enumerate(self.names):
-            binding.bind_ortvalue_input(f"x{i}", past[name].value)
-            binding.bind_output(f"y{i}", *self.device)
-        binding.bind_cpu_input("repeats", np.array([repeats, 1, 1, 1], dtype=np.int64))
+        for name in self.names:
+            binding.bind_ortvalue_input(name, past[name])
+            binding.bind_output(tiled_name(name), *self.device)
+        binding.bind_cpu_input(TILE_REPEATS, np.array([repeats, 1, 1, 1], dtype=np.int64))
         self.session.run_with_iobinding(binding)
         return dict(zip(self.names, binding.get_outputs(), strict=True))
+
+
+def _on_host(value: PastValue) -> np.ndarray:
+    return value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value)
 
 
 class OnnxCausalLM:
@@ -333,9 +203,15 @@ class OnnxCausalLM:
             if self.device == "cuda"
             else ("cpu", 0)
         )
-        self._tiler: _DeviceTiler | None = None
+        tile_path = model_dir / PAST_TILE_NAME
+        self._tiler = (
+            _PastTiler(tile_path, self.providers, self._bind_device)
+            if self.io_binding and tile_path.is_file()
+            else None
+        )
+        self._past_names = [i.name for i in self._inputs if i.name.startswith(PAST_PREFIX)]
         # Counters for checks and metrics: runs through the IO binding, past caches tiled
-        # on the device, and past tensors that had to come from the host.
+        # on the device, and device past tensors that had to be copied to the host.
         self.io_binding_runs = 0
         self.device_past_tiles = 0
         self.host_past_tensors = 0
@@ -350,29 +226,33 @@ class OnnxCausalLM:
         attention_mask: np.ndarray,
         target_ids: np.ndarray,
         top_k: int = 0,
-        past: PastKeyValues | None = None,
+        past: Mapping[str, PastValue] | None = None,
+        past_repeats: int = 1,
         return_present: bool = False,
-    ) -> tuple[BatchScores, dict[str, np.ndarray] | None]:
+    ) -> tuple[BatchScores, KeyValueCache | None]:
         """Score ``target_ids`` [batch, seq] at each position of right-padded ``input_ids``.
 
-        ``attention_mask`` covers past + new tokens. With ``return_present`` the
-        key/value cache of past + new tokens comes back, keyed by past input name.
+        ``attention_mask`` covers past + new tokens. ``past`` is a key/value cache by past
+        input name (a `present` of an earlier call, or host arrays), each row repeated
+        ``past_repeats`` times along the batch. With ``return_present`` the key/value cache
+        of past + new tokens comes back, keyed by past input name: host arrays, or OrtValues
+        left on the device under IO binding.
         """
-        feeds = model_feeds(
-            self._inputs,
-            input_ids,
-            attention_mask,
-            past=past,
-            target_ids=target_ids,
-            top_k=top_k,
-        )
         wanted = ["target_logprobs", "target_ranks"]
         if top_k > 0:
             wanted += ["top_logprobs", "top_ids"]
+        feeds = model_feeds(
+            self._inputs, input_ids, attention_mask, target_ids=target_ids, top_k=top_k
+        )
         values: dict[str, Any]
         if self.io_binding:
+            feeds.update(self._bound_past(past, past_repeats))
             values = self._run_bound(feeds, wanted, self._present if return_present else [])
         else:
+            if past is not None:
+                feeds.update(
+                    {n: np.repeat(_on_host(v), past_repeats, axis=0) for n, v in past.items()}
+                )
             if return_present:
                 wanted += self._present
             values = dict(zip(wanted, self.session.run(wanted, feeds), strict=True))
@@ -390,20 +270,38 @@ class OnnxCausalLM:
         )
         return scores, present
 
+    def _bound_past(
+        self, past: Mapping[str, PastValue] | None, repeats: int
+    ) -> dict[str, PastValue]:
+        """The past feeds of an IO-bound run: OrtValues stay where they are (a batch-1 cache
+        repeated there by the tiling graph); everything else is repeated on the host."""
+        if past is None:
+            return {}
+        device = [v for v in past.values() if isinstance(v, ort.OrtValue)]
+        here = sorted(past) == sorted(self._past_names) and all(
+            isinstance(v, ort.OrtValue)
+            and str(v.device_name()).lower() == self._bind_device[0]
+            and (repeats == 1 or v.shape()[0] == 1)
+            for v in past.values()
+        )
+        if here and repeats == 1:
+            return dict(past)
+        if here and self._tiler is not None:
+            self.device_past_tiles += 1
+            return dict(self._tiler.tile(past, repeats))  # type: ignore[arg-type]
+        self.host_past_tensors += len(device)
+        return {n: np.repeat(_on_host(v), repeats, axis=0) for n, v in past.items()}
+
     def _run_bound(
-        self, feeds: Mapping[str, Any], scoring: list[str], present: list[str]
+        self, feeds: Mapping[str, PastValue], scoring: list[str], present: list[str]
     ) -> dict[str, Any]:
         """One run through an IO binding: scoring outputs to host numpy arrays, `present`
-        outputs as DeviceArray values left on the device."""
+        outputs as OrtValues left on the device."""
         binding = self.session.io_binding()
-        device_past = {n: v for n, v in feeds.items() if isinstance(v, DeviceArray)}
-        bound_past = self._device_past(device_past)
         for name, value in feeds.items():
-            if name in bound_past:
-                binding.bind_ortvalue_input(name, bound_past[name])
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
             else:
-                if name in device_past:  # could not stay on the device
-                    self.host_past_tensors += 1
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in scoring:
             binding.bind_output(name, "cpu")
@@ -415,27 +313,5 @@ class OnnxCausalLM:
         values: dict[str, Any] = {
             name: value.numpy() for name, value in zip(scoring, outputs, strict=False)
         }
-        values.update(
-            {name: DeviceArray(v) for name, v in zip(present, outputs[len(scoring) :], strict=True)}
-        )
+        values.update(zip(present, outputs[len(scoring) :], strict=True))
         return values
-
-    def _device_past(self, past: Mapping[str, DeviceArray]) -> dict[str, ort.OrtValue]:
-        """The DeviceArray past values that can be bound where they are: all of them, when
-        they are on this session's device, with one repeat count (tiled here in one run)."""
-        names = [i.name for i in self._inputs if i.name.startswith(PAST_PREFIX)]
-        if not past or sorted(past) != sorted(names):
-            return {}
-        if any(v.device != self._bind_device[0] for v in past.values()):
-            return {}
-        repeats = {v.repeats for v in past.values()}
-        if len(repeats) != 1:
-            return {}
-        (count,) = repeats
-        if count == 1:
-            return {name: value.value for name, value in past.items()}
-        if self._tiler is None:
-            past_inputs = [i for i in self._inputs if i.name.startswith(PAST_PREFIX)]
-            self._tiler = _DeviceTiler(past_inputs, self.providers, self._bind_device)
-        self.device_past_tiles += 1
-        return self._tiler.tile(past, count)

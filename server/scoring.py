@@ -37,6 +37,27 @@ import math
 
 import numpy as np
 
+from lmscore.v1.results import Segment
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchScores:
+    """What one model run returns: scores of target_ids[b, t] under the logits at [b, t]."""
+
+    logprobs: np.ndarray  # float32 [batch, seq]
+    ranks: np.ndarray  # int64 [batch, seq]
+    top_logprobs: np.ndarray  # float32 [batch, seq, top_k]
+    top_ids: np.ndarray  # int64 [batch, seq, top_k]
+
+    def row(self, row: int, length: int) -> PositionScores:
+        """The first `length` positions of one row."""
+        return PositionScores(
+            self.logprobs[row, :length],
+            self.ranks[row, :length],
+            self.top_ids[row, :length],
+            self.top_logprobs[row, :length],
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class SequenceLayout:
@@ -56,6 +77,12 @@ class SequenceLayout:
 
     def prompt_only(self) -> SequenceLayout:
         return SequenceLayout(self.bos, self.prompt_len, 0)
+
+    def segment(self, position: int) -> Segment:
+        """The segment of the token at `position` of the sequence."""
+        if self.bos and position == 0:
+            return Segment.BOS
+        return Segment.PROMPT if position < self.completion_start else Segment.COMPLETION
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,10 @@ google.rpc.BadRequest field violation; an unknown model name NOT_FOUND.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import typing
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -16,30 +18,20 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from lmscore.server import metrics
-from lmscore.server.engine import (
-    CompletionScore,
+from lmscore.server.engine import ScoringEngine
+from lmscore.server.planning import RollingPlan, ScoringPlan
+from lmscore.server.requests import (
     InvalidInput,
     ItemInput,
     Overloaded,
+    PlanOptions,
     RequestTooLarge,
-    RollingOptions,
-    RollingPlan,
-    RollingScore,
-    ScoreOptions,
-    ScoringEngine,
-    ScoringPlan,
-    Segment,
+    RollingPlanOptions,
     TokenInput,
 )
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1 import scoring_pb2_grpc
-
-_SEGMENTS = {
-    Segment.BOS: pb.SEGMENT_BOS,
-    Segment.PROMPT: pb.SEGMENT_PROMPT,
-    Segment.COMPLETION: pb.SEGMENT_COMPLETION,
-}
-
+from lmscore.v1.results import MarginalMode, RollingResult, ScoreResult, Token
 
 Planned = TypeVar("Planned")
 
@@ -48,84 +40,62 @@ class ModelNotFound(LookupError):
     pass
 
 
-def _prompt_of(item: pb.ScoreItem) -> TokenInput | None:
-    which = item.WhichOneof("prompt_input")
-    if which == "prompt":
-        return item.prompt
-    if which == "prompt_token_ids":
-        return list(item.prompt_token_ids.ids)
-    return None
+def _token_input(message: Any, oneof: str) -> TokenInput | None:
+    """A text-or-token-ids oneof (ScoreItem.prompt_input, Completion.input, RollingText.input):
+    the text, the ids, or None when unset."""
+    which = message.WhichOneof(oneof)
+    if which is None:
+        return None
+    value = getattr(message, which)
+    return value if isinstance(value, str) else list(value.ids)
 
 
-def _input_of(message: pb.Completion | pb.RollingText) -> TokenInput | None:
-    """The `input` oneof of a Completion or RollingText: text, token ids or unset."""
-    which = message.WhichOneof("input")
-    if which == "text":
-        return message.text
-    if which == "token_ids":
-        return list(message.token_ids.ids)
-    return None
-
-
-def _options_of(options: pb.ScoreOptions) -> ScoreOptions:
+def _options_of(options: pb.ScoreOptions) -> PlanOptions:
     if options.marginal_mode not in pb.MarginalMode.values():
         raise InvalidInput(
             "options.marginal_mode",
             f"unknown value {options.marginal_mode}; known: "
             + ", ".join(f"{n} = {v}" for n, v in pb.MarginalMode.items()),
         )
-    return ScoreOptions(
+    # MARGINAL_MODE_SEPARATE_PASS -> "separate_pass"
+    marginal_mode = pb.MarginalMode.Name(options.marginal_mode).removeprefix("MARGINAL_MODE_")
+    return PlanOptions(
         token_details=options.token_details,
         top_k=options.top_k,
-        separate_marginal_pass=options.marginal_mode == pb.MARGINAL_MODE_SEPARATE_PASS,
+        marginal_mode=typing.cast(MarginalMode, marginal_mode.lower()),
         truncate_prompt_left=options.truncate_prompt_left,
         add_bos=options.add_bos if options.HasField("add_bos") else None,
     )
 
 
-def _rolling_message(result: RollingScore, request: pb.RollingRequest) -> pb.RollingResult:
-    return pb.RollingResult(
-        text_index=result.text_index,
-        request_id=request.request_id,
-        logprob=result.logprob,
-        token_count=result.token_count,
-        perplexity=result.perplexity,
-        windows=result.windows,
-        prefix_token_id=result.prefix_token_id,
-        token_logprobs=result.token_logprobs,
-        token_ids=result.token_ids,
+def _token_message(token: Token) -> pb.TokenDetail:
+    """A Token as a TokenDetail, field by field under the same names."""
+    message = pb.TokenDetail(
+        id=token.id,
+        text=token.text,
+        segment=pb.Segment.Value(f"SEGMENT_{token.segment.name}"),
+        rank=token.rank,
+        top=[pb.TopToken(**dataclasses.asdict(top)) for top in token.top],
     )
+    if token.logprob is not None:
+        message.logprob = token.logprob
+    return message
 
 
-def _result_message(
-    result: CompletionScore, request: pb.ScoreRequest, index: int
-) -> pb.ScoreResult:
-    message = pb.ScoreResult(
-        item_index=result.item_index,
-        completion_index=result.completion_index,
+def _result_message(result: ScoreResult, request: pb.ScoreRequest, index: int) -> pb.ScoreResult:
+    """A ScoreResult as its message, field by field under the same names; the transport's
+    fields from the request."""
+    values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    values.update(
+        tokens=[_token_message(t) for t in result.tokens],
         request_id=request.request_id,
         request_index=index,
-        joint_logprob=result.joint_logprob,
-        marginal_logprob=result.marginal_logprob,
-        conditional_logprob=result.conditional_logprob,
-        greedy=result.greedy,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        bos_added=result.bos_added,
-        truncated_prompt_tokens=result.truncated_prompt_tokens,
-        first_token_scored=result.first_token_scored,
-        scored_prompt=result.scored_prompt,
-        scored_completion=result.scored_completion,
     )
-    for token in result.tokens:
-        detail = message.tokens.add(
-            id=token.id, text=token.text, segment=_SEGMENTS[token.segment], rank=token.rank
-        )
-        if token.logprob is not None:
-            detail.logprob = token.logprob
-        for top in token.top:
-            detail.top.add(id=top.id, text=top.text, logprob=top.logprob)
-    return message
+    return pb.ScoreResult(**values)
+
+
+def _rolling_message(result: RollingResult, request: pb.RollingRequest) -> pb.RollingResult:
+    return pb.RollingResult(**{**dataclasses.asdict(result), "request_id": request.request_id})
 
 
 async def _abort_with_field(
@@ -159,19 +129,22 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
     def _plan(self, request: pb.ScoreRequest) -> ScoringPlan:
         self._check_model(request.model)
         items = [
-            ItemInput(_prompt_of(item), [_input_of(c) for c in item.completions])
+            ItemInput(
+                _token_input(item, "prompt_input"),
+                [_token_input(c, "input") for c in item.completions],
+            )
             for item in request.items
         ]
         return self._engine.plan(items, _options_of(request.options))
 
     def _plan_rolling(self, request: pb.RollingRequest) -> RollingPlan:
         self._check_model(request.model)
-        options = RollingOptions(
+        options = RollingPlanOptions(
             max_window_tokens=request.options.max_window_tokens,
             min_context_tokens=request.options.min_context_tokens,
             token_logprobs=request.options.token_logprobs,
         )
-        return self._engine.plan_rolling([_input_of(t) for t in request.texts], options)
+        return self._engine.plan_rolling([_token_input(t, "input") for t in request.texts], options)
 
     async def _plan_or_abort(
         self,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import LMSCORE, ServerProcess, running_server
-from lmscore.client import Item, ScoringClient
+from lmscore.client import Item, ScoreOptions, ScoringClient
+from lmscore.client.batch import score_jsonl
 from tiny_model import MAX_CONTEXT
 
 ITEMS_PER_REQUEST = 3
@@ -122,6 +123,31 @@ def test_concurrency_gives_the_sequential_output_and_the_clients_scores(
             result.prompt_tokens,
             result.completion_tokens,
         )
+
+
+def test_score_jsonl_from_python_writes_what_the_cli_writes(
+    exact_server: ServerProcess, tmp_path: Path
+) -> None:
+    """Batch scoring as a library call with plain arguments, token details included."""
+    source = write_input(tmp_path / "in.jsonl", make_records(12))
+    flags = ["--items-per-request", str(ITEMS_PER_REQUEST), "--token-details", "--top-k", "2"]
+    cli_out, py_out = tmp_path / "cli.jsonl", tmp_path / "python.jsonl"
+    run = lmscore_score(exact_server, "--input", str(source), "--output", str(cli_out), *flags)
+    assert run.returncode == 0, run.stderr
+    with ScoringClient(exact_server.address) as client:
+        summary = score_jsonl(
+            client,
+            source,
+            py_out,
+            options=ScoreOptions(token_details=True, top_k=2),
+            items_per_request=ITEMS_PER_REQUEST,
+            concurrency=2,
+        )
+    assert (summary.items, summary.errors, summary.stopped) == (12, 0, None)
+    assert py_out.read_text() == cli_out.read_text()
+    first = json.loads(py_out.read_text().splitlines()[0])
+    assert [t["segment"] for t in first["tokens"]][:2] == ["bos", "prompt"]
+    assert all(len(t["top"]) == 2 for t in first["tokens"][1:])
 
 
 def test_resume_after_a_crash_completes_the_file_without_duplicates(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lmscore.client.cli import build_parser
+from lmscore.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kubernetes" / "lmscore.yaml"

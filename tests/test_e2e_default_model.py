@@ -91,7 +91,7 @@ def test_default_model_scores_equal_pytorch(default_server, torch_default) -> No
     ]
     with ScoringClient(default_server.address, timeout=300) as client:
         results = client.score(items)
-        separate = client.score(items, ScoreOptions(marginal="separate_pass"))
+        separate = client.score(items, ScoreOptions(marginal_mode="separate_pass"))
     assert len(results) == len(expected_pairs) == len(pairs) + 5
     greedy_seen = set()
     for (prompt, completion), result, other in zip(expected_pairs, results, separate, strict=True):

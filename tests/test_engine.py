@@ -9,17 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmscore.server.engine import (
-    EngineLimits,
-    InvalidInput,
-    ItemInput,
-    ScoreOptions,
-    ScoringEngine,
-    Segment,
-)
-from lmscore.server.runtime import BatchScores
-from lmscore.server.scoring import score_positions
+from lmscore.server.config import EngineSettings
+from lmscore.server.engine import ScoringEngine
+from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, PlanOptions
+from lmscore.server.scoring import BatchScores, score_positions
 from lmscore.server.tokenization import TextTokenizer, move_trailing_whitespace
+from lmscore.v1.results import Segment
 from tiny_model import build_tokenizer
 
 VOCAB = 512
@@ -34,11 +29,22 @@ class FakeCausalModel:
         self.calls: list[tuple[int, ...]] = []
 
     def score(
-        self, input_ids, attention_mask, target_ids, top_k=0, past=None, return_present=False
+        self,
+        input_ids,
+        attention_mask,
+        target_ids,
+        top_k=0,
+        past=None,
+        past_repeats=1,
+        return_present=False,
     ):
         self.calls.append(input_ids.shape)
         batch, new = input_ids.shape
-        past_ids = np.zeros((batch, 0), np.int64) if past is None else past["ids"]
+        past_ids = (
+            np.zeros((batch, 0), np.int64)
+            if past is None
+            else np.repeat(past["ids"], past_repeats, axis=0)
+        )
         logprobs = np.zeros((batch, new), np.float32)
         ranks = np.zeros((batch, new), np.int64)
         top_ids = np.zeros((batch, new, top_k), np.int64)
@@ -65,14 +71,12 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> TextTokenizer:
     return TextTokenizer(path)
 
 
-def make_engine(tokenizer: TextTokenizer, bos: int | None = 1, **limits: Any) -> ScoringEngine:
+def make_engine(tokenizer: TextTokenizer, bos: int | None = 1, **settings: Any) -> ScoringEngine:
     return ScoringEngine(
         FakeCausalModel(),
         tokenizer,
-        bos,
-        EngineLimits(
-            **{"max_context": 64, "vocab_size": VOCAB, "min_prefix_reuse_saved_tokens": 1, **limits}
-        ),
+        ModelFacts(max_context=64, vocab_size=VOCAB, bos_token_id=bos),
+        EngineSettings(**{"min_prefix_reuse_tokens": 1, **settings}),
     )
 
 
@@ -103,8 +107,8 @@ def test_completion_tokens_follow_the_prompt_and_never_lose_text(tokenizer: Text
 def test_batching_does_not_change_results(tokenizer: TextTokenizer) -> None:
     one_by_one = make_engine(tokenizer, max_batch_tokens=1)
     batched = make_engine(tokenizer, max_batch_tokens=4096)
-    a = one_by_one.score_sync(one_by_one.plan(ITEMS, ScoreOptions(token_details=True)))
-    b = batched.score_sync(batched.plan(ITEMS, ScoreOptions(token_details=True)))
+    a = one_by_one.score_sync(one_by_one.plan(ITEMS, PlanOptions(token_details=True)))
+    b = batched.score_sync(batched.plan(ITEMS, PlanOptions(token_details=True)))
     assert len(batched.model.calls) < len(one_by_one.model.calls)  # type: ignore[attr-defined]
     assert [(r.item_index, r.completion_index) for r in a] == [
         (0, 0),
@@ -123,8 +127,8 @@ def test_batching_does_not_change_results(tokenizer: TextTokenizer) -> None:
 
 def test_separate_marginal_pass_agrees_with_same_pass(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer)
-    same = engine.score_sync(engine.plan(ITEMS, ScoreOptions()))
-    separate = engine.score_sync(engine.plan(ITEMS, ScoreOptions(separate_marginal_pass=True)))
+    same = engine.score_sync(engine.plan(ITEMS, PlanOptions()))
+    separate = engine.score_sync(engine.plan(ITEMS, PlanOptions(marginal_mode="separate_pass")))
     for x, y in zip(same, separate, strict=True):
         assert x.marginal_logprob == pytest.approx(y.marginal_logprob, abs=1e-4)
         assert x.conditional_logprob == pytest.approx(y.conditional_logprob, abs=1e-4)
@@ -132,7 +136,7 @@ def test_separate_marginal_pass_agrees_with_same_pass(tokenizer: TextTokenizer) 
 
 def test_async_stream_yields_the_same_results(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_batch_tokens=16)
-    plan = engine.plan(ITEMS, ScoreOptions())
+    plan = engine.plan(ITEMS, PlanOptions())
 
     async def collect() -> list:
         return [r async for r in engine.score(plan)]
@@ -143,7 +147,7 @@ def test_async_stream_yields_the_same_results(tokenizer: TextTokenizer) -> None:
 
 def test_identical_sequences_are_scored_once(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_batch_tokens=4096)
-    plan = engine.plan([ItemInput("same", [" text"]), ItemInput("same", [" text"])], ScoreOptions())
+    plan = engine.plan([ItemInput("same", [" text"]), ItemInput("same", [" text"])], PlanOptions())
     assert len(plan.sequences) == 1
     first, second = engine.score_sync(plan)
     assert first.joint_logprob == second.joint_logprob
@@ -154,7 +158,7 @@ def test_token_details_mark_segments_and_leave_the_first_token_unscored(
 ) -> None:
     engine = make_engine(tokenizer)
     [result] = engine.score_sync(
-        engine.plan([ItemInput("Free", [" software"])], ScoreOptions(token_details=True, top_k=2))
+        engine.plan([ItemInput("Free", [" software"])], PlanOptions(token_details=True, top_k=2))
     )
     segments = [t.segment for t in result.tokens]
     assert segments[0] is Segment.BOS and result.tokens[0].logprob is None
@@ -167,42 +171,42 @@ def test_token_details_mark_segments_and_leave_the_first_token_unscored(
 
 def test_model_without_bos_flags_the_unscored_first_token(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, bos=None)
-    [result] = engine.score_sync(engine.plan([ItemInput("Free", [" software"])], ScoreOptions()))
+    [result] = engine.score_sync(engine.plan([ItemInput("Free", [" software"])], PlanOptions()))
     assert not result.bos_added and not result.first_token_scored
     with pytest.raises(InvalidInput, match=r"options\.add_bos"):
-        engine.plan([ItemInput("x", ["y"])], ScoreOptions(add_bos=True))
+        engine.plan([ItemInput("x", ["y"])], PlanOptions(add_bos=True))
 
 
 def test_left_truncation_reports_dropped_prompt_tokens(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer)
     prompt = list(range(3, 73))  # 70 tokens + BOS + 2 completion tokens = 73 > 64
     with pytest.raises(InvalidInput) as error:
-        engine.plan([ItemInput(prompt, [[5, 6]])], ScoreOptions())
+        engine.plan([ItemInput(prompt, [[5, 6]])], PlanOptions())
     assert error.value.field == "items[0].completions[0]"
     assert "73 tokens" in str(error.value) and "context of 64" in str(error.value)
     [result] = engine.score_sync(
-        engine.plan([ItemInput(prompt, [[5, 6]])], ScoreOptions(truncate_prompt_left=True))
+        engine.plan([ItemInput(prompt, [[5, 6]])], PlanOptions(truncate_prompt_left=True))
     )
     assert result.truncated_prompt_tokens == 9
     assert result.prompt_tokens == 61
     with pytest.raises(InvalidInput, match="even with the whole prompt truncated"):
-        engine.plan([ItemInput([3], [list(range(3, 70))])], ScoreOptions(truncate_prompt_left=True))
+        engine.plan([ItemInput([3], [list(range(3, 70))])], PlanOptions(truncate_prompt_left=True))
 
 
 @pytest.mark.parametrize(
     ("items", "options", "field"),
     [
-        ([], ScoreOptions(), "items"),
-        ([ItemInput("x", [])], ScoreOptions(), "items[0].completions"),
-        ([ItemInput("x", ["y", None])], ScoreOptions(), "items[0].completions[1]"),
-        ([ItemInput([1, VOCAB], ["y"])], ScoreOptions(), "items[0].prompt_token_ids[1]"),
-        ([ItemInput("x", ["y", [3, -1]])], ScoreOptions(), "items[0].completions[1].token_ids[1]"),
-        ([ItemInput("x", ["y"])], ScoreOptions(top_k=-1), "options.top_k"),
-        ([ItemInput("x", ["y"])], ScoreOptions(top_k=21), "options.top_k"),
+        ([], PlanOptions(), "items"),
+        ([ItemInput("x", [])], PlanOptions(), "items[0].completions"),
+        ([ItemInput("x", ["y", None])], PlanOptions(), "items[0].completions[1]"),
+        ([ItemInput([1, VOCAB], ["y"])], PlanOptions(), "items[0].prompt_token_ids[1]"),
+        ([ItemInput("x", ["y", [3, -1]])], PlanOptions(), "items[0].completions[1].token_ids[1]"),
+        ([ItemInput("x", ["y"])], PlanOptions(top_k=-1), "options.top_k"),
+        ([ItemInput("x", ["y"])], PlanOptions(top_k=21), "options.top_k"),
     ],
 )
 def test_bad_input_names_the_field(
-    tokenizer: TextTokenizer, items: list, options: ScoreOptions, field: str
+    tokenizer: TextTokenizer, items: list, options: PlanOptions, field: str
 ) -> None:
     with pytest.raises(InvalidInput) as error:
         make_engine(tokenizer).plan(items, options)
@@ -223,8 +227,8 @@ MULTIPLE_CHOICE = [
 ]
 
 
-@pytest.mark.parametrize("options", [ScoreOptions(), ScoreOptions(token_details=True, top_k=3)])
-def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: ScoreOptions) -> None:
+@pytest.mark.parametrize("options", [PlanOptions(), PlanOptions(token_details=True, top_k=3)])
+def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: PlanOptions) -> None:
     reuse = make_engine(tokenizer)
     full = make_engine(tokenizer, prefix_reuse=False)
     plan = reuse.plan(MULTIPLE_CHOICE, options)
@@ -250,7 +254,7 @@ def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: Scor
 
 def test_separate_pass_mode_never_reuses_prefixes(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer)
-    plan = engine.plan(MULTIPLE_CHOICE, ScoreOptions(separate_marginal_pass=True))
+    plan = engine.plan(MULTIPLE_CHOICE, PlanOptions(marginal_mode="separate_pass"))
     assert plan.prefix_groups == []
 
 
@@ -259,12 +263,12 @@ def test_concurrent_requests_share_model_runs(tokenizer: TextTokenizer) -> None:
 
     async def run(engine: ScoringEngine) -> list:
         async def one(request):
-            return [r async for r in engine.score(engine.plan(request, ScoreOptions()))]
+            return [r async for r in engine.score(engine.plan(request, PlanOptions()))]
 
         return await asyncio.gather(*(one(request) for request in items))
 
-    shared = make_engine(tokenizer, max_queue_delay=0.05)
-    apart = make_engine(tokenizer, max_queue_delay=0.05, cross_request_batching=False)
+    shared = make_engine(tokenizer, max_queue_delay_ms=50)
+    apart = make_engine(tokenizer, max_queue_delay_ms=50, cross_request_batching=False)
     together, separately = asyncio.run(run(shared)), asyncio.run(run(apart))
     assert shared.batcher.model_runs < apart.batcher.model_runs == 6
     for a, b in zip(together, separately, strict=True):
@@ -272,9 +276,9 @@ def test_concurrent_requests_share_model_runs(tokenizer: TextTokenizer) -> None:
 
 
 def test_abandoned_request_does_no_more_work(tokenizer: TextTokenizer) -> None:
-    engine = make_engine(tokenizer, max_batch_tokens=8, max_queue_delay=0)
+    engine = make_engine(tokenizer, max_batch_tokens=8, max_queue_delay_ms=0)
     items = [ItemInput(f"Item number {i} is", [f" here {i} and there"]) for i in range(20)]
-    plan = engine.plan(items, ScoreOptions())
+    plan = engine.plan(items, PlanOptions())
 
     async def take_one_and_leave() -> None:
         stream = engine.score(plan)
@@ -292,7 +296,7 @@ def test_prefix_reuse_only_where_it_saves_enough_tokens(tokenizer: TextTokenizer
     prompt = list(range(10, 30))  # [BOS] + 20 prompt tokens: 20 tokens saved per extra member
     items = [ItemInput(prompt, [[40], [41], [42]])]  # 2 extra members: 40 saved
     for least, grouped in ((40, True), (41, False)):
-        engine = make_engine(tokenizer, min_prefix_reuse_saved_tokens=least)
-        plan = engine.plan(items, ScoreOptions())
+        engine = make_engine(tokenizer, min_prefix_reuse_tokens=least)
+        plan = engine.plan(items, PlanOptions())
         assert bool(plan.prefix_groups) is grouped
         assert len(plan.full_passes) == (0 if grouped else 3)

@@ -124,7 +124,7 @@ def test_several_completions_of_one_prompt(client: ScoringClient, tiny_torch) ->
 def test_separate_marginal_pass_agrees_with_same_pass_on_every_item(client: ScoringClient) -> None:
     items = [Item(p, [c, " and more"]) for p, c in PAIRS]
     same = client.score(items)
-    separate = client.score(items, ScoreOptions(marginal="separate_pass"))
+    separate = client.score(items, ScoreOptions(marginal_mode="separate_pass"))
     assert len(same) == len(separate) == 2 * len(PAIRS)
     for a, b in zip(same, separate, strict=True):
         assert a.marginal_logprob == pytest.approx(b.marginal_logprob, abs=TOLERANCE)

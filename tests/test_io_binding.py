@@ -1,20 +1,25 @@
 """The IO-binding path of OnnxCausalLM (the one CUDA takes), forced on CPU: it returns the
-very same numbers as the plain session.run path, with and without a past (prefix reuse)."""
+very same numbers as the plain session.run path, with and without a past (prefix reuse),
+and repeats a prompt's cache along the batch where the cache lives."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from onnx import TensorProto
 
-from lmscore.export.manifest import Manifest
+from lmscore.export.manifest import PAST_TILE_NAME, Manifest
+from lmscore.export.past_tile import build_past_tile
 from lmscore.server.app import load_model
-from lmscore.server.config import ServerConfig
-from lmscore.server.engine import ItemInput, ScoreOptions, ScoringEngine
-from lmscore.server.runtime import DeviceArray, OnnxCausalLM, RuntimeOptions, tile_model_bytes
+from lmscore.server.config import EngineSettings, RuntimeOptions, ServerConfig
+from lmscore.server.engine import ScoringEngine
+from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
+from lmscore.server.runtime import OnnxCausalLM
 
 ITEMS = [
     # Several completions of one prompt: prefix reuse, the cache repeated along the batch.
@@ -27,26 +32,27 @@ ITEMS = [
     ItemInput("", ["Everyone is permitted to copy"]),
 ]
 OPTIONS = [
-    ScoreOptions(),
-    ScoreOptions(token_details=True, top_k=3),
-    ScoreOptions(separate_marginal_pass=True),
+    PlanOptions(),
+    PlanOptions(token_details=True, top_k=3),
+    PlanOptions(marginal_mode="separate_pass"),
 ]
 
 
 def engines(model_dir: Path) -> tuple[ScoringEngine, ScoringEngine, OnnxCausalLM]:
     """The server's own engine (plain path on CPU) and the same with IO binding forced."""
     # Reuse every shared prompt, however short, so the cache path runs on ITEMS.
-    config = ServerConfig(model_dir=model_dir, device="cpu", min_prefix_reuse_saved_tokens=1)
+    config = ServerConfig(
+        model_dir=model_dir,
+        runtime=RuntimeOptions(device="cpu"),
+        engine=EngineSettings(min_prefix_reuse_tokens=1),
+    )
     plain = load_model(config).engine
     bound_model = OnnxCausalLM(model_dir, RuntimeOptions(device="cpu", io_binding=True))
     manifest = Manifest.read(model_dir)
-    bound = ScoringEngine(
-        bound_model,
-        plain.tokenizer,
-        manifest.bos_token_id,
-        plain.limits,
-        eos_token_id=manifest.eos_token_id,
+    facts = ModelFacts(
+        manifest.max_context, manifest.vocab_size, manifest.bos_token_id, manifest.eos_token_id
     )
+    bound = ScoringEngine(bound_model, plain.tokenizer, facts, plain.settings)
     return plain, bound, bound_model
 
 
@@ -81,6 +87,30 @@ def test_io_binding_equals_the_plain_path_through_the_engine(tiny_export: Path) 
     assert bound_model.host_past_tensors == 0
 
 
+def test_export_without_the_tiling_graph_repeats_on_the_host(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    """Exports made before the past-tiling graph: the same numbers, the cache repeated on
+    the host (and counted)."""
+    old = tmp_path / "old-export"
+    shutil.copytree(tiny_export, old)
+    (old / PAST_TILE_NAME).unlink()
+    bound_model = scores_with_io_binding_equal_plain(old)
+    assert bound_model.device_past_tiles == 0
+    assert bound_model.host_past_tensors > 0
+
+
+def continuation_batch(past_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three right-padded continuations against a past of `past_len` tokens, as the engine
+    runs them: ids, attention mask (past + new), targets."""
+    rows = np.array([[70, 71, 72], [73, 0, 0], [74, 75, 0]])
+    mask = np.zeros((3, past_len + 3), dtype=np.int64)
+    mask[:, :past_len] = 1
+    for row, length in enumerate([3, 1, 2]):
+        mask[row, past_len : past_len + length] = 1
+    return rows, mask, np.roll(rows, -1, axis=1)
+
+
 def test_present_and_repeated_past_are_identical_on_both_paths(tiny_export: Path) -> None:
     plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu"))
     bound = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=True))
@@ -97,70 +127,64 @@ def test_present_and_repeated_past_are_identical_on_both_paths(tiny_export: Path
     np.testing.assert_array_equal(bound_scores.top_ids, plain_scores.top_ids)
     assert sorted(bound_present) == sorted(plain_present)
     for name, value in bound_present.items():
-        assert isinstance(value, DeviceArray) and value.device == "cpu"
-        assert value.shape == plain_present[name].shape
-        assert value.dtype == plain_present[name].dtype
-        np.testing.assert_array_equal(np.asarray(value), plain_present[name])
+        # Left where ORT wrote it: an OrtValue on the session's device.
+        assert isinstance(value, ort.OrtValue) and value.device_name().lower() == "cpu"
+        assert tuple(value.shape()) == plain_present[name].shape
+        assert value.numpy().dtype == plain_present[name].dtype
+        np.testing.assert_array_equal(value.numpy(), plain_present[name])
 
-    # Three continuations (right-padded) against the prefix cache, as the engine runs them.
-    rows = np.array([[70, 71, 72], [73, 0, 0], [74, 75, 0]])
-    lengths = [3, 1, 2]
-    mask = np.zeros((3, prefix.shape[1] + 3), dtype=np.int64)
-    mask[:, : prefix.shape[1]] = 1
-    for row, length in enumerate(lengths):
-        mask[row, prefix.shape[1] : prefix.shape[1] + length] = 1
-    cont_targets = np.roll(rows, -1, axis=1)
-    expected, _ = plain.score(
-        rows, mask, cont_targets, 2, {n: np.repeat(v, 3, axis=0) for n, v in plain_present.items()}
-    )
-    repeated = {n: np.repeat(v, 3, axis=0) for n, v in bound_present.items()}
-    assert all(isinstance(v, DeviceArray) and v.shape[0] == 3 for v in repeated.values())
+    rows, mask, cont_targets = continuation_batch(prefix.shape[1])
+    repeated = {n: np.repeat(v, 3, axis=0) for n, v in plain_present.items()}
+    expected, _ = plain.score(rows, mask, cont_targets, 2, repeated)
+    # The plain path repeats a batch-1 cache itself.
+    by_count, _ = plain.score(rows, mask, cont_targets, 2, plain_present, past_repeats=3)
+    np.testing.assert_array_equal(by_count.logprobs, expected.logprobs)
     tiles = bound.device_past_tiles
-    got, _ = bound.score(rows, mask, cont_targets, 2, repeated)
+    got, _ = bound.score(rows, mask, cont_targets, 2, bound_present, past_repeats=3)
     assert bound.device_past_tiles == tiles + 1 and bound.host_past_tensors == 0
     for field in ("logprobs", "ranks", "top_logprobs", "top_ids"):
         np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
     # Host arrays as past take the IO-binding path too, with the same result.
-    host_past = {n: np.asarray(v) for n, v in repeated.items()}
-    got_host, _ = bound.score(rows, mask, cont_targets, 2, host_past)
+    host_past = {n: v.numpy() for n, v in bound_present.items()}
+    got_host, _ = bound.score(rows, mask, cont_targets, 2, host_past, past_repeats=3)
     np.testing.assert_array_equal(got_host.logprobs, expected.logprobs)
+    assert bound.host_past_tensors == 0  # nothing had to leave the device
 
 
-def test_device_array_behaves_like_its_host_copy(tiny_export: Path) -> None:
+def test_a_cache_of_several_rows_is_repeated_row_by_row(tiny_export: Path) -> None:
+    """np.repeat's order (each row n times in turn) is not a Tile: a two-row device cache
+    with past_repeats is repeated on the host, with the plain path's result."""
+    plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu"))
     bound = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=True))
     ids = np.array([[1, 50, 51], [1, 52, 53]])
-    _, present = bound.score(ids, np.ones_like(ids), np.zeros_like(ids), return_present=True)
-    assert present is not None
-    name, value = next(iter(present.items()))
-    host = np.asarray(value)
-    assert value.shape == host.shape and value.ndim == 4
-    np.testing.assert_array_equal(value[1], host[1])
-    np.testing.assert_array_equal(np.concatenate([value, value]), np.concatenate([host, host]))
-    # Two rows: np.repeat's row-by-row order is not a Tile, so it is done on the host.
-    repeated = np.repeat(value, 2, axis=0)
-    assert isinstance(repeated, np.ndarray)
-    np.testing.assert_array_equal(repeated, np.repeat(host, 2, axis=0))
-    _, single = bound.score(ids[:1], np.ones_like(ids[:1]), ids[:1], return_present=True)
-    assert single is not None
-    one_row = single[name]
-    tiled = np.repeat(np.repeat(one_row, 2, axis=0), 3, axis=0)
-    assert isinstance(tiled, DeviceArray) and tiled.shape[0] == 6
-    np.testing.assert_array_equal(np.asarray(tiled), np.repeat(np.asarray(one_row), 6, axis=0))
+    present = [m.score(ids, np.ones_like(ids), ids, return_present=True)[1] for m in (plain, bound)]
+    assert present[0] is not None and present[1] is not None
+    rows = np.array([[54], [55], [56], [57]])
+    mask = np.ones((4, ids.shape[1] + 1), dtype=np.int64)
+    expected, _ = plain.score(rows, mask, rows, 2, present[0], past_repeats=2)
+    got, _ = bound.score(rows, mask, rows, 2, present[1], past_repeats=2)
+    assert bound.device_past_tiles == 0 and bound.host_past_tensors == len(present[1])
+    np.testing.assert_array_equal(got.logprobs, expected.logprobs)
+    np.testing.assert_array_equal(got.top_ids, expected.top_ids)
 
 
-def test_tile_graph_is_valid_onnx_and_tiles() -> None:
+def test_tile_graph_is_valid_onnx_and_tiles(tiny_export: Path) -> None:
     import onnx
-    import onnxruntime as ort
 
-    data = tile_model_bytes([TensorProto.FLOAT16, TensorProto.FLOAT])
-    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    model = build_past_tile([("x0", TensorProto.FLOAT16), ("x1", TensorProto.FLOAT)])
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x0 = np.arange(24, dtype=np.float16).reshape(1, 2, 3, 4)
     x1 = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
     repeats = np.array([3, 1, 1, 1], dtype=np.int64)
     y0, y1 = session.run(None, {"x0": x0, "x1": x1, "repeats": repeats})
     np.testing.assert_array_equal(y0, np.repeat(x0, 3, axis=0))
     np.testing.assert_array_equal(y1, np.repeat(x1, 3, axis=0))
+    # The export wrote one for exactly the model's past inputs.
+    model_inputs = ort.InferenceSession(str(tiny_export / "model.onnx")).get_inputs()
+    tile_inputs = ort.InferenceSession(str(tiny_export / PAST_TILE_NAME)).get_inputs()
+    past = [(i.name, i.type) for i in model_inputs if i.name.startswith("past_key_values.")]
+    assert [(i.name, i.type) for i in tile_inputs if i.name != "repeats"] == past
 
 
 def test_io_binding_needs_no_onnx_package(tiny_export: Path) -> None:
@@ -169,13 +193,13 @@ def test_io_binding_needs_no_onnx_package(tiny_export: Path) -> None:
 import sys
 import numpy as np
 from pathlib import Path
-from lmscore.server.runtime import OnnxCausalLM, RuntimeOptions
+from lmscore.server.runtime import OnnxCausalLM
+from lmscore.server.config import RuntimeOptions
 model = OnnxCausalLM(Path({str(tiny_export)!r}), RuntimeOptions(device="cpu", io_binding=True))
 ids = np.array([[1, 40, 41]])
 _, present = model.score(ids, np.ones_like(ids), ids, return_present=True)
-past = {{name: np.repeat(value, 2, axis=0) for name, value in present.items()}}
 more = np.array([[42], [43]])
-model.score(more, np.ones((2, 4), dtype=np.int64), more, past=past)
+model.score(more, np.ones((2, 4), dtype=np.int64), more, past=present, past_repeats=2)
 assert model.device_past_tiles == 1, model.device_past_tiles
 assert "onnx" not in sys.modules, "imported onnx"
 """

@@ -105,7 +105,7 @@ def test_given_pairs_with_token_details_equal_python(tiny_server: ServerProcess)
         *("--prompt", "This License applies to any program "),
         *("--completion", "or other work", "--completion", "and more"),
         *("--prompt", "the", "--completion", "re"),
-        *("--top-k", "3", "--separate-pass"),
+        *("--top-k", "3", "--marginal-mode", "separate_pass"),
     )
     items = [
         Item(None, ["Everyone is permitted to copy"]),
@@ -113,7 +113,7 @@ def test_given_pairs_with_token_details_equal_python(tiny_server: ServerProcess)
         Item("the", ["re"]),
     ]
     assert [Item(item["prompt"], item["completions"]) for item in document["items"]] == items
-    options = ScoreOptions(token_details=True, top_k=3, marginal="separate_pass")
+    options = ScoreOptions(token_details=True, top_k=3, marginal_mode="separate_pass")
     with ScoringClient(tiny_server.address, timeout=60) as client:
         python_results = client.score(items, options)
     assert all(len(r["tokens"][-1]["top"]) == 3 for r in document["results"])

@@ -27,9 +27,9 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_client_imports_without_onnxruntime_torch_or_transformers() -> None:
     code = BLOCK_HEAVY.format(BLOCKED={"onnxruntime", "torch", "transformers", "numpy"}) + (
-        "import lmscore.client, lmscore.client.cli\n"
+        "import lmscore.client, lmscore.cli\n"
         "from lmscore.client import ScoringClient, AsyncScoringClient\n"
-        "lmscore.client.cli.build_parser()\n"
+        "lmscore.cli.build_parser()\n"
         "print('ok')\n"
     )
     result = run_python(code)
@@ -88,16 +88,16 @@ def test_missing_model_directory_exits_with_one_line(tmp_path: Path) -> None:
 
 def test_cached_optimized_graph_scores_the_same(tiny_export: Path, tmp_path: Path) -> None:
     from lmscore.server.app import load_model
-    from lmscore.server.config import ServerConfig
-    from lmscore.server.engine import ItemInput, ScoreOptions
+    from lmscore.server.config import RuntimeOptions, ServerConfig
+    from lmscore.server.requests import ItemInput, PlanOptions
     from lmscore.server.runtime import optimized_graph_path
 
-    config = ServerConfig(model_dir=tiny_export, optimized_cache_dir=tmp_path)
+    config = ServerConfig(model_dir=tiny_export, runtime=RuntimeOptions(ort_cache_dir=tmp_path))
     items = [ItemInput("The Program", [" is free", " is not"]), ItemInput("", ["Copyright"])]
     results = []
     for _ in range(2):  # the first load writes the cache, the second reads it
         loaded = load_model(config)
-        results.append(loaded.engine.score_sync(loaded.engine.plan(items, ScoreOptions())))
+        results.append(loaded.engine.score_sync(loaded.engine.plan(items, PlanOptions())))
         loaded.engine.close()
         assert optimized_graph_path(tmp_path, tiny_export / "model.onnx").is_file()
     for first, second in zip(*results, strict=True):

@@ -60,13 +60,13 @@ function toScoreItem(item) {
 }
 
 function toScoreOptions(options) {
-  if (options.marginal && !(options.marginal in MARGINAL_MODES)) {
-    throw new Error(`marginal must be same_pass or separate_pass, got ${options.marginal}`);
+  if (options.marginalMode && !(options.marginalMode in MARGINAL_MODES)) {
+    throw new Error(`marginalMode must be same_pass or separate_pass, got ${options.marginalMode}`);
   }
   const message = {
     token_details: Boolean(options.tokenDetails),
     top_k: options.topK || 0,
-    marginal_mode: MARGINAL_MODES[options.marginal || 'same_pass'],
+    marginal_mode: MARGINAL_MODES[options.marginalMode || 'same_pass'],
     truncate_prompt_left: Boolean(options.truncatePromptLeft),
   };
   // `add_bos` is proto3 optional: leave it unset for the server's default.
@@ -133,7 +133,7 @@ class ScorerClient {
    * Score `items` ([{prompt, completions}]) in one Score call. The server streams results
    * as they are computed; they are collected and returned in input order
    * (item_index, then completion_index).
-   * options: {tokenDetails, topK, marginal: 'same_pass' | 'separate_pass',
+   * options: {tokenDetails, topK, marginalMode: 'same_pass' | 'separate_pass',
    *           truncatePromptLeft, addBos, model, requestId, timeoutMs}
    */
   async score(items, options = {}) {

@@ -8,7 +8,8 @@
 const { ScorerClient, statusName } = require('./lmscore');
 
 const USAGE = `usage: node score.js [--server HOST:PORT] [--prompt TEXT --completion TEXT...]...
-                     [--token-details] [--top-k K] [--separate-pass] [--timeout SECONDS]
+                     [--token-details] [--top-k K] [--timeout SECONDS]
+                     [--marginal-mode same_pass|separate_pass]
 
   --prompt starts an item; each --completion after it is one of its completions
   (a --completion before any --prompt scores against the empty prompt).
@@ -63,8 +64,8 @@ function parseArgs(argv) {
         args.options.topK = number();
         args.options.tokenDetails = true;
         break;
-      case '--separate-pass':
-        args.options.marginal = 'separate_pass';
+      case '--marginal-mode':
+        args.options.marginalMode = value();
         break;
       case '--timeout':
         args.timeoutMs = number() * 1000;

@@ -8,7 +8,8 @@ Given a prompt x and a completion y the server returns, in natural log:
   marginal_logprob    = log Pr(x)
   conditional_logprob = log Pr(y | x) = joint_logprob - marginal_logprob
 The token rules (BOS, trailing whitespace, token split) are stated in the
-README and in lmscore/server/scoring.py; this file names the fields.
+README ("Scoring rules") and in server/scoring.py (module lmscore.server.scoring);
+this file names the fields. Their Python types: results.py (lmscore.v1.results).
 """
 
 from collections import abc as _abc

@@ -1,0 +1,262 @@
+"""Execution: a ScoringPlan -> model runs -> one ScoreResult per (item, completion).
+
+Full passes: right-padded sequences scored from an empty past, packed by length
+into runs of at most `max_batch_tokens` padded tokens; in the server they go
+through the dynamic batcher (lmscore.server.batching), which shares runs across
+requests.
+
+Prefix reuse: joint sequences that share a prompt prefix (several completions
+of one prompt, e.g. multiple choice) are scored by one pass over the prompt,
+whose key/value cache then serves all the completions in one batched pass: the
+model repeats the batch-1 cache along the batch where it lives (`past_repeats`).
+Causal attention makes this equal to separate full passes (tested to 1e-4).
+
+A completion's result is assembled (the sums of lmscore.server.scoring) as soon
+as every sequence it needs is scored; a plan whose consumer leaves has its
+queued work cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+
+from lmscore.server.batching import DynamicBatcher, pack_by_length
+from lmscore.server.config import EngineSettings
+from lmscore.server.planning import PlannedCompletion, PrefixGroup, ScoringPlan
+from lmscore.server.requests import Overloaded
+from lmscore.server.scoring import BatchScores, PositionScores, SequenceLayout, sum_sequence
+from lmscore.server.tokenization import TextTokenizer
+from lmscore.v1.results import ScoreResult, Token, TopToken
+
+# A model's key/value cache by past input name, in whatever form the model keeps it (host
+# arrays, or values on its device); the engine only hands it back.
+KeyValueCache = Mapping[str, Any]
+
+
+class TokenScorer(Protocol):
+    """What execution needs of a model (lmscore.server.runtime.OnnxCausalLM)."""
+
+    def score(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        target_ids: np.ndarray,
+        top_k: int = 0,
+        past: KeyValueCache | None = None,
+        past_repeats: int = 1,
+        return_present: bool = False,
+    ) -> tuple[BatchScores, KeyValueCache | None]: ...
+
+
+class PlanProgress:
+    """Which sequences of a plan are scored, and which completions each new batch completes."""
+
+    def __init__(self, plan: ScoringPlan) -> None:
+        self._plan = plan
+        self.scored: dict[int, PositionScores] = {}
+        self._waiting: dict[int, list[PlannedCompletion]] = {}
+        self._missing: dict[int, int] = {}
+        for completion in plan.completions:
+            needed = {completion.joint}
+            if completion.marginal is not None:
+                needed.add(completion.marginal)
+            self._missing[id(completion)] = len(needed)
+            for index in needed:
+                self._waiting.setdefault(index, []).append(completion)
+
+    def start(self) -> list[PlannedCompletion]:
+        """Sequences of one token or none need no model run: they are scored already."""
+        empty = PositionScores.empty(self._plan.top_k)
+        return self.add({i: empty for i, ids in enumerate(self._plan.sequences) if len(ids) <= 1})
+
+    def add(self, scored: dict[int, PositionScores]) -> list[PlannedCompletion]:
+        complete = []
+        for index, scores in scored.items():
+            self.scored[index] = scores
+            for completion in self._waiting.pop(index, []):
+                self._missing[id(completion)] -= 1
+                if self._missing[id(completion)] == 0:
+                    complete.append(completion)
+        return complete
+
+
+class PlanRunner:
+    """Runs plans on one model: one run at a time, on a thread of its own."""
+
+    def __init__(
+        self, model: TokenScorer, tokenizer: TextTokenizer, settings: EngineSettings
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        # One model run at a time: ORT already spreads one run over the cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
+        self.batcher = DynamicBatcher(
+            self.run_sequences,
+            self._executor,
+            settings.max_batch_tokens,
+            settings.max_queue_delay_ms / 1000,
+            settings.cross_request_batching,
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def run_sequences(self, sequences: list[tuple[int, ...]], top_k: int) -> list[PositionScores]:
+        """Score right-padded full sequences in one model run (empty past)."""
+        lengths = [len(ids) for ids in sequences]
+        input_ids = np.zeros((len(sequences), max(lengths)), dtype=np.int64)
+        attention_mask = np.zeros_like(input_ids)
+        target_ids = np.zeros_like(input_ids)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            target_ids[row, : len(ids) - 1] = ids[1:]
+        scores, _ = self.model.score(input_ids, attention_mask, target_ids, top_k)
+        return [scores.row(row, length - 1) for row, length in enumerate(lengths)]
+
+    def run_prefix_group(self, plan: ScoringPlan, group: PrefixGroup) -> dict[int, PositionScores]:
+        """One pass over the prefix, then the continuations against its key/value cache.
+
+        With S = [BOS] + prompt, the prefix pass runs S[:-1] and scores S[1:] (the
+        marginal); each continuation runs [S[-1]] + completion[:-1] and scores the
+        completion, so every token keeps exactly the context of a full pass.
+        """
+        top_k = plan.top_k
+        past_len = len(group.prefix) - 1
+        past: KeyValueCache | None = None
+        prefix_scores = PositionScores.empty(top_k)
+        if past_len > 0:
+            ids = np.asarray([group.prefix[:-1]], dtype=np.int64)
+            targets = np.asarray([group.prefix[1:]], dtype=np.int64)
+            scores, past = self.model.score(
+                ids, np.ones_like(ids), targets, top_k, return_present=True
+            )
+            prefix_scores = scores.row(0, past_len)
+        # Each continuation: the prompt's last token, then the completion.
+        continuations = [plan.sequences[m][past_len:] for m in group.members]
+        runs = [i for i, c in enumerate(continuations) if len(c) >= 2]
+        # An empty completion's joint sequence is the prefix itself.
+        results = {
+            group.members[i]: prefix_scores for i in set(range(len(continuations))) - set(runs)
+        }
+        lengths = [len(continuations[i]) - 1 for i in runs]
+        for batch in pack_by_length(lengths, self.settings.max_batch_tokens):
+            rows = [runs[b] for b in batch]
+            width = max(lengths[b] for b in batch)
+            input_ids = np.zeros((len(rows), width), dtype=np.int64)
+            target_ids = np.zeros_like(input_ids)
+            attention_mask = np.zeros((len(rows), past_len + width), dtype=np.int64)
+            attention_mask[:, :past_len] = 1
+            for row, i in enumerate(rows):
+                tokens = continuations[i]
+                input_ids[row, : len(tokens) - 1] = tokens[:-1]
+                target_ids[row, : len(tokens) - 1] = tokens[1:]
+                attention_mask[row, past_len : past_len + len(tokens) - 1] = 1
+            scores, _ = self.model.score(
+                input_ids, attention_mask, target_ids, top_k, past, past_repeats=len(rows)
+            )
+            for row, i in enumerate(rows):
+                own = scores.row(row, len(continuations[i]) - 1)
+                results[group.members[i]] = PositionScores.concat([prefix_scores, own])
+        return results
+
+    def result(
+        self, plan: ScoringPlan, completion: PlannedCompletion, scored: dict[int, PositionScores]
+    ) -> ScoreResult:
+        layout = completion.layout
+        scores = scored[completion.joint]
+        separate = None
+        if completion.marginal is not None:
+            separate = sum_sequence(layout.prompt_only(), scored[completion.marginal]).marginal
+        sums = sum_sequence(layout, scores, separate)
+        tokens: tuple[Token, ...] = ()
+        if plan.options.token_details:
+            tokens = self._tokens(plan.sequences[completion.joint], layout, scores)
+        return ScoreResult(
+            item_index=completion.item_index,
+            completion_index=completion.completion_index,
+            joint_logprob=sums.joint,
+            marginal_logprob=sums.marginal,
+            conditional_logprob=sums.conditional,
+            greedy=sums.greedy,
+            prompt_tokens=layout.prompt_len,
+            completion_tokens=layout.completion_len,
+            bos_added=layout.bos,
+            truncated_prompt_tokens=completion.truncated,
+            first_token_scored=sums.first_token_scored,
+            scored_prompt=completion.scored_prompt,
+            scored_completion=completion.scored_completion,
+            tokens=tokens,
+        )
+
+    def _tokens(
+        self, ids: tuple[int, ...], layout: SequenceLayout, scores: PositionScores
+    ) -> tuple[Token, ...]:
+        decode = self.tokenizer.decode_token
+        # Token 0 opens the sequence: nothing precedes it, so it has no score.
+        details = [Token(ids[0], decode(ids[0]), layout.segment(0), None, 0)] if ids else []
+        for j in range(1, len(ids)):
+            top = tuple(
+                TopToken(int(t), decode(int(t)), float(lp))
+                for t, lp in zip(scores.top_ids[j - 1], scores.top_logprobs[j - 1], strict=True)
+            )
+            logprob, rank = float(scores.logprobs[j - 1]), int(scores.ranks[j - 1])
+            details.append(Token(ids[j], decode(ids[j]), layout.segment(j), logprob, rank, top))
+        return tuple(details)
+
+    def score_sync(self, plan: ScoringPlan) -> list[ScoreResult]:
+        """Run a plan in the calling thread, batched only within itself; results in
+        (item, completion) order. For warm-up, benchmarks and tests; the server uses score()."""
+        progress = PlanProgress(plan)
+        results = [self.result(plan, c, progress.scored) for c in progress.start()]
+        sequences = [plan.sequences[i] for i in plan.full_passes]
+        for batch in pack_by_length([len(s) for s in sequences], self.settings.max_batch_tokens):
+            scored = self.run_sequences([sequences[b] for b in batch], plan.top_k)
+            done = progress.add(
+                {plan.full_passes[b]: s for b, s in zip(batch, scored, strict=True)}
+            )
+            results.extend(self.result(plan, c, progress.scored) for c in done)
+        for group in plan.prefix_groups:
+            done = progress.add(self.run_prefix_group(plan, group))
+            results.extend(self.result(plan, c, progress.scored) for c in done)
+        return sorted(results, key=lambda r: (r.item_index, r.completion_index))
+
+    async def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
+        """Run a plan through the dynamic batcher, yielding results as they complete.
+
+        When the consumer stops early (client cancelled or went away), the plan's
+        queued work is cancelled and never runs.
+        """
+        queued = self.batcher.pending_count()
+        limit = self.settings.max_queue_length
+        if queued + len(plan.full_passes) + len(plan.prefix_groups) > limit:
+            raise Overloaded(f"queue full: {queued} sequences waiting, limit {limit}")
+        progress = PlanProgress(plan)
+        for completion in progress.start():
+            yield self.result(plan, completion, progress.scored)
+        owner = self.batcher.new_owner()
+        waiting: dict[asyncio.Future[Any], int | None] = {}
+        for index in plan.full_passes:
+            waiting[self.batcher.submit_sequence(plan.sequences[index], plan.top_k, owner)] = index
+        for group in plan.prefix_groups:
+            call = functools.partial(self.run_prefix_group, plan, group)
+            waiting[self.batcher.submit_call(call, owner)] = None
+        try:
+            pending: set[asyncio.Future[Any]] = set(waiting)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    index = waiting[future]
+                    scored = {index: future.result()} if index is not None else future.result()
+                    for completion in progress.add(scored):
+                        yield self.result(plan, completion, progress.scored)
+        finally:
+            for future in waiting:
+                future.cancel()

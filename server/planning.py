@@ -1,0 +1,321 @@
+"""Planning: a request's items (or texts) -> the token sequences to score, checked.
+
+`Planner.plan` validates and tokenizes a Score request: the x/y token split
+(lmscore.server.tokenization), BOS, left truncation, the size limits, and which
+joint sequences share a prompt prefix worth one pass (prefix reuse). Bad input
+raises InvalidInput (RequestTooLarge for size limits) naming the first bad field.
+Identical sequences are scored once.
+
+`Planner.plan_rolling` cuts whole texts into the windows of lmscore.server.rolling
+and plans them as items of one ScoringPlan (token ids verbatim, no BOS), so
+windows go through the same validation, batching and sums as any item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from lmscore.server.config import EngineSettings
+from lmscore.server.requests import (
+    InvalidInput,
+    ItemInput,
+    ModelFacts,
+    PlanOptions,
+    RequestTooLarge,
+    RollingPlanOptions,
+    TokenInput,
+)
+from lmscore.server.rolling import rolling_windows
+from lmscore.server.scoring import SequenceLayout
+from lmscore.server.tokenization import TextTokenizer
+
+
+@dataclasses.dataclass
+class PlannedCompletion:
+    item_index: int
+    completion_index: int
+    layout: SequenceLayout
+    joint: int  # index into ScoringPlan.sequences
+    marginal: int | None  # separate-pass prefix sequence, if requested
+    truncated: int
+    scored_prompt: str
+    scored_completion: str
+
+
+@dataclasses.dataclass
+class PrefixGroup:
+    """Joint sequences `members` (indices) that all start with `prefix` = [BOS] + prompt."""
+
+    prefix: tuple[int, ...]
+    members: list[int]
+
+
+@dataclasses.dataclass
+class ScoringPlan:
+    options: PlanOptions
+    sequences: list[tuple[int, ...]]
+    completions: list[PlannedCompletion]
+    # Sequences scored by full passes, and the groups scored by prefix reuse.
+    full_passes: list[int]
+    prefix_groups: list[PrefixGroup]
+
+    @property
+    def top_k(self) -> int:
+        """Alternatives per position the model runs return (none without token details)."""
+        return self.options.top_k if self.options.token_details else 0
+
+
+@dataclasses.dataclass
+class RollingPlan:
+    """Windows of every text as the items of one ScoringPlan; `windows_of[t]` lists text t's
+    item indices in text order."""
+
+    options: RollingPlanOptions
+    prefix_token_id: int
+    texts: list[list[int]]
+    windows_of: list[list[int]]
+    plan: ScoringPlan | None  # None when every text is empty
+
+
+class Planner:
+    def __init__(self, tokenizer: TextTokenizer, facts: ModelFacts, settings: EngineSettings):
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self.settings = settings
+
+    def _check_ids(self, ids: Sequence[int], field: str) -> list[int]:
+        vocab_size = self.facts.vocab_size
+        for position, token_id in enumerate(ids):
+            if not 0 <= token_id < vocab_size:
+                raise InvalidInput(
+                    f"{field}[{position}]",
+                    f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                )
+        return list(ids)
+
+    def _bos(self, options: PlanOptions, settings: EngineSettings) -> list[int]:
+        """[BOS] or []; checks the options on the way."""
+        if options.top_k < 0:
+            raise InvalidInput("options.top_k", f"must be >= 0, got {options.top_k}")
+        if options.top_k > settings.max_top_k:
+            raise InvalidInput(
+                "options.top_k", f"must be <= {settings.max_top_k}, got {options.top_k}"
+            )
+        bos = self.facts.bos_token_id
+        if options.add_bos and bos is None:
+            raise InvalidInput("options.add_bos", "the model has no BOS token")
+        return [bos] if bos is not None and options.add_bos is not False else []
+
+    def _encode(
+        self, prompt: TokenInput | None, completion: TokenInput | None, field: str
+    ) -> tuple[str, str, list[int], list[int]]:
+        if completion is None:
+            raise InvalidInput(field, "has neither text nor token_ids")
+        prompt_field = field.rsplit(".completions", 1)[0]
+        if isinstance(prompt, str | None) and isinstance(completion, str):
+            pair = self.tokenizer.encode_pair(prompt or "", completion)
+            return pair.scored_prompt, pair.scored_completion, pair.prompt_ids, pair.completion_ids
+        if prompt is None:
+            prompt_text, prompt_ids = "", []
+        elif isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_text, prompt_ids = (
+                "",
+                self._check_ids(prompt, f"{prompt_field}.prompt_token_ids"),
+            )
+        if isinstance(completion, str):
+            return prompt_text, completion, prompt_ids, self.tokenizer.encode(completion)
+        return prompt_text, "", prompt_ids, self._check_ids(completion, f"{field}.token_ids")
+
+    def longest_sequence(self, settings: EngineSettings | None = None) -> int:
+        """Tokens of the longest joint sequence (BOS included): the model's context, or the
+        server's per-item limit when lower."""
+        context = self.facts.max_context
+        return min(context, (settings or self.settings).max_tokens_per_item or context)
+
+    def plan(
+        self,
+        items: Sequence[ItemInput],
+        options: PlanOptions,
+        *,
+        settings: EngineSettings | None = None,
+    ) -> ScoringPlan:
+        """Validate and tokenize; raises InvalidInput naming the first bad field.
+        `settings` replaces the engine's (a rolling plan checks its own request limits)."""
+        settings = settings or self.settings
+        if not items:
+            raise InvalidInput("items", "must hold at least one item")
+        if len(items) > settings.max_items_per_request:
+            raise RequestTooLarge(
+                "items",
+                f"{len(items)} items exceed the limit of {settings.max_items_per_request}",
+            )
+        bos = self._bos(options, settings)
+        max_context = self.longest_sequence(settings)
+        limit_name = (
+            "the model's context"
+            if max_context == self.facts.max_context
+            else "the server's per-item limit (--max-tokens-per-item)"
+        )
+        request_tokens = 0
+        sequence_index: dict[tuple[int, ...], int] = {}
+
+        def intern(ids: tuple[int, ...]) -> int:
+            return sequence_index.setdefault(ids, len(sequence_index))
+
+        completions: list[PlannedCompletion] = []
+        prefixes: dict[int, tuple[int, ...]] = {}  # joint sequence -> its [BOS] + prompt
+        for item_index, item in enumerate(items):
+            if not item.completions:
+                raise InvalidInput(
+                    f"items[{item_index}].completions", "must hold at least one completion"
+                )
+            if len(item.completions) > settings.max_completions_per_item:
+                raise RequestTooLarge(
+                    f"items[{item_index}].completions",
+                    f"{len(item.completions)} completions exceed the limit of "
+                    f"{settings.max_completions_per_item} per item",
+                )
+            for completion_index, completion in enumerate(item.completions):
+                field = f"items[{item_index}].completions[{completion_index}]"
+                scored_prompt, scored_completion, prompt_ids, completion_ids = self._encode(
+                    item.prompt, completion, field
+                )
+                length = len(bos) + len(prompt_ids) + len(completion_ids)
+                truncated = 0
+                if length > max_context:
+                    if not options.truncate_prompt_left:
+                        raise InvalidInput(
+                            field,
+                            f"sequence of {length} tokens ({len(bos)} BOS + {len(prompt_ids)} "
+                            f"prompt + {len(completion_ids)} completion) exceeds {limit_name} "
+                            f"of {max_context} tokens; set options.truncate_prompt_left "
+                            "to drop prompt tokens from the left",
+                        )
+                    truncated = length - max_context
+                    if truncated > len(prompt_ids):
+                        raise InvalidInput(
+                            field,
+                            f"completion of {len(completion_ids)} tokens (+{len(bos)} BOS) does "
+                            f"not fit {limit_name} of {max_context} tokens even with "
+                            "the whole prompt truncated",
+                        )
+                    prompt_ids = prompt_ids[truncated:]
+                layout = SequenceLayout(bool(bos), len(prompt_ids), len(completion_ids))
+                request_tokens += layout.length
+                if request_tokens > settings.max_tokens_per_request:
+                    raise RequestTooLarge(
+                        "items",
+                        f"more than {settings.max_tokens_per_request} tokens in one request "
+                        f"(reached at {field})",
+                    )
+                joint = intern(tuple(bos + prompt_ids + completion_ids))
+                prefixes.setdefault(joint, tuple(bos + prompt_ids))
+                separate = options.marginal_mode == "separate_pass"
+                marginal = intern(tuple(bos + prompt_ids)) if separate else None
+                completions.append(
+                    PlannedCompletion(
+                        item_index,
+                        completion_index,
+                        layout,
+                        joint,
+                        marginal,
+                        truncated,
+                        scored_prompt,
+                        scored_completion,
+                    )
+                )
+        sequences = list(sequence_index)
+        groups = self._prefix_groups(prefixes, options, settings)
+        grouped = {m for g in groups for m in g.members}
+        full_passes = [i for i, ids in enumerate(sequences) if len(ids) > 1 and i not in grouped]
+        return ScoringPlan(options, sequences, completions, full_passes, groups)
+
+    def _prefix_groups(
+        self,
+        prefixes: dict[int, tuple[int, ...]],
+        options: PlanOptions,
+        settings: EngineSettings,
+    ) -> list[PrefixGroup]:
+        """Two or more joint sequences sharing a non-empty prefix that saves at least
+        min_prefix_reuse_tokens, in same-pass mode (separate-pass mode stays the
+        definition verbatim: full passes only)."""
+        if not settings.prefix_reuse or options.marginal_mode == "separate_pass":
+            return []
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for joint, prefix in prefixes.items():
+            if prefix:
+                by_prefix.setdefault(prefix, []).append(joint)
+        # The prefix pass runs len(p) - 1 tokens once instead of once per member.
+        least = settings.min_prefix_reuse_tokens
+        return [
+            PrefixGroup(p, m)
+            for p, m in by_prefix.items()
+            if len(m) > 1 and (len(m) - 1) * (len(p) - 1) >= least
+        ]
+
+    def plan_rolling(
+        self, texts: Sequence[TokenInput | None], options: RollingPlanOptions
+    ) -> RollingPlan:
+        """Validate and tokenize texts, cut them into windows; InvalidInput names the field."""
+        settings = self.settings
+        if not texts:
+            raise InvalidInput("texts", "must hold at least one text")
+        if len(texts) > settings.max_items_per_request:
+            raise RequestTooLarge(
+                "texts", f"{len(texts)} texts exceed the limit of {settings.max_items_per_request}"
+            )
+        facts = self.facts
+        prefix = facts.bos_token_id if facts.bos_token_id is not None else facts.eos_token_id
+        if prefix is None:
+            raise InvalidInput("texts", "the model has neither BOS nor EOS to start a text with")
+        longest = self.longest_sequence() - 1
+        window = options.max_window_tokens or longest
+        if window > longest:
+            raise InvalidInput(
+                "options.max_window_tokens",
+                f"must be <= {longest} (the server's longest sequence, {longest + 1} tokens, "
+                f"holds {longest} model inputs and the last predicted token), got {window}",
+            )
+        min_context = max(options.min_context_tokens, 1)
+        if min_context > window:
+            raise InvalidInput(
+                "options.min_context_tokens",
+                f"must be <= the window of {window} tokens, got {min_context}",
+            )
+        encoded: list[list[int]] = []
+        for index, text in enumerate(texts):
+            if text is None:
+                raise InvalidInput(f"texts[{index}]", "has neither text nor token_ids")
+            if isinstance(text, str):
+                encoded.append(self.tokenizer.encode(text))
+            else:
+                encoded.append(self._check_ids(text, f"texts[{index}].token_ids"))
+        items: list[ItemInput] = []
+        windows_of: list[list[int]] = []
+        model_tokens = 0
+        for index, ids in enumerate(encoded):
+            own = []
+            for w in rolling_windows(ids, prefix, window, min_context):
+                own.append(len(items))
+                items.append(ItemInput(list(w.context), [list(w.continuation)]))
+                model_tokens += len(w.context) + len(w.continuation)
+            if model_tokens > settings.max_tokens_per_request:
+                raise RequestTooLarge(
+                    "texts",
+                    f"more than {settings.max_tokens_per_request} tokens in model windows in "
+                    f"one request (reached at texts[{index}], {len(ids)} tokens); send fewer "
+                    "texts",
+                )
+            windows_of.append(own)
+        plan = None
+        if items:
+            # The request limits are checked above, in terms of texts.
+            unlimited = dataclasses.replace(
+                settings, max_items_per_request=len(items), max_tokens_per_request=model_tokens
+            )
+            scoring = PlanOptions(token_details=options.token_logprobs, add_bos=False)
+            plan = self.plan(items, scoring, settings=unlimited)
+        return RollingPlan(options, prefix, encoded, windows_of, plan)

@@ -1,0 +1,79 @@
+"""`lmscore serve` flags -> ServerConfig: every setting is one field with one flag of the same
+name, and each flag lands in its field (lmscore.server.config, lmscore.server.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmscore.export.paths import default_model_dir
+from lmscore.server.cli import ConfigError, add_arguments, config_from_args
+from lmscore.server.config import EngineSettings, RuntimeOptions, ServerConfig, is_flag
+
+ENVIRON = {"LMSCORE_HOME": "/srv/lmscore"}
+
+
+def parse(*argv: str) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv), ENVIRON)
+
+
+def test_no_flags_give_the_declared_defaults() -> None:
+    assert parse() == ServerConfig(model_dir=default_model_dir(ENVIRON))
+
+
+def another_value(setting: dataclasses.Field[Any], hint: Any) -> tuple[list[str], Any]:
+    """Flags that set `setting` to a value other than its default, and that value."""
+    flag = "--" + setting.name.replace("_", "-")
+    default = setting.default
+    if typing.get_origin(hint) is typing.Literal:
+        value = next(v for v in typing.get_args(hint) if v != default)
+        return [flag, value], value
+    kinds = set(typing.get_args(hint)) - {type(None)} or {hint}
+    if bool in kinds:
+        value = not default
+        return [flag if value else "--no-" + flag[2:]], value
+    if int in kinds:
+        return [flag, str(default + 7)], default + 7
+    if float in kinds:
+        return [flag, str(default + 0.5)], default + 0.5
+    if Path in kinds:
+        return [flag, "/tmp/elsewhere"], Path("/tmp/elsewhere")
+    return [flag, "somewhere"], "somewhere"
+
+
+SETTINGS = [
+    (owner, setting)
+    for owner in (ServerConfig, RuntimeOptions, EngineSettings)
+    for setting in dataclasses.fields(owner)
+    if is_flag(setting)
+]
+
+
+@pytest.mark.parametrize(("owner", "setting"), SETTINGS, ids=[s.name for _, s in SETTINGS])
+def test_each_flag_sets_its_field(owner: type, setting: dataclasses.Field[Any]) -> None:
+    argv, value = another_value(setting, typing.get_type_hints(owner)[setting.name])
+    config = parse(*argv)
+    default = ServerConfig(model_dir=default_model_dir(ENVIRON))
+    if owner is ServerConfig:
+        expected = dataclasses.replace(default, **{setting.name: value})
+    else:
+        part = "runtime" if owner is RuntimeOptions else "engine"
+        changed = dataclasses.replace(getattr(default, part), **{setting.name: value})
+        expected = dataclasses.replace(default, **{part: changed})
+    assert config == expected
+
+
+def test_flags_without_a_plain_field_are_read_here(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# comment\nsecret\n")
+    config = parse("--model", str(tmp_path), "--auth-token-file", str(tokens))
+    assert config.model_dir == tmp_path and config.auth_tokens == ("secret",)
+    with pytest.raises(ConfigError, match="--tls-cert and --tls-key go together"):
+        parse("--tls-cert", str(tokens))
