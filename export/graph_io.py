@@ -57,18 +57,19 @@ def model_feeds(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     *,
-    past: Mapping[str, np.ndarray] | None = None,
+    past: Mapping[str, Any] | None = None,
     target_ids: np.ndarray | None = None,
     top_k: int = 0,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Feeds for right-padded `input_ids` [batch, seq].
 
     `attention_mask` covers past + new tokens; `past` maps past_key_values names to
-    arrays [batch, kv_heads, past_len, head_dim] (None: an empty past).
+    tensors [batch, kv_heads, past_len, head_dim], host arrays or (for an IO binding) values
+    on the device (None: an empty past).
     """
     batch, new_len = input_ids.shape
     past_len = attention_mask.shape[1] - new_len
-    feeds: dict[str, np.ndarray] = {}
+    feeds: dict[str, Any] = {}
     for graph_input in graph_inputs:
         name = graph_input.name
         if name == "input_ids":

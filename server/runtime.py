@@ -241,18 +241,24 @@ class OnnxCausalLM:
         wanted = ["target_logprobs", "target_ranks"]
         if top_k > 0:
             wanted += ["top_logprobs", "top_ids"]
+        if past is None:
+            past_feeds = None
+        elif self.io_binding:
+            past_feeds = self._bound_past(past, past_repeats)
+        else:
+            past_feeds = {n: np.repeat(_on_host(v), past_repeats, axis=0) for n, v in past.items()}
         feeds = model_feeds(
-            self._inputs, input_ids, attention_mask, target_ids=target_ids, top_k=top_k
+            self._inputs,
+            input_ids,
+            attention_mask,
+            past=past_feeds,
+            target_ids=target_ids,
+            top_k=top_k,
         )
         values: dict[str, Any]
         if self.io_binding:
-            feeds.update(self._bound_past(past, past_repeats))
             values = self._run_bound(feeds, wanted, self._present if return_present else [])
         else:
-            if past is not None:
-                feeds.update(
-                    {n: np.repeat(_on_host(v), past_repeats, axis=0) for n, v in past.items()}
-                )
             if return_present:
                 wanted += self._present
             values = dict(zip(wanted, self.session.run(wanted, feeds), strict=True))
@@ -270,13 +276,9 @@ class OnnxCausalLM:
         )
         return scores, present
 
-    def _bound_past(
-        self, past: Mapping[str, PastValue] | None, repeats: int
-    ) -> dict[str, PastValue]:
+    def _bound_past(self, past: Mapping[str, PastValue], repeats: int) -> dict[str, PastValue]:
         """The past feeds of an IO-bound run: OrtValues stay where they are (a batch-1 cache
         repeated there by the tiling graph); everything else is repeated on the host."""
-        if past is None:
-            return {}
         device = [v for v in past.values() if isinstance(v, ort.OrtValue)]
         here = sorted(past) == sorted(self._past_names) and all(
             isinstance(v, ort.OrtValue)
