@@ -23,11 +23,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch path")
     parser.add_argument(
+        "--long",
+        action="store_true",
+        help="the long-sequence workload instead (lmscore.bench.long: one request of 512, "
+        "2048 and 8192 tokens, server and PyTorch, and other clients' latency meanwhile); "
+        "writes long.json and long.png",
+    )
+    parser.add_argument(
         "--output-dir", type=Path, default=Path("bench/results"), help="bench.json and bench.png"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.long:
+        from lmscore.bench import long
+
+        results = long.run(args.model, args.source, args.output_dir, not args.no_pytorch)
+        print(long.table(results))
+        print(f"\nwrote {args.output_dir}/long.json and long.png", file=sys.stderr)
+        return 0
+
     from lmscore.bench.report import table, write
     from lmscore.bench.runner import run_bench
     from lmscore.export.paths import default_model_dir

@@ -5,15 +5,17 @@ bar and a summary (see BATCH_HELP)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import grpc
 from tqdm import tqdm
@@ -29,6 +31,13 @@ DEFAULT_ITEMS_PER_REQUEST = 32
 DEFAULT_CONCURRENCY = 4
 # A run prints this many failed completions as they happen; all are in the output.
 MAX_PRINTED_ERRORS = 10
+# Longest input line (bytes, newline excluded): the server's default gRPC message size
+# (`lmscore serve --max-message-bytes`), which a request holding a longer line cannot fit.
+# A longer line is an input error, found while reading, before any request.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+# A request takes records while their lines add up to at most this many bytes (and at least
+# one record): half the server's default message size, so requests of several long lines fit.
+MAX_REQUEST_INPUT_BYTES = 8 * 1024 * 1024
 
 BATCH_HELP = """\
 batch mode (--input):
@@ -40,6 +49,9 @@ batch mode (--input):
   "message"}} instead; the run goes on and exits with 1. Any other failure (server
   down, bad option) stops the run at the first request it hits, after the lines before
   it; exit 1.
+  Input lines are UTF-8, at most 16 MiB each; a request takes up to --items-per-request
+  records, fewer when their lines add up to over 8 MiB. A bad input line (not UTF-8,
+  not JSON, too long, fields missing) stops the run before any request; exit 2.
   --resume keeps the complete result lines of --output, cuts a torn last line, drops
   error lines (so they are retried) and appends what is missing; so after a resume that
   retried errors, sort by (index, completion_index) if order matters.
@@ -58,18 +70,68 @@ class InputRecord:
     line: int  # 1-based line number in the input file
     item: Item
     id: Any
+    size: int = 0  # bytes of the input line, which bound its share of a request
 
 
-def read_records(lines: Iterator[str], source: str) -> Iterator[InputRecord]:
-    """One InputRecord per non-blank JSONL line; InputError names the line and the field."""
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+def _read_line(handle: BinaryIO, where: str, max_line_bytes: int) -> tuple[str, int] | None:
+    r"""The next line of a file opened in binary (None at its end), decoded, and its size in
+    bytes. Lines end at b"\n" only: a "\r" inside one (JSON whitespace) does not start
+    another. At most `max_line_bytes` + 1 bytes are read for a line that is too long; the
+    bytes are dropped on return, so only the text is held while it is parsed."""
+    line = handle.readline(max_line_bytes + 1)
+    if not line:
+        return None
+    if len(line.removesuffix(b"\n")) > max_line_bytes:
+        mib = f" ({max_line_bytes // 2**20} MiB)" if max_line_bytes % 2**20 == 0 else ""
+        raise InputError(
+            f"{where}: line longer than the limit of {max_line_bytes} bytes{mib} per input line"
+        )
+    try:
+        return line.decode("utf-8"), len(line)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{where}: not UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start} of the line)"
+        ) from None
+
+
+# A lone surrogate (JSON's "\ud800" escape, say) has no UTF-8 form: protobuf cannot send it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in the strings (keys included) of a parsed JSON value."""
+    if isinstance(value, str):
+        found = None if value.isascii() else _SURROGATE.search(value)
+        return found.group() if found else None
+    if isinstance(value, dict):
+        value = [part for pair in value.items() for part in pair]
+    if isinstance(value, list):
+        for part in value:
+            if (found := _lone_surrogate(part)) is not None:
+                return found
+    return None
+
+
+def read_records(
+    handle: BinaryIO, source: str, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[InputRecord]:
+    """One InputRecord per non-blank line of the JSONL file `handle`, opened in binary.
+    InputError names the line (1-based) and what is wrong: not UTF-8, longer than
+    `max_line_bytes`, not JSON, or not a record."""
+    for number in itertools.count(1):
         where = f"{source}:{number}"
+        read = _read_line(handle, where, max_line_bytes)
+        if read is None:
+            return
+        text, size = read
+        del read
+        if not text.strip():
+            continue
         try:
-            record = json.loads(line)
+            record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not JSON ({exc.msg})") from None
+        del text  # the parsed strings are the only copy kept
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object")
         prompt = record.get("prompt", "")
@@ -82,7 +144,15 @@ def read_records(lines: Iterator[str], source: str) -> Iterator[InputRecord]:
             raise InputError(f"{where}: completions must be strings")
         if not completions:
             raise InputError(f"{where}: 'completions' must hold at least one string")
-        yield InputRecord(number, Item(prompt, completions), record.get("id"))
+        item_id = record.get("id")
+        named = "completions" if "completions" in record else "completion"
+        for name, value in (("prompt", prompt), (named, completions), ("id", item_id)):
+            if (surrogate := _lone_surrogate(value)) is not None:
+                raise InputError(
+                    f"{where}: {name!r} holds a lone surrogate (\\u{ord(surrogate):04x}), "
+                    "which is not UTF-8"
+                )
+        yield InputRecord(number, Item(prompt, completions), item_id, size)
 
 
 # ScoreResult fields a result line leaves out: its place is "index" and "completion_index"
@@ -103,9 +173,29 @@ def result_record(result: ScoreResult, index: int, item_id: Any, token_details: 
     return record
 
 
-def _chunks(records: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
-    for start in range(0, len(records), size):
-        yield start, records[start : start + size]
+# A chunk: (record index, completion indices to score) per item of one request.
+Chunk = Sequence[tuple[int, Sequence[int]]]
+
+
+def _chunks(
+    todo: Sequence[tuple[int, Sequence[int]]],
+    records: Sequence[InputRecord],
+    items: int,
+    max_bytes: int = MAX_REQUEST_INPUT_BYTES,
+) -> Iterator[Chunk]:
+    """`todo` ((record index, completions) pairs) cut into requests of at most `items`
+    records whose input lines add up to at most `max_bytes` (a longer record goes alone)."""
+    chunk: list[tuple[int, Sequence[int]]] = []
+    size = 0
+    for entry in todo:
+        record_size = records[entry[0]].size
+        if chunk and (len(chunk) == items or size + record_size > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += record_size
+    if chunk:
+        yield chunk
 
 
 def completed_results(
@@ -161,17 +251,23 @@ def completed_results(
     return done, errors
 
 
-# A chunk: (record index, completion indices to score) per item of one request.
-Chunk = Sequence[tuple[int, Sequence[int]]]
+def _too_large(exc: ScoringError) -> bool:
+    """gRPC refused the request as larger than the server's message size (--max-message-
+    bytes; gRPC's own status, with no field named): smaller requests may fit."""
+    return (
+        exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and not exc.field_violations
+        and "larger than max" in exc.message
+    )
 
 
 def _item_error(exc: ScoringError) -> bool:
     """The server rejected something in the items (not an option, not the server's state):
     smaller requests can find which completion, and the others still score."""
-    return exc.code in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ) and any(field.split("[", 1)[0] == "items" for field in exc.field_violations)
+    return _too_large(exc) or (
+        exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        and any(field.split("[", 1)[0] == "items" for field in exc.field_violations)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +337,8 @@ class BatchScorer:
             record["id"] = self.records[index].id
         # The violation's field names the one-completion request; its description is the news.
         message = next(iter(exc.field_violations.values()), exc.message)
+        if _too_large(exc):
+            message += " (a request of this completion alone is over the server's message size)"
         record["line"] = self.records[index].line
         record["error"] = {"code": exc.code.name, "message": message}
         return record
@@ -304,7 +402,7 @@ def _score_records(
     ]
     todo = [(index, wanted) for index, wanted in todo if wanted]
     total = sum(len(wanted) for _, wanted in todo)
-    chunks = (chunk for _, chunk in _chunks(todo, run.items_per_request))
+    chunks = _chunks(todo, records, run.items_per_request)
     scorer = BatchScorer(run.client, records, run.options, run.timeout)
     # Chunks submitted and not yet written, in input order: the workers run ahead of the
     # writer by at most this many, which bounds the results held in memory.
@@ -368,16 +466,18 @@ def score_jsonl(
     concurrency: int = DEFAULT_CONCURRENCY,
     timeout: float | None = None,
     resume: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> BatchSummary:
     """Score the JSONL file `input_path` on `client`'s server and write one result line per
     (record, completion) to `output_path` (standard output when None), in input order (see
     BATCH_HELP). `resume` keeps the complete result lines of `output_path` and scores what
-    is missing. InputError for a bad input line, or an output that is not this input's.
+    is missing. InputError, before any request, for a bad input line (not UTF-8, longer
+    than `max_line_bytes`, not JSON, not a record), or an output that is not this input's.
     The summary says what was scored; `stopped` is set when the run ended early."""
     if resume and output_path is None:
         raise ValueError("resume needs an output path")
-    with input_path.open(encoding="utf-8") as handle:
-        records = list(read_records(handle, str(input_path)))
+    with input_path.open("rb") as handle:
+        records = list(read_records(handle, str(input_path), max_line_bytes))
     run = _Run(
         client,
         records,

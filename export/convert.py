@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmscore.export.attention import fused_attention, fused_attention_layers
 from lmscore.export.half import (
     DTYPE_FLOAT16,
     MAX_VALIDATION_DIFF,
@@ -101,14 +102,15 @@ def export_model(
         bar.update()
 
         bar.set_description("exporting ONNX with Optimum")
-        onnx_export_from_model(model, str(work_dir), task=EXPORT_TASK, do_validation=False)
+        with fused_attention(model):
+            onnx_export_from_model(model, str(work_dir), task=EXPORT_TASK, do_validation=False)
         if dtype == DTYPE_FLOAT16:
             bar.set_description("converting the graph to float16")
             convert_to_float16(work_dir / ONNX_NAME)
         bar.update()
 
         bar.set_description("adding the scoring head; saving tokenizer and config")
-        add_scoring_head(work_dir / ONNX_NAME)
+        add_scoring_head(work_dir / ONNX_NAME, _output_width(model))
         write_past_tile(work_dir)
         tokenizer.save_pretrained(str(work_dir))  # type: ignore[attr-defined]
         config.save_pretrained(str(work_dir))
@@ -144,6 +146,8 @@ def export_model(
             transformers_version=metadata.version("transformers"),
             torch_version=torch.__version__,
             scoring_head=True,
+            layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+            fused_attention_layers=fused_attention_layers(work_dir / ONNX_NAME),
             validation_max_abs_diff=figure.max_abs_diff,
             validation_tokens=figure.tokens,
             export_seconds=round(time.perf_counter() - started, 2),
@@ -154,6 +158,10 @@ def export_model(
             shutil.rmtree(output_dir)
         work_dir.rename(output_dir)
     return manifest
+
+
+def _output_width(model: object) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[attr-defined]
 
 
 def _first_id(value: int | list[int] | None) -> int | None:

@@ -27,8 +27,11 @@ HEAD_INPUTS = ("target_ids", "top_k")
 SUM_BLOCK = 256
 
 
-def add_scoring_head(onnx_path: Path) -> None:
-    """Rewrite the model at `onnx_path` in place with the scoring head."""
+def add_scoring_head(onnx_path: Path, vocab_size: int | None = None) -> None:
+    """Rewrite the model at `onnx_path` in place with the scoring head.
+
+    `vocab_size` (the output layer's width) is needed where the graph's logits do not
+    declare it (shape inference stops at contrib ops such as fused attention)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -47,7 +50,7 @@ def add_scoring_head(onnx_path: Path) -> None:
             helper.make_tensor_value_info("top_k", TensorProto.INT64, [1]),
         ]
     )
-    vocab = logits.type.tensor_type.shape.dim[-1].dim_value
+    vocab = logits.type.tensor_type.shape.dim[-1].dim_value or vocab_size
     if not vocab:
         raise ValueError(f"{onnx_path}: the logits' vocabulary axis has no fixed size")
     padding = -vocab % SUM_BLOCK

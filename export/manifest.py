@@ -18,7 +18,7 @@ CONFIG_NAME = "config.json"
 # (lmscore.export.past_tile); exports made before it repeat on the host.
 PAST_TILE_NAME = "past_tile.onnx"
 # Bumped when the layout of an exported directory changes incompatibly.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 class ManifestError(ValueError):
@@ -50,6 +50,10 @@ class Manifest:
     validation_tokens: int
     export_seconds: float
     created_at: str
+    # Transformer layers, and how many run attention as one fused ONNX Runtime node
+    # (lmscore.export.attention); the rest run it as the exported ops.
+    layers: int = 0
+    fused_attention_layers: int = 0
     # Quantized variants: recipe, and speed and deviation measured against the fp32 export.
     quantization: dict[str, Any] | None = None
 

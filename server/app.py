@@ -22,6 +22,7 @@ from lmscore.server.interceptors import (
     ErrorInterceptor,
     MetricsInterceptor,
 )
+from lmscore.server.memory import limit_arenas
 from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.servicer import ScorerServicer
@@ -88,26 +89,76 @@ def warm_up(engine: ScoringEngine) -> None:
     engine.score_sync(plan)
 
 
-def build_server(config: ServerConfig, loaded: LoadedModel) -> grpc.aio.Server:
+class BindError(RuntimeError):
+    """A port of the server (gRPC or metrics) cannot be bound."""
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC core options: message size, one process per port, keepalive, connection age."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default: a second server on the same port would start
+        # and take half the connections. Off, binding a used port fails.
+        ("grpc.so_reuseport", 0),
+        # Clients may ping idle connections, every 10 s at most (faster: GOAWAY too_many_pings).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.keepalive_time > 0:
+        options += [
+            ("grpc.keepalive_time_ms", _ms(config.keepalive_time)),
+            ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout)),
+        ]
+    if config.max_connection_idle > 0:
+        options.append(("grpc.max_connection_idle_ms", _ms(config.max_connection_idle)))
+    if config.max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(config.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace)),
+        ]
+    return options
+
+
+def new_server(config: ServerConfig) -> grpc.aio.Server:
+    """The gRPC server with its interceptors and options, no services yet."""
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     if config.auth_tokens:
         exempt = [health.SERVICE_NAME] if config.health_without_auth else []
         interceptors.append(BearerTokenInterceptor(config.auth_tokens, exempt))
     interceptors.append(ErrorInterceptor())
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ],
+    return grpc.aio.server(interceptors=interceptors, options=server_options(config))
+
+
+def add_scorer(server: grpc.aio.Server, config: ServerConfig, loaded: LoadedModel) -> None:
+    servicer = ScorerServicer(
+        loaded.engine,
+        loaded.info,
+        config.max_concurrent_requests,
+        config.stream_idle_timeout,
     )
-    servicer = ScorerServicer(loaded.engine, loaded.info, config.max_concurrent_requests)
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
-    return server
 
 
 def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Listen with TLS when a certificate is configured; warn about exposed plaintext."""
+    """Listen with TLS when a certificate is configured; warn about exposed plaintext.
+    Raises BindError when the address cannot be bound (in use, or not this host's)."""
+    try:
+        port = _add_port(server, config)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        port, reason = 0, f": {exc}"
+    else:
+        reason = ""
+    if port == 0:
+        raise BindError(f"cannot listen on {config.address} (in use by another process?){reason}")
+    return port
+
+
+def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
     if config.tls_cert is not None and config.tls_key is not None:
         credentials = grpc.ssl_server_credentials(
             [(config.tls_key, config.tls_cert)],
@@ -124,27 +175,36 @@ def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
 
 async def serve(config: ServerConfig) -> None:
     started = time.perf_counter()
+    limit_arenas()
+    # Both ports first, so a port in use fails in a second, not after the model loaded.
+    server = new_server(config)
+    port = bind(server, config)
+    if config.metrics_port:
+        metrics_host = config.metrics_host or config.host
+        try:
+            metrics.serve_metrics(metrics_host, config.metrics_port)
+        except OSError as exc:
+            raise BindError(
+                f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc.strerror}"
+            ) from None
+
     loaded = load_model(config)
     warm_up(loaded.engine)
-
-    server = build_server(config, loaded)
+    add_scorer(server, config, loaded)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection_enabled:
         reflection.enable_server_reflection(
             [SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-    port = bind(server, config)
-    if config.metrics_port:
-        metrics.MODEL.info(
-            {
-                "name": loaded.manifest.name,
-                "dtype": loaded.manifest.dtype,
-                "providers": ",".join(loaded.runtime.providers),
-                "source_sha256": loaded.manifest.source_sha256,
-            }
-        )
-        metrics.serve_metrics(config.metrics_host or config.host, config.metrics_port)
+    metrics.MODEL.info(
+        {
+            "name": loaded.manifest.name,
+            "dtype": loaded.manifest.dtype,
+            "providers": ",".join(loaded.runtime.providers),
+            "source_sha256": loaded.manifest.source_sha256,
+        }
+    )
     await server.start()
     for service in ("", SCORER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -6,15 +6,24 @@ then up to `max_queue_delay` for more (until `max_batch_tokens` are pending),
 sorts what is pending by length and packs it into batches of at most
 `max_batch_tokens` padded tokens, so padding waste stays low. Work whose
 future was cancelled (its client went away) is dropped before it runs.
+
+A batch (or a prefix-reuse call) is a generator of model runs
+(lmscore.server.execution.Steps): one run, or one per prefill chunk. The worker
+takes the runs in turn, one model run each, so a short request waits for at
+most one chunk of a long one, never for all of it; between two runs of a batch
+it stops the batch when every caller has left (cancelled, or past its deadline).
+At most one run whose key/value cache outgrows a chunk is open at a time, so
+interleaving does not stack long caches in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -48,9 +57,49 @@ class _SequenceJob:
 
 @dataclasses.dataclass
 class _CallJob:
-    call: Callable[[], Any]
+    call: Callable[[], Generator[None, None, Any]]
     owner: int
     future: asyncio.Future[Any]
+    cache_tokens: int
+
+
+@dataclasses.dataclass
+class _Run:
+    """A batch or call in progress: its model runs, and the jobs its result settles."""
+
+    steps: Generator[None, None, Any]
+    jobs: list[_SequenceJob] | list[_CallJob]
+    # Tokens of key/value cache it holds between its model runs (0: fits one chunk).
+    cache_tokens: int
+    started: bool = False
+
+    def abandoned(self) -> bool:
+        return all(job.future.done() for job in self.jobs)
+
+    def settle(self, value: Any) -> None:
+        if isinstance(self.jobs[0], _CallJob):
+            results = [value]
+        else:
+            results = [
+                scores.with_top_k(job.top_k) for job, scores in zip(self.jobs, value, strict=True)
+            ]
+        for job, result in zip(self.jobs, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        for job in self.jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+
+def _step(steps: Generator[None, None, Any]) -> tuple[bool, Any]:
+    """One model run of `steps`: (finished, its result when finished)."""
+    try:
+        next(steps)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +110,21 @@ class BatchingStats:
     real_tokens: int
     # Whole calls (prefix-reuse groups: a prompt pass and its completions), counted apart.
     calls: int = 0
+    # Batches and calls stopped between two model runs because every caller had left.
+    abandoned: int = 0
 
 
-RunSequences = Callable[[list[tuple[int, ...]], int], list[PositionScores]]
+RunSequences = Callable[[list[tuple[int, ...]], int], Generator[None, None, list[PositionScores]]]
 
 
 class DynamicBatcher:
     """Queues sequences (and whole calls) and runs them on `executor`, batched.
 
-    `run_sequences(sequences, top_k)` scores right-padded sequences in one
-    model run. With `cross_request=False` a batch only holds one request's
-    sequences (the baseline the benchmark compares against).
+    `run_sequences(sequences, top_k)` scores right-padded sequences: a generator
+    that yields between its model runs (one, or one per chunk of `chunk_tokens`).
+    With `cross_request=False` a batch only holds one request's sequences (the
+    baseline the benchmark compares against). `on_idle` runs on the model thread
+    each time the work runs out.
     """
 
     def __init__(
@@ -81,12 +134,18 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_queue_delay: float = 0.002,
         cross_request: bool = True,
+        chunk_tokens: int = 0,
+        on_idle: Callable[[], Any] | None = None,
     ) -> None:
         self._run_sequences = run_sequences
         self._executor = executor
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay = max_queue_delay
         self.cross_request = cross_request
+        self.chunk_tokens = chunk_tokens
+        # Run on the model thread whenever the queue runs dry after some work.
+        self._on_idle = on_idle
+        self._runs: collections.deque[_Run] = collections.deque()
         self._pending: list[_SequenceJob | _CallJob] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -96,6 +155,7 @@ class DynamicBatcher:
         self.padded_tokens = 0
         self.real_tokens = 0
         self.calls_run = 0
+        self.runs_abandoned = 0
 
     def new_owner(self) -> int:
         """A tag for one request's work (what cross_request=False keeps apart)."""
@@ -116,11 +176,14 @@ class DynamicBatcher:
         self._wakeup.set()
         return future
 
-    def submit_call(self, call: Callable[[], Any], owner: int) -> asyncio.Future[Any]:
-        """Run `call` on the model thread, in turn with the batches."""
+    def submit_call(
+        self, call: Callable[[], Generator[None, None, Any]], owner: int, cache_tokens: int
+    ) -> asyncio.Future[Any]:
+        """Run the steps `call()` makes on the model thread, in turn with the batches;
+        `cache_tokens`: the key/value cache it holds between its model runs."""
         self._ensure_worker()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_CallJob(call, owner, future))
+        self._pending.append(_CallJob(call, owner, future, cache_tokens))
         assert self._wakeup is not None
         self._wakeup.set()
         return future
@@ -135,6 +198,7 @@ class DynamicBatcher:
             self.padded_tokens,
             self.real_tokens,
             self.calls_run,
+            self.runs_abandoned,
         )
 
     def _pending_tokens(self) -> int:
@@ -163,60 +227,85 @@ class DynamicBatcher:
         self._pending = [j for j in live if j.owner != owner]
         return [j for j in live if j.owner == owner]
 
+    def _new_runs(self, jobs: list[_SequenceJob | _CallJob]) -> None:
+        """Batches of the sequence jobs, and one run per call, queued behind the open runs."""
+        for job in jobs:
+            if isinstance(job, _CallJob):
+                self._runs.append(_Run(job.call(), [job], self._held(job.cache_tokens)))
+        sequence_jobs = [j for j in jobs if isinstance(j, _SequenceJob)]
+        lengths = [len(j.ids) for j in sequence_jobs]
+        for batch in pack_by_length(lengths, self.max_batch_tokens):
+            batch_jobs = [sequence_jobs[i] for i in batch]
+            top_k = max(j.top_k for j in batch_jobs)
+            sequences = [j.ids for j in batch_jobs]
+            steps = self._run_sequences(sequences, top_k)
+            self._runs.append(_Run(steps, batch_jobs, self._held(max(map(len, sequences)))))
+
+    def _held(self, tokens: int) -> int:
+        return tokens if self.chunk_tokens and tokens > self.chunk_tokens else 0
+
+    def _next_run(self) -> _Run | None:
+        """The first queued run that may take a turn: one already started, or one whose
+        cache stays within a chunk, or any when no long run is open."""
+        long_open = any(r.started and r.cache_tokens for r in self._runs)
+        for run in self._runs:
+            if run.started or not run.cache_tokens or not long_open:
+                return run
+        return None
+
+    def _start(self, run: _Run) -> None:
+        run.started = True
+        started = time.monotonic()
+        if isinstance(run.jobs[0], _CallJob):
+            self.calls_run += 1
+            return
+        sequences = [job.ids for job in run.jobs]  # type: ignore[union-attr]
+        padded = len(sequences) * max(len(s) for s in sequences)
+        self.model_runs += 1
+        self.sequences_run += len(sequences)
+        self.padded_tokens += padded
+        self.real_tokens += sum(len(s) for s in sequences)
+        for job in run.jobs:
+            metrics.QUEUE_SECONDS.observe(started - job.queued_at)  # type: ignore[union-attr]
+        metrics.BATCH_SEQUENCES.observe(len(sequences))
+        metrics.BATCH_TOKENS.observe(padded)
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wakeup is not None
         while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.max_queue_delay > 0:
-                await self._gather()
-            jobs = self._take()
-            for job in jobs:
-                if isinstance(job, _CallJob) and not job.future.cancelled():
-                    self.calls_run += 1
-                    await self._settle(job.future, loop.run_in_executor(self._executor, job.call))
-            sequence_jobs = [j for j in jobs if isinstance(j, _SequenceJob)]
-            lengths = [len(j.ids) for j in sequence_jobs]
-            for batch in pack_by_length(lengths, self.max_batch_tokens):
-                batch_jobs = [
-                    sequence_jobs[i] for i in batch if not sequence_jobs[i].future.cancelled()
-                ]
-                if not batch_jobs:
-                    continue
-                top_k = max(j.top_k for j in batch_jobs)
-                sequences = [j.ids for j in batch_jobs]
-                padded = len(sequences) * max(len(s) for s in sequences)
-                self.model_runs += 1
-                self.sequences_run += len(sequences)
-                self.padded_tokens += padded
-                self.real_tokens += sum(len(s) for s in sequences)
-                started = time.monotonic()
-                for job in batch_jobs:
-                    metrics.QUEUE_SECONDS.observe(started - job.queued_at)
-                metrics.BATCH_SEQUENCES.observe(len(sequences))
-                metrics.BATCH_TOKENS.observe(padded)
-                run = loop.run_in_executor(self._executor, self._run_sequences, sequences, top_k)
-                try:
-                    with metrics.COMPUTE_SECONDS.time():
-                        results = await run
-                except Exception as exc:
-                    for job in batch_jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                for job, scores in zip(batch_jobs, results, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(scores.with_top_k(job.top_k))
-
-    @staticmethod
-    async def _settle(future: asyncio.Future[Any], work: asyncio.Future[Any]) -> None:
-        try:
-            result = await work
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-            return
-        if not future.done():
-            future.set_result(result)
+            if not self._runs:
+                if not self._pending and self._on_idle is not None:
+                    await loop.run_in_executor(self._executor, self._on_idle)
+                while not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                if self.max_queue_delay > 0:
+                    await self._gather()
+            if self._pending:
+                self._new_runs(self._take())
+            run = self._next_run()
+            if run is None:
+                continue
+            self._runs.remove(run)
+            if run.abandoned():
+                if run.started:
+                    self.runs_abandoned += 1
+                    metrics.RUNS_ABANDONED.inc()
+                run.steps.close()
+                continue
+            if not run.started:
+                self._start(run)
+            try:
+                with metrics.COMPUTE_SECONDS.time():
+                    finished, value = await loop.run_in_executor(self._executor, _step, run.steps)
+            except Exception as exc:
+                run.fail(exc)
+                continue
+            if finished:
+                run.settle(value)
+            else:
+                # Its next model run after the others' turns, those that came meanwhile too.
+                if self._pending:
+                    self._new_runs(self._take())
+                self._runs.append(run)

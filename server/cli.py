@@ -142,8 +142,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmscore.server.app import serve
-    from lmscore.server.runtime import DeviceError
+    from lmscore.server.app import BindError, serve
+    from lmscore.server.runtime import DeviceError, ModelLoadError
 
     try:
         config = config_from_args(args, os.environ)
@@ -159,11 +159,10 @@ def run(args: argparse.Namespace) -> int:
         hint = " (run `lmscore export` first)" if args.model == "default" else ""
         print(f"lmscore serve: {exc}{hint}", file=sys.stderr)
         return 2
-    except DeviceError as exc:
+    except (DeviceError, ModelLoadError) as exc:
         print(f"lmscore serve: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        # grpc raises RuntimeError when the port cannot be bound.
+    except BindError as exc:
         print(f"lmscore serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -60,9 +60,11 @@ class RuntimeOptions:
             metavar="DIR",
         ),
     )
-    # Run through session.io_binding() (outputs to host, key/value cache left on the device).
-    # None: on CUDA only; True forces it on CPU too (the tests hold it to the plain path).
-    io_binding: bool | None = None
+    # Run through session.io_binding(): scores to host arrays, the key/value cache left where
+    # ORT wrote it (on CPU this saves a copy of the cache per run: 215 MB less peak RSS for
+    # 8192 tokens of the default model). False: plain session.run, which copies every output
+    # into numpy (the tests hold the two paths to each other).
+    io_binding: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,19 @@ class EngineSettings:
             metavar="N",
         ),
     )
+    # Measured on the 2-core CPU, default model: 128 and 256 run the 8 x 128-token batch and
+    # 2048 tokens at the same speed (within noise) and 8192 tokens 15 % faster at 128; a
+    # chunk late in 8192 tokens takes ~0.7 s at 128 against ~1.7 s at 256, which is what a
+    # short request from another client waits (docs/benchmarks.md, long sequences).
+    prefill_chunk_tokens: int = field(
+        default=128,
+        metadata=flag(
+            "run sequences longer than N tokens in chunks of N through the key/value cache: "
+            "memory bounded by the chunk, deadlines and cancellations checked and other "
+            "requests' runs interleaved between chunks (0: one pass however long)",
+            metavar="N",
+        ),
+    )
     max_top_k: int = field(default=20, metadata=flag("largest top_k a request may ask for"))
     max_items_per_request: int = field(default=1024, metadata=flag("items in one request"))
     max_completions_per_item: int = field(default=256, metadata=flag("completions of one item"))
@@ -112,6 +127,25 @@ class EngineSettings:
     )
     max_tokens_per_request: int = field(
         default=262_144, metadata=flag("tokens over all sequences of one request")
+    )
+    max_text_bytes: int = field(
+        default=1024 * 1024,
+        metadata=flag(
+            "UTF-8 bytes of one prompt, completion or rolling text, checked before tokenizing",
+            metavar="BYTES",
+        ),
+    )
+    max_request_id_bytes: int = field(
+        default=256,
+        metadata=flag("UTF-8 bytes of a request_id (echoed in every result)", metavar="BYTES"),
+    )
+    max_response_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=flag(
+            "estimated bytes of one request's results (texts echoed, token details, top-k); "
+            "a request over it is refused before any work",
+            metavar="BYTES",
+        ),
     )
     max_queue_length: int = field(
         default=4096, metadata=flag("sequences waiting for the model, all requests together")
@@ -148,7 +182,61 @@ class ServerConfig:
     )
     max_concurrent_requests: int = field(
         default=64,
-        metadata=flag("Score/ScoreStream/ScoreRolling calls in flight", group=LIMITS_GROUP),
+        metadata=flag(
+            "requests being scored at once (a ScoreStream counts only while one of its "
+            "requests is)",
+            group=LIMITS_GROUP,
+        ),
+    )
+    stream_idle_timeout: float = field(
+        default=60.0,
+        metadata=flag(
+            "seconds a ScoreStream may wait for its next request before the server ends it "
+            "with DEADLINE_EXCEEDED (0: never)",
+            group=LIMITS_GROUP,
+            metavar="SECONDS",
+        ),
+    )
+    keepalive_time: float = field(
+        default=60.0,
+        metadata=flag(
+            "ping a connection after this many idle seconds to find dead peers (0: never)",
+            group=LIMITS_GROUP,
+            metavar="SECONDS",
+        ),
+    )
+    keepalive_timeout: float = field(
+        default=20.0,
+        metadata=flag(
+            "close a connection whose keepalive ping gets no answer in this many seconds",
+            group=LIMITS_GROUP,
+            metavar="SECONDS",
+        ),
+    )
+    max_connection_idle: float = field(
+        default=600.0,
+        metadata=flag(
+            "close a connection with no RPC for this many seconds (0: never)",
+            group=LIMITS_GROUP,
+            metavar="SECONDS",
+        ),
+    )
+    max_connection_age: float = field(
+        default=0.0,
+        metadata=flag(
+            "close connections older than this many seconds, after a grace period for their "
+            "calls, so clients spread over new servers (0: never)",
+            group=LIMITS_GROUP,
+            metavar="SECONDS",
+        ),
+    )
+    max_connection_age_grace: float = field(
+        default=300.0,
+        metadata=flag(
+            "seconds the calls of a connection past --max-connection-age get to finish",
+            group=LIMITS_GROUP,
+            metavar="SECONDS",
+        ),
     )
     # Security: TLS (PEM bytes; a client CA turns on mutual TLS) and bearer tokens, read from
     # the files that lmscore.server.cli's security flags name.

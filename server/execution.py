@@ -11,23 +11,33 @@ whose key/value cache then serves all the completions in one batched pass: the
 model repeats the batch-1 cache along the batch where it lives (`past_repeats`).
 Causal attention makes this equal to separate full passes (tested to 1e-4).
 
+Chunked prefill: a batch wider than `prefill_chunk_tokens` runs in chunks of
+that many positions, each against the key/value cache of the chunks before it,
+so a run's memory is bounded by the chunk, not the sequence (equal to one pass:
+causal attention sees the same context either way; tested to 1e-4). The work is
+a generator that yields between its model runs: the dynamic batcher runs other
+requests' runs between the chunks of a long one and stops it there when every
+caller has left (cancelled, or past its deadline).
+
 A completion's result is assembled (the sums of lmscore.server.scoring) as soon
-as every sequence it needs is scored; a plan whose consumer leaves has its
-queued work cancelled.
+as every sequence it needs is scored, off the event loop; a plan whose consumer
+leaves has its queued work cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from lmscore.server import metrics
 from lmscore.server.batching import DynamicBatcher, pack_by_length
 from lmscore.server.config import EngineSettings
+from lmscore.server.memory import MIN_TRIM_INTERVAL, release_free_memory
 from lmscore.server.planning import PlannedCompletion, PrefixGroup, ScoringPlan
 from lmscore.server.requests import Overloaded
 from lmscore.server.scoring import BatchScores, PositionScores, SequenceLayout, sum_sequence
@@ -37,6 +47,19 @@ from lmscore.v1.results import ScoreResult, Token, TopToken
 # A model's key/value cache by past input name, in whatever form the model keeps it (host
 # arrays, or values on its device); the engine only hands it back.
 KeyValueCache = Mapping[str, Any]
+
+Result = TypeVar("Result")
+# Work on the model thread: yields between its model runs, returns its result.
+Steps = Generator[None, None, Result]
+
+
+def run_to_end(steps: Steps[Result]) -> Result:
+    """Every step of `steps` in the calling thread; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 class TokenScorer(Protocol):
@@ -95,6 +118,9 @@ class PlanRunner:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
+        # Model runs, and those that were one chunk of a wider batch.
+        self.model_runs = 0
+        self.chunk_runs = 0
         # One model run at a time: ORT already spreads one run over the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
         self.batcher = DynamicBatcher(
@@ -103,13 +129,60 @@ class PlanRunner:
             settings.max_batch_tokens,
             settings.max_queue_delay_ms / 1000,
             settings.cross_request_batching,
+            settings.prefill_chunk_tokens,
+            on_idle=release_free_memory,
         )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    def run_sequences(self, sequences: list[tuple[int, ...]], top_k: int) -> list[PositionScores]:
-        """Score right-padded full sequences in one model run (empty past)."""
+    def _passes(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        target_ids: np.ndarray,
+        top_k: int,
+        past: KeyValueCache | None = None,
+        past_repeats: int = 1,
+        return_present: bool = False,
+    ) -> Steps[tuple[BatchScores, KeyValueCache | None]]:
+        """model.score over right-padded rows, in chunks of `prefill_chunk_tokens` positions
+        (each against the cache of the chunks before it); yields between the chunks."""
+        width = input_ids.shape[1]
+        chunk = self.settings.prefill_chunk_tokens or width
+        # Equal chunks, none longer than `chunk`: 257 positions run as 129 + 128, not 256 + 1.
+        count = -(-width // chunk)
+        chunk = -(-width // count)
+        past_len = attention_mask.shape[1] - width
+        parts: list[BatchScores] = []
+        present: KeyValueCache | None = None
+        for start in range(0, width, chunk):
+            if start:
+                yield
+                # The last chunk's buffers are free: return them before the cache grows again.
+                release_free_memory(MIN_TRIM_INTERVAL)
+            end = min(start + chunk, width)
+            scores, present = self.model.score(
+                input_ids[:, start:end],
+                attention_mask[:, : past_len + end],
+                target_ids[:, start:end],
+                top_k,
+                past,
+                past_repeats,
+                return_present=return_present or end < width,
+            )
+            past, past_repeats = present, 1
+            parts.append(scores)
+            self.model_runs += 1
+            if width > chunk:
+                self.chunk_runs += 1
+                metrics.PREFILL_CHUNKS.inc()
+        return BatchScores.concat(parts), present
+
+    def run_sequences(
+        self, sequences: list[tuple[int, ...]], top_k: int
+    ) -> Steps[list[PositionScores]]:
+        """Score right-padded full sequences (empty past): one model run, or one per chunk."""
         lengths = [len(ids) for ids in sequences]
         input_ids = np.zeros((len(sequences), max(lengths)), dtype=np.int64)
         attention_mask = np.zeros_like(input_ids)
@@ -118,10 +191,12 @@ class PlanRunner:
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
             target_ids[row, : len(ids) - 1] = ids[1:]
-        scores, _ = self.model.score(input_ids, attention_mask, target_ids, top_k)
+        scores, _ = yield from self._passes(input_ids, attention_mask, target_ids, top_k)
         return [scores.row(row, length - 1) for row, length in enumerate(lengths)]
 
-    def run_prefix_group(self, plan: ScoringPlan, group: PrefixGroup) -> dict[int, PositionScores]:
+    def run_prefix_group(
+        self, plan: ScoringPlan, group: PrefixGroup
+    ) -> Steps[dict[int, PositionScores]]:
         """One pass over the prefix, then the continuations against its key/value cache.
 
         With S = [BOS] + prompt, the prefix pass runs S[:-1] and scores S[1:] (the
@@ -135,7 +210,7 @@ class PlanRunner:
         if past_len > 0:
             ids = np.asarray([group.prefix[:-1]], dtype=np.int64)
             targets = np.asarray([group.prefix[1:]], dtype=np.int64)
-            scores, past = self.model.score(
+            scores, past = yield from self._passes(
                 ids, np.ones_like(ids), targets, top_k, return_present=True
             )
             prefix_scores = scores.row(0, past_len)
@@ -147,7 +222,9 @@ class PlanRunner:
             group.members[i]: prefix_scores for i in set(range(len(continuations))) - set(runs)
         }
         lengths = [len(continuations[i]) - 1 for i in runs]
-        for batch in pack_by_length(lengths, self.settings.max_batch_tokens):
+        for number, batch in enumerate(pack_by_length(lengths, self.settings.max_batch_tokens)):
+            if past_len > 0 or number:
+                yield  # another request's turn before the next model run
             rows = [runs[b] for b in batch]
             width = max(lengths[b] for b in batch)
             input_ids = np.zeros((len(rows), width), dtype=np.int64)
@@ -159,7 +236,7 @@ class PlanRunner:
                 input_ids[row, : len(tokens) - 1] = tokens[:-1]
                 target_ids[row, : len(tokens) - 1] = tokens[1:]
                 attention_mask[row, past_len : past_len + len(tokens) - 1] = 1
-            scores, _ = self.model.score(
+            scores, _ = yield from self._passes(
                 input_ids, attention_mask, target_ids, top_k, past, past_repeats=len(rows)
             )
             for row, i in enumerate(rows):
@@ -215,48 +292,64 @@ class PlanRunner:
         """Run a plan in the calling thread, batched only within itself; results in
         (item, completion) order. For warm-up, benchmarks and tests; the server uses score()."""
         progress = PlanProgress(plan)
-        results = [self.result(plan, c, progress.scored) for c in progress.start()]
+        results = self.results(plan, progress.start(), progress.scored)
         sequences = [plan.sequences[i] for i in plan.full_passes]
         for batch in pack_by_length([len(s) for s in sequences], self.settings.max_batch_tokens):
-            scored = self.run_sequences([sequences[b] for b in batch], plan.top_k)
+            scored = run_to_end(self.run_sequences([sequences[b] for b in batch], plan.top_k))
             done = progress.add(
                 {plan.full_passes[b]: s for b, s in zip(batch, scored, strict=True)}
             )
-            results.extend(self.result(plan, c, progress.scored) for c in done)
+            results.extend(self.results(plan, done, progress.scored))
         for group in plan.prefix_groups:
-            done = progress.add(self.run_prefix_group(plan, group))
-            results.extend(self.result(plan, c, progress.scored) for c in done)
+            done = progress.add(run_to_end(self.run_prefix_group(plan, group)))
+            results.extend(self.results(plan, done, progress.scored))
         return sorted(results, key=lambda r: (r.item_index, r.completion_index))
 
+    def results(
+        self,
+        plan: ScoringPlan,
+        completions: list[PlannedCompletion],
+        scored: dict[int, PositionScores],
+    ) -> list[ScoreResult]:
+        return [self.result(plan, completion, scored) for completion in completions]
+
     async def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
-        """Run a plan through the dynamic batcher, yielding results as they complete.
+        """Run a plan through the dynamic batcher, yielding results as they complete (each
+        assembled on a worker thread, so the event loop stays free for other calls).
 
         When the consumer stops early (client cancelled or went away), the plan's
-        queued work is cancelled and never runs.
+        queued work is cancelled and never runs, and a run in progress stops at its next
+        chunk.
         """
         queued = self.batcher.pending_count()
         limit = self.settings.max_queue_length
         if queued + len(plan.full_passes) + len(plan.prefix_groups) > limit:
             raise Overloaded(f"queue full: {queued} sequences waiting, limit {limit}")
         progress = PlanProgress(plan)
-        for completion in progress.start():
-            yield self.result(plan, completion, progress.scored)
+        for result in await asyncio.to_thread(
+            self.results, plan, progress.start(), progress.scored
+        ):
+            yield result
         owner = self.batcher.new_owner()
         waiting: dict[asyncio.Future[Any], int | None] = {}
         for index in plan.full_passes:
             waiting[self.batcher.submit_sequence(plan.sequences[index], plan.top_k, owner)] = index
         for group in plan.prefix_groups:
             call = functools.partial(self.run_prefix_group, plan, group)
-            waiting[self.batcher.submit_call(call, owner)] = None
+            waiting[self.batcher.submit_call(call, owner, len(group.prefix))] = None
         try:
             pending: set[asyncio.Future[Any]] = set(waiting)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                completed: list[PlannedCompletion] = []
                 for future in done:
                     index = waiting[future]
                     scored = {index: future.result()} if index is not None else future.result()
-                    for completion in progress.add(scored):
-                        yield self.result(plan, completion, progress.scored)
+                    completed.extend(progress.add(scored))
+                for result in await asyncio.to_thread(
+                    self.results, plan, completed, progress.scored
+                ):
+                    yield result
         finally:
             for future in waiting:
                 future.cancel()

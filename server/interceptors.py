@@ -191,6 +191,15 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return getattr(code, "name", str(code)) if code is not None else "UNKNOWN"
 
 
+def _end_of(context: grpc.aio.ServicerContext, code: str) -> str:
+    """How a call that raised no status ended: a client that cancelled or went away ends a
+    streaming handler quietly, and a deadline that passed looks the same from here."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED" if context.cancelled() else code
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by method and status code and times it (lmscore.server.metrics)."""
 
@@ -214,10 +223,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = _code_name(context)
                 raise
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
                 code = "CANCELLED"
                 raise
             finally:
+                if code in ("OK", "CANCELLED"):
+                    code = _end_of(context, code)
                 metrics.REQUESTS.labels(method, code).inc()
                 metrics.LATENCY.labels(method).observe(time.perf_counter() - began)
 

@@ -34,6 +34,14 @@ QUEUE_SECONDS = Histogram(
 COMPUTE_SECONDS = Histogram(
     "lmscore_compute_seconds", "duration of one model run", buckets=LATENCY_BUCKETS
 )
+PREFILL_CHUNKS = Counter(
+    "lmscore_prefill_chunks_total",
+    "model runs over one chunk of a batch wider than --prefill-chunk-tokens",
+)
+RUNS_ABANDONED = Counter(
+    "lmscore_runs_abandoned_total",
+    "batches stopped between two model runs because every caller had left or timed out",
+)
 MODEL = Info("lmscore_model", "the served model")
 
 

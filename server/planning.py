@@ -14,6 +14,7 @@ windows go through the same validation, batching and sums as any item.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 
 from lmscore.server.config import EngineSettings
@@ -78,6 +79,40 @@ class RollingPlan:
     plan: ScoringPlan | None  # None when every text is empty
 
 
+# The --max-response-bytes estimate of a result message: its numbers and field tags, plus
+# per token detail its numbers and tags and a token text (BPE vocabularies average ~6-8
+# bytes a token; tests/test_security_limits.py holds the estimate to real responses).
+RESULT_BYTES = 96
+TOKEN_BYTES = 32
+TOP_TOKEN_BYTES = 24
+ROLLING_RESULT_BYTES = 64
+ROLLING_TOKEN_BYTES = 12
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def response_bytes(plan: ScoringPlan, request_id: str) -> int:
+    """About how many bytes the results of `plan` take as messages (request_id echoed in
+    each): the texts counted exactly, token details by TOKEN_BYTES and TOP_TOKEN_BYTES."""
+    per_token = TOKEN_BYTES + plan.top_k * TOP_TOKEN_BYTES if plan.options.token_details else 0
+    fixed = RESULT_BYTES + _utf8_len(request_id)
+    return sum(
+        fixed
+        + _utf8_len(c.scored_prompt)
+        + _utf8_len(c.scored_completion)
+        + per_token * c.layout.length
+        for c in plan.completions
+    )
+
+
+def rolling_response_bytes(plan: RollingPlan, request_id: str) -> int:
+    per_token = ROLLING_TOKEN_BYTES if plan.options.token_logprobs else 0
+    fixed = ROLLING_RESULT_BYTES + _utf8_len(request_id)
+    return sum(fixed + per_token * len(ids) for ids in plan.texts)
+
+
 class Planner:
     def __init__(self, tokenizer: TextTokenizer, facts: ModelFacts, settings: EngineSettings):
         self.tokenizer = tokenizer
@@ -93,6 +128,39 @@ class Planner:
                     f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
                 )
         return list(ids)
+
+    def _check_request_id(self, request_id: str) -> None:
+        limit = self.settings.max_request_id_bytes
+        if _utf8_len(request_id) > limit:
+            raise InvalidInput(
+                "request_id",
+                f"{_utf8_len(request_id)} bytes exceed the limit of {limit} bytes "
+                "(--max-request-id-bytes); it is echoed in every result",
+            )
+
+    @staticmethod
+    def _check_response(size: int, limit: int, field: str, advice: str) -> None:
+        if size > limit:
+            raise RequestTooLarge(
+                field,
+                f"the results would take about {size} bytes, over the limit of {limit} bytes "
+                f"per request (--max-response-bytes); {advice}",
+            )
+
+    def _check_text(self, text: TokenInput | None, field: str) -> None:
+        """A text within --max-text-bytes, checked before anything tokenizes it."""
+        limit = self.settings.max_text_bytes
+        if not isinstance(text, str) or len(text) * 4 <= limit:  # UTF-8: <= 4 bytes a char
+            return
+        if len(text) > limit:  # over it whatever the encoding: no need to encode
+            size = f"{len(text)} characters"
+        elif len(text.encode("utf-8", "surrogatepass")) > limit:
+            size = f"{len(text.encode('utf-8', 'surrogatepass'))} bytes"
+        else:
+            return
+        raise InvalidInput(
+            field, f"text of {size} exceeds the limit of {limit} UTF-8 bytes (--max-text-bytes)"
+        )
 
     def _bos(self, options: PlanOptions, settings: EngineSettings) -> list[int]:
         """[BOS] or []; checks the options on the way."""
@@ -140,11 +208,15 @@ class Planner:
         items: Sequence[ItemInput],
         options: PlanOptions,
         *,
+        request_id: str = "",
         settings: EngineSettings | None = None,
     ) -> ScoringPlan:
-        """Validate and tokenize; raises InvalidInput naming the first bad field.
-        `settings` replaces the engine's (a rolling plan checks its own request limits)."""
+        """Validate and tokenize; raises InvalidInput naming the first bad field, and
+        RequestTooLarge when the results (`request_id` echoed in each) would exceed the
+        response budget. `settings` replaces the engine's (a rolling plan checks its own
+        request limits)."""
         settings = settings or self.settings
+        self._check_request_id(request_id)
         if not items:
             raise InvalidInput("items", "must hold at least one item")
         if len(items) > settings.max_items_per_request:
@@ -153,6 +225,12 @@ class Planner:
                 f"{len(items)} items exceed the limit of {settings.max_items_per_request}",
             )
         bos = self._bos(options, settings)
+        for item_index, item in enumerate(items):  # every size, before any tokenizing
+            self._check_text(item.prompt, f"items[{item_index}].prompt")
+            for completion_index, completion in enumerate(item.completions):
+                self._check_text(
+                    completion, f"items[{item_index}].completions[{completion_index}].text"
+                )
         max_context = self.longest_sequence(settings)
         limit_name = (
             "the model's context"
@@ -231,7 +309,14 @@ class Planner:
         groups = self._prefix_groups(prefixes, options, settings)
         grouped = {m for g in groups for m in g.members}
         full_passes = [i for i, ids in enumerate(sequences) if len(ids) > 1 and i not in grouped]
-        return ScoringPlan(options, sequences, completions, full_passes, groups)
+        plan = ScoringPlan(options, sequences, completions, full_passes, groups)
+        self._check_response(
+            response_bytes(plan, request_id),
+            settings.max_response_bytes,
+            "items",
+            "send fewer items, or fewer token details (a smaller top_k)",
+        )
+        return plan
 
     def _prefix_groups(
         self,
@@ -257,10 +342,15 @@ class Planner:
         ]
 
     def plan_rolling(
-        self, texts: Sequence[TokenInput | None], options: RollingPlanOptions
+        self,
+        texts: Sequence[TokenInput | None],
+        options: RollingPlanOptions,
+        *,
+        request_id: str = "",
     ) -> RollingPlan:
         """Validate and tokenize texts, cut them into windows; InvalidInput names the field."""
         settings = self.settings
+        self._check_request_id(request_id)
         if not texts:
             raise InvalidInput("texts", "must hold at least one text")
         if len(texts) > settings.max_items_per_request:
@@ -285,6 +375,8 @@ class Planner:
                 "options.min_context_tokens",
                 f"must be <= the window of {window} tokens, got {min_context}",
             )
+        for index, text in enumerate(texts):
+            self._check_text(text, f"texts[{index}].text")
         encoded: list[list[int]] = []
         for index, text in enumerate(texts):
             if text is None:
@@ -314,8 +406,18 @@ class Planner:
         if items:
             # The request limits are checked above, in terms of texts.
             unlimited = dataclasses.replace(
-                settings, max_items_per_request=len(items), max_tokens_per_request=model_tokens
+                settings,
+                max_items_per_request=len(items),
+                max_tokens_per_request=model_tokens,
+                max_response_bytes=sys.maxsize,  # windows are no response; texts are, below
             )
             scoring = PlanOptions(token_details=options.token_logprobs, add_bos=False)
             plan = self.plan(items, scoring, settings=unlimited)
-        return RollingPlan(options, prefix, encoded, windows_of, plan)
+        rolling = RollingPlan(options, prefix, encoded, windows_of, plan)
+        self._check_response(
+            rolling_response_bytes(rolling, request_id),
+            settings.max_response_bytes,
+            "texts",
+            "send fewer texts, or leave token_logprobs off",
+        )
+        return rolling

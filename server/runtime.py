@@ -7,9 +7,10 @@ A run may start from the key/value cache (`present`) of an earlier run, with
 `past_repeats`: each cache row then stands for that many consecutive rows of the
 batch (a prompt's batch-1 cache shared by all its completions).
 
-On CUDA every run goes through an IO binding: the inputs are bound from host
-arrays, the scoring outputs ([batch, seq] and [batch, seq, top_k]) are bound to
-host memory, and `present` stays on the GPU as OrtValues. A batch-1 cache given
+Every run goes through an IO binding (unless RuntimeOptions.io_binding is off):
+the inputs are bound from host arrays, the scoring outputs ([batch, seq] and
+[batch, seq, top_k]) are bound to host memory, and `present` stays where ORT
+wrote it, as OrtValues (on the GPU under CUDA; on CPU, uncopied). A batch-1 cache given
 back with past_repeats > 1 is repeated there by the export's past-tiling graph
 (lmscore.export.past_tile), so the cache never crosses PCIe; an export without
 that graph repeats it on the host (counted in host_past_tensors).
@@ -140,7 +141,10 @@ class _PastTiler:
             binding.bind_output(tiled_name(name), *self.device)
         binding.bind_cpu_input(TILE_REPEATS, np.array([repeats, 1, 1, 1], dtype=np.int64))
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.names, binding.get_outputs(), strict=True))
+        tiled = dict(zip(self.names, binding.get_outputs(), strict=True))
+        binding.clear_binding_inputs()  # see OnnxCausalLM._run_bound
+        binding.clear_binding_outputs()
+        return tiled
 
 
 def _on_host(value: PastValue) -> np.ndarray:
@@ -194,10 +198,7 @@ class OnnxCausalLM:
                 f"{model_dir} lacks the scoring head outputs {missing}; export again"
             )
         self._present = [name for name in outputs if name.startswith(PRESENT_PREFIX)]
-        # IO binding: on CUDA unless told otherwise; where outputs and the cache live.
-        self.io_binding = (
-            options.io_binding if options.io_binding is not None else self.device == "cuda"
-        )
+        self.io_binding = options.io_binding
         self._bind_device = (
             ("cuda", int(self.session.get_provider_options()[CUDA].get("device_id", 0)))
             if self.device == "cuda"
@@ -312,6 +313,10 @@ class OnnxCausalLM:
         self.session.run_with_iobinding(binding)
         self.io_binding_runs += 1
         outputs = binding.get_outputs()
+        # Else the binding keeps its inputs and outputs (the whole key/value cache of the
+        # last run) alive past this call: RSS grew by two caches per chunk, not one.
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
         values: dict[str, Any] = {
             name: value.numpy() for name, value in zip(scoring, outputs, strict=False)
         }

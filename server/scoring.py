@@ -49,6 +49,18 @@ class BatchScores:
     top_logprobs: np.ndarray  # float32 [batch, seq, top_k]
     top_ids: np.ndarray  # int64 [batch, seq, top_k]
 
+    @classmethod
+    def concat(cls, parts: list[BatchScores]) -> BatchScores:
+        """Runs over consecutive chunks of the same rows, joined along the sequence."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            np.concatenate([p.logprobs for p in parts], axis=1),
+            np.concatenate([p.ranks for p in parts], axis=1),
+            np.concatenate([p.top_logprobs for p in parts], axis=1),
+            np.concatenate([p.top_ids for p in parts], axis=1),
+        )
+
     def row(self, row: int, length: int) -> PositionScores:
         """The first `length` positions of one row."""
         return PositionScores(

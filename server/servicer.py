@@ -2,10 +2,18 @@
 
 It computes nothing itself. Bad input becomes INVALID_ARGUMENT with a
 google.rpc.BadRequest field violation; an unknown model name NOT_FOUND.
+Planning (tokenizing) and the conversion of results with token details run on
+worker threads, so the event loop keeps answering other calls (health checks
+too) while a large request is planned or refused.
+
+Admission counts requests being scored, not open calls: a ScoreStream takes a
+slot only while one of its requests is planned and scored, and one that sends
+nothing for --stream-idle-timeout seconds is ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import typing
@@ -113,11 +121,16 @@ async def _abort_with_field(
 
 class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
     def __init__(
-        self, engine: ScoringEngine, model_info: pb.ModelInfo, max_concurrent_requests: int = 64
+        self,
+        engine: ScoringEngine,
+        model_info: pb.ModelInfo,
+        max_concurrent_requests: int = 64,
+        stream_idle_timeout: float = 0.0,
     ) -> None:
         self._engine = engine
         self._model_info = model_info
         self._max_concurrent = max_concurrent_requests
+        self._stream_idle_timeout = stream_idle_timeout or None
         self.active_requests = 0
 
     def _check_model(self, model: str) -> None:
@@ -135,7 +148,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             )
             for item in request.items
         ]
-        return self._engine.plan(items, _options_of(request.options))
+        return self._engine.plan(items, _options_of(request.options), request_id=request.request_id)
 
     def _plan_rolling(self, request: pb.RollingRequest) -> RollingPlan:
         self._check_model(request.model)
@@ -144,7 +157,11 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             min_context_tokens=request.options.min_context_tokens,
             token_logprobs=request.options.token_logprobs,
         )
-        return self._engine.plan_rolling([_token_input(t, "input") for t in request.texts], options)
+        return self._engine.plan_rolling(
+            [_token_input(t, "input") for t in request.texts],
+            options,
+            request_id=request.request_id,
+        )
 
     async def _plan_or_abort(
         self,
@@ -152,9 +169,10 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         make_plan: Callable[[], Planned],
         field_prefix: str = "",
     ) -> Planned:
-        """The plan, or the call aborted with the status its bad field deserves."""
+        """The plan (made on a worker thread), or the call aborted with the status its bad
+        field deserves."""
         try:
-            return make_plan()
+            return await asyncio.to_thread(make_plan)
         except RequestTooLarge as exc:
             await _abort_with_field(
                 context, field_prefix + exc.field, exc.description, code_pb2.RESOURCE_EXHAUSTED
@@ -181,7 +199,10 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                 metrics.TOKENS.inc(
                     int(result.bos_added) + result.prompt_tokens + result.completion_tokens
                 )
-                yield _result_message(result, request, index)
+                if result.tokens:  # thousands of TokenDetails: convert off the event loop
+                    yield await asyncio.to_thread(_result_message, result, request, index)
+                else:
+                    yield _result_message(result, request, index)
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
@@ -212,13 +233,24 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
-        async with self._admitted(context):
-            index = 0
-            async for request in request_iterator:
+        requests = aiter(request_iterator)
+        index = 0
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(requests), self._stream_idle_timeout)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request on this stream for {self._stream_idle_timeout:g} s "
+                    "(--stream-idle-timeout); open a new stream to send more",
+                )
+            async with self._admitted(context):
                 prefix = f"requests[{index}]."
                 async for message in self._score_one(request, index, context, prefix):
                     yield message
-                index += 1
+            index += 1
 
     async def ScoreRolling(
         self, request: pb.RollingRequest, context: grpc.aio.ServicerContext

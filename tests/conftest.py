@@ -79,6 +79,28 @@ def running_server(
 
 
 @pytest.fixture(scope="session")
+def exported_default() -> Path:
+    """The default model, exported by `lmscore export` (skipped when already exported)."""
+    from lmscore.export.paths import default_model_dir
+
+    subprocess.run([LMSCORE, "export", "--source", "default"], check=True, timeout=1800)
+    return default_model_dir(os.environ)
+
+
+@pytest.fixture(scope="session")
+def torch_default():
+    """(model, tokenizer) of the default model, loaded by transformers from the same GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmscore.export.source import default_gguf_path
+
+    gguf = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_hf_model_dir(tmp_path_factory.mktemp("tiny-hf") / "tiny-llama")
 

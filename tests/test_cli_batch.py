@@ -12,7 +12,13 @@ import pytest
 
 from conftest import LMSCORE, ServerProcess, running_server
 from lmscore.client import Item, ScoreOptions, ScoringClient
-from lmscore.client.batch import score_jsonl
+from lmscore.client.batch import (
+    MAX_LINE_BYTES,
+    InputError,
+    InputRecord,
+    _chunks,
+    score_jsonl,
+)
 from tiny_model import MAX_CONTEXT
 
 ITEMS_PER_REQUEST = 3
@@ -277,3 +283,137 @@ def test_zero_is_a_usage_error(flag: str, tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert f"argument {flag}: must be at least 1, got 0" in run.stderr
+
+
+def only_line(stderr: str) -> str:
+    """The one line an input error prints (no traceback, no summary)."""
+    assert "Traceback" not in stderr
+    [line] = stderr.splitlines()
+    return line
+
+
+def test_a_line_that_is_not_utf8_is_refused_naming_it(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    bad = b'{"prompt": "ab\xff\xfe", "completion": " y"}\n'
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(
+        '{"prompt": "été", "completion": " oui"}\r\n'.encode()  # CRLF, 2-byte UTF-8
+        + b'{"prompt": "x",\r "completion": " y"}\n'  # a lone CR is JSON whitespace, no line end
+        + bad
+        + b'{"prompt": "x", "completion": " y"}\n'
+    )
+    run = lmscore_score(tiny_server, "--input", str(source))
+    assert run.returncode == 2  # as every input error
+    offset = bad.index(b"\xff")
+    assert only_line(run.stderr) == (
+        f"lmscore score: {source}:3: not UTF-8 (byte 0xff at offset {offset} of the line)"
+    )
+    assert run.stdout == ""
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_its_line(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    """JSON's \\ud800 parses, but has no UTF-8 form to send (protobuf strings are UTF-8)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"prompt": "x", "completion": " y"}\n\n{"prompt": "x", "completions": [" a\\ud800b"]}\n'
+    )
+    run = lmscore_score(tiny_server, "--input", str(source))
+    assert run.returncode == 2
+    assert only_line(run.stderr) == (
+        f"lmscore score: {source}:3: 'completions' holds a lone surrogate (\\ud800), "
+        "which is not UTF-8"
+    )
+
+
+def test_a_line_over_the_size_limit_is_refused_naming_it(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A 50 MB line (over any request the server takes by default) is refused before any
+    request, naming its line and the limit; a line at the limit reads, and the lines after
+    it keep their numbers."""
+    good = '{"prompt": "x", "completion": " y"}\n'
+    bad = '{"prompt": "x"}\n'
+    huge = tmp_path / "huge.jsonl"
+    with huge.open("w") as handle:
+        handle.write(good + '{"prompt": "' + "a" * (50 * 2**20) + '", "completion": " b"}\n')
+        handle.write(good + bad)
+    run = lmscore_score(tiny_server, "--input", str(huge))
+    assert run.returncode == 2
+    assert only_line(run.stderr) == (
+        f"lmscore score: {huge}:2: line longer than the limit of {MAX_LINE_BYTES} bytes "
+        "(16 MiB) per input line"
+    )
+    assert run.stdout == ""
+
+    head = '{"prompt": "x", "completion": " y", "pad": "'
+    at_limit = head + "a" * (MAX_LINE_BYTES - len(head) - 2) + '"}'
+    assert len(at_limit) == MAX_LINE_BYTES
+    long = tmp_path / "long.jsonl"
+    long.write_text(good + at_limit + "\n" + good + bad + good)
+    run = lmscore_score(tiny_server, "--input", str(long))
+    assert run.returncode == 2
+    assert only_line(run.stderr) == (
+        f"lmscore score: {long}:4: give exactly one of 'completion' and 'completions'"
+    )
+
+    # From Python: the limit is an argument; over it, the line is named before any request.
+    with ScoringClient(tiny_server.address) as client, pytest.raises(InputError) as raised:
+        score_jsonl(client, long, tmp_path / "out.jsonl", max_line_bytes=MAX_LINE_BYTES - 1)
+    assert str(raised.value) == (
+        f"{long}:2: line longer than the limit of {MAX_LINE_BYTES - 1} bytes per input line"
+    )
+
+
+def test_requests_are_cut_by_the_bytes_of_their_lines() -> None:
+    sizes = [10, 5 << 20, 4 << 20, 9 << 20, 10, 10, 10]
+    records = [InputRecord(i + 1, Item("x", [" y"]), None, size) for i, size in enumerate(sizes)]
+    todo = [(index, [0]) for index in range(len(records))]
+    chunks = [[index for index, _ in chunk] for chunk in _chunks(todo, records, 2)]
+    # At most 2 records and 8 MiB of lines a request; a record over 8 MiB goes alone.
+    assert chunks == [[0, 1], [2], [3], [4, 5], [6]]
+
+
+def test_a_request_over_the_servers_message_size_is_split_to_name_its_line(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    """The server's gRPC refuses a request over its --max-message-bytes with no field named:
+    the client splits it, the records that fit score, and the one too large alone gets
+    error lines naming its line (it used to stop the run naming the request's first line)."""
+
+    def text(size: int) -> str:
+        return " ".join(WORDS * (size // 40 + 1))[:size]
+
+    records = [{"prompt": "The program", "completion": " is"}]
+    records += [{"prompt": text(30_000), "completion": " free"} for _ in range(3)]
+    records += [{"prompt": text(100_000), "completions": [" a", " b"]}]
+    records += [{"prompt": "The program", "completion": " is not"}]
+    source = write_input(tmp_path / "in.jsonl", records)
+    target = tmp_path / "out.jsonl"
+    with running_server(tiny_export, "--max-message-bytes", "65536") as server:
+        run = lmscore_score(
+            server,
+            *("--input", str(source), "--output", str(target), "--truncate-prompt-left"),
+        )
+    assert run.returncode == 1, run.stderr
+    assert "stopped at" not in run.stderr
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [(r["index"], r["completion_index"]) for r in rows] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 0),
+        (4, 0),
+        (4, 1),
+        (5, 0),
+    ]
+    errors = [r for r in rows if "error" in r]
+    assert [(e["index"], e["line"], e["error"]["code"]) for e in errors] == [
+        (4, 5, "RESOURCE_EXHAUSTED"),
+        (4, 5, "RESOURCE_EXHAUSTED"),
+    ]
+    assert "larger than max" in errors[0]["error"]["message"]
+    assert f"{source}:5: completion 0: RESOURCE_EXHAUSTED" in run.stderr
+    assert ", 5 completions scored, 2 errors" in summary_line(run.stderr)

@@ -8,18 +8,14 @@ the same GGUF file) as the independent reference. Tolerance 1e-3 nats.
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import LMSCORE, running_server
+from conftest import running_server
 from lmscore.client import Item, RollingOptions, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
-from lmscore.export.paths import default_model_dir
-from lmscore.export.source import default_gguf_path
 from reference import reference_score, sequence_logprobs
 
 pytestmark = pytest.mark.e2e
@@ -47,25 +43,9 @@ def natural_pairs(count_per_text: int = 4) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def exported_default() -> Path:
-    subprocess.run([LMSCORE, "export", "--source", "default"], check=True, timeout=1800)
-    return default_model_dir(os.environ)
-
-
-@pytest.fixture(scope="module")
 def default_server(exported_default: Path):
     with running_server("default") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def torch_default():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = default_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return model, tokenizer
 
 
 def test_manifest_validation_figure(exported_default: Path) -> None:

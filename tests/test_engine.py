@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ class FakeCausalModel:
     def __init__(self) -> None:
         self.embeddings = np.random.default_rng(1).normal(size=(VOCAB, VOCAB)).astype(np.float32)
         self.calls: list[tuple[int, ...]] = []
+        # Seconds per run, as a real model takes (the abandonment test needs runs to take time).
+        self.delay = 0.0
 
     def score(
         self,
@@ -39,6 +42,7 @@ class FakeCausalModel:
         return_present=False,
     ):
         self.calls.append(input_ids.shape)
+        time.sleep(self.delay)
         batch, new = input_ids.shape
         past_ids = (
             np.zeros((batch, 0), np.int64)
@@ -277,6 +281,7 @@ def test_concurrent_requests_share_model_runs(tokenizer: TextTokenizer) -> None:
 
 def test_abandoned_request_does_no_more_work(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_batch_tokens=8, max_queue_delay_ms=0)
+    engine.model.delay = 0.02
     items = [ItemInput(f"Item number {i} is", [f" here {i} and there"]) for i in range(20)]
     plan = engine.plan(items, PlanOptions())
 
@@ -300,3 +305,53 @@ def test_prefix_reuse_only_where_it_saves_enough_tokens(tokenizer: TextTokenizer
         plan = engine.plan(items, PlanOptions())
         assert bool(plan.prefix_groups) is grouped
         assert len(plan.full_passes) == (0 if grouped else 3)
+
+
+def test_a_short_request_runs_between_the_chunks_of_a_long_one(tokenizer: TextTokenizer) -> None:
+    """A 60-token sequence in chunks of 8 (8 model runs); a short request that arrives
+    during the first chunk is answered after at most one more, with the one-pass numbers."""
+    engine = make_engine(tokenizer, prefill_chunk_tokens=8, max_queue_delay_ms=0)
+    engine.model.delay = 0.02
+    long_items = [ItemInput(list(range(10, 40)), [list(range(40, 69))])]
+    short_items = [ItemInput("Short", [" one"])]
+    order: list[str] = []
+
+    async def run() -> tuple[list, list]:
+        async def score(name: str, items: list[ItemInput]) -> list:
+            results = [r async for r in engine.score(engine.plan(items, PlanOptions()))]
+            order.append(name)
+            return results
+
+        long_task = asyncio.create_task(score("long", long_items))
+        await asyncio.sleep(0.01)  # the long one's first chunk is running
+        short = await score("short", short_items)
+        calls_then = len(engine.model.calls)
+        return await long_task, short, calls_then
+
+    long_results, short_results, calls_then = asyncio.run(run())
+    assert order == ["short", "long"]
+    assert [shape[1] for shape in engine.model.calls].count(1) == 0
+    assert calls_then <= 3  # the long one's chunk 1, maybe chunk 2, then the short one
+    assert engine.runner.chunk_runs == 8
+    one_pass = make_engine(tokenizer, prefill_chunk_tokens=0)
+    for items, results in ((long_items, long_results), (short_items, short_results)):
+        expected = one_pass.score_sync(one_pass.plan(items, PlanOptions()))
+        assert [r.joint_logprob for r in results] == pytest.approx(
+            [r.joint_logprob for r in expected], abs=1e-5
+        )
+
+
+def test_a_long_run_whose_caller_left_stops_at_the_next_chunk(tokenizer: TextTokenizer) -> None:
+    engine = make_engine(tokenizer, prefill_chunk_tokens=8, max_queue_delay_ms=0)
+    engine.model.delay = 0.05
+    plan = engine.plan([ItemInput(list(range(10, 40)), [list(range(40, 69))])], PlanOptions())
+
+    async def leave_after_the_first_chunk() -> None:
+        task = asyncio.create_task(anext(engine.score(plan)))
+        await asyncio.sleep(0.07)  # inside the second chunk
+        task.cancel()
+        await asyncio.sleep(0.3)
+
+    asyncio.run(leave_after_the_first_chunk())
+    assert 1 <= len(engine.model.calls) <= 3 < 8
+    assert engine.batcher.runs_abandoned == 1

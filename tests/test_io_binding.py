@@ -39,11 +39,11 @@ OPTIONS = [
 
 
 def engines(model_dir: Path) -> tuple[ScoringEngine, ScoringEngine, OnnxCausalLM]:
-    """The server's own engine (plain path on CPU) and the same with IO binding forced."""
+    """The plain path (IO binding off) and the server's own engine (IO binding on)."""
     # Reuse every shared prompt, however short, so the cache path runs on ITEMS.
     config = ServerConfig(
         model_dir=model_dir,
-        runtime=RuntimeOptions(device="cpu"),
+        runtime=RuntimeOptions(device="cpu", io_binding=False),
         engine=EngineSettings(min_prefix_reuse_tokens=1),
     )
     plain = load_model(config).engine
@@ -56,12 +56,15 @@ def engines(model_dir: Path) -> tuple[ScoringEngine, ScoringEngine, OnnxCausalLM
     return plain, bound, bound_model
 
 
-def test_plain_path_stays_the_default_on_cpu(tiny_export: Path) -> None:
-    model = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu"))
-    assert model.device == "cpu" and model.io_binding is False
+def test_io_binding_is_the_default_on_cpu_and_can_be_turned_off(tiny_export: Path) -> None:
     ids = np.array([[1, 40, 41, 42]])
-    _, present = model.score(ids, np.ones_like(ids), np.zeros_like(ids), return_present=True)
-    assert model.io_binding_runs == 0
+    bound = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu"))
+    _, present = bound.score(ids, np.ones_like(ids), np.zeros_like(ids), return_present=True)
+    assert bound.io_binding_runs == 1
+    assert present and all(isinstance(v, ort.OrtValue) for v in present.values())
+    plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=False))
+    _, present = plain.score(ids, np.ones_like(ids), np.zeros_like(ids), return_present=True)
+    assert plain.io_binding_runs == 0
     assert present and all(isinstance(v, np.ndarray) for v in present.values())
 
 
@@ -112,7 +115,7 @@ def continuation_batch(past_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def test_present_and_repeated_past_are_identical_on_both_paths(tiny_export: Path) -> None:
-    plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu"))
+    plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=False))
     bound = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=True))
     prefix = np.array([[1, 60, 61, 62, 63, 64]])
     targets = np.zeros_like(prefix)
@@ -154,7 +157,7 @@ def test_present_and_repeated_past_are_identical_on_both_paths(tiny_export: Path
 def test_a_cache_of_several_rows_is_repeated_row_by_row(tiny_export: Path) -> None:
     """np.repeat's order (each row n times in turn) is not a Tile: a two-row device cache
     with past_repeats is repeated on the host, with the plain path's result."""
-    plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu"))
+    plain = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=False))
     bound = OnnxCausalLM(tiny_export, RuntimeOptions(device="cpu", io_binding=True))
     ids = np.array([[1, 50, 51], [1, 52, 53]])
     present = [m.score(ids, np.ones_like(ids), ids, return_present=True)[1] for m in (plain, bound)]

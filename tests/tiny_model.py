@@ -34,29 +34,57 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def build_hf_model_dir(directory: Path, seed: int = 0) -> Path:
-    """Save a 2-layer Llama (random weights, peaked enough that argmax varies) and its tokenizer."""
+def save_tiny_model(directory: Path, config_class: str, seed: int, **config: object) -> Path:
+    """A randomly initialised model of `config_class` (2 layers of 64, GQA 4/2, peaked
+    enough that argmax varies) and the tiny tokenizer, saved as a Hugging Face directory."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_CONTEXT,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+    settings = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
         # Larger than the default 0.02 so the next-token distributions are far from uniform.
-        initializer_range=0.3,
-    )
+        "initializer_range": 0.3,
+        **config,
+    }
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model_config = getattr(transformers, config_class)(**settings)
+    model = transformers.AutoModelForCausalLM.from_config(model_config).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def build_hf_model_dir(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (untied embeddings) with a context of MAX_CONTEXT."""
+    return save_tiny_model(
+        directory,
+        "LlamaConfig",
+        seed,
+        max_position_embeddings=MAX_CONTEXT,
+        tie_word_embeddings=False,
+    )
+
+
+SLIDING_WINDOW = 16
+SLIDING_CONTEXT = 160
+
+
+def build_sliding_window_model_dir(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer Mistral whose attention sees only the last SLIDING_WINDOW tokens, with a
+    context of SLIDING_CONTEXT: sequences many windows long fit."""
+    return save_tiny_model(
+        directory,
+        "MistralConfig",
+        seed,
+        max_position_embeddings=SLIDING_CONTEXT,
+        sliding_window=SLIDING_WINDOW,
+    )

@@ -1,0 +1,272 @@
+"""Long inputs: fused attention in the export, chunked prefill equal to one pass (and to
+PyTorch), a deadline that stops a long run between chunks while other requests interleave,
+and memory that comes back after a burst.
+
+The tiny sliding-window model checks the rules fast (a window of 16 tokens, sequences of
+150); the default model checks them at a realistic size (1,500-8,000 tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, running_server
+from lmscore.client import Item, ScoringClient
+from lmscore.export.attention import FUSED_DOMAIN, FUSED_OP
+from lmscore.export.manifest import TOKENIZER_NAME, Manifest
+from lmscore.server.config import EngineSettings
+from lmscore.server.engine import ScoringEngine
+from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions, RollingPlanOptions
+from lmscore.server.runtime import OnnxCausalLM
+from lmscore.server.tokenization import TextTokenizer
+from lmscore.v1 import scoring_pb2 as pb
+from lmscore.v1 import scoring_pb2_grpc
+from reference import sequence_logprobs
+from tiny_model import SLIDING_WINDOW, build_sliding_window_model_dir
+
+TOLERANCE = 1e-4
+LICENSE = Path("/usr/share/common-licenses/GPL-3")
+
+
+def engine_for(model_dir: Path, runtime: OnnxCausalLM, **settings: int) -> ScoringEngine:
+    manifest = Manifest.read(model_dir)
+    facts = ModelFacts(
+        max_context=manifest.max_context,
+        vocab_size=manifest.vocab_size,
+        bos_token_id=manifest.bos_token_id,
+        eos_token_id=manifest.eos_token_id,
+    )
+    tokenizer = TextTokenizer(model_dir / TOKENIZER_NAME)
+    return ScoringEngine(runtime, tokenizer, facts, EngineSettings(**settings))
+
+
+def fused_nodes(model_dir: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    return sum(1 for n in graph.node if n.op_type == FUSED_OP and n.domain == FUSED_DOMAIN)
+
+
+def scored_rows(engine: ScoringEngine, items: list[ItemInput]) -> list[tuple[float, ...]]:
+    """(joint, marginal, conditional, every token's log-prob) of each result."""
+    plan = engine.plan(items, PlanOptions(token_details=True))
+    return [
+        (
+            r.joint_logprob,
+            r.marginal_logprob,
+            r.conditional_logprob,
+            *(t.logprob for t in r.tokens[1:]),
+        )
+        for r in engine.score_sync(plan)
+    ]
+
+
+def rolling_logprobs(engine: ScoringEngine, text: str, window: int) -> list[float]:
+    plan = engine.plan_rolling([text], RollingPlanOptions(max_window_tokens=window))
+
+    async def run() -> list[float]:
+        return [r.logprob async for r in engine.score_rolling(plan)]
+
+    return asyncio.run(run())
+
+
+def assert_rows_close(got: list[tuple[float, ...]], want: list[tuple[float, ...]]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sliding_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from lmscore.export.convert import export_model
+
+    hf_dir = build_sliding_window_model_dir(tmp_path_factory.mktemp("sliding-hf") / "mistral")
+    output = tmp_path_factory.mktemp("sliding-onnx") / "mistral"
+    export_model(str(hf_dir), output, progress=False)
+    return hf_dir, output
+
+
+def test_export_fuses_attention_in_every_layer(tiny_export: Path, sliding_export) -> None:
+    for model_dir in (tiny_export, sliding_export[1]):
+        manifest = Manifest.read(model_dir)
+        assert manifest.layers == 2
+        assert manifest.fused_attention_layers == 2 == fused_nodes(model_dir)
+
+
+def test_sliding_window_chunked_prefill_equals_one_pass_and_pytorch(sliding_export) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, model_dir = sliding_export
+    runtime = OnnxCausalLM(model_dir)
+    one_pass = engine_for(model_dir, runtime, prefill_chunk_tokens=0, min_prefix_reuse_tokens=1)
+    ids = one_pass.tokenizer.encode(LICENSE.read_text())[:150]
+    items = [
+        ItemInput(ids[:90], [ids[90:149]]),  # one full pass of 150 tokens with BOS
+        ItemInput(ids[:120], [ids[120:140], ids[120:123], ids[120:149]]),  # prefix reuse
+        ItemInput(ids[5:30], [ids[30:60]]),  # short: batched with the long rows
+    ]
+    plan = one_pass.plan(items, PlanOptions())
+    assert plan.prefix_groups and plan.full_passes
+    want = scored_rows(one_pass, items)
+    text = re.sub(r"\s+", " ", LICENSE.read_text()[:3000])
+    rolling_want = rolling_logprobs(one_pass, text, window=100)
+
+    # PyTorch on the same weights, sliding window and all: the one-pass figures.
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    assert model.config.sliding_window == SLIDING_WINDOW
+    bos = [Manifest.read(model_dir).bos_token_id]
+    pairs = [(items[0], 0), (items[1], 0), (items[1], 1), (items[1], 2), (items[2], 0)]
+    for row, (item, completion) in zip(want, pairs, strict=True):
+        sequence = bos + list(item.prompt) + list(item.completions[completion])
+        logprobs, _, _ = sequence_logprobs(model, sequence)
+        assert row[0] == pytest.approx(float(logprobs.sum()), abs=TOLERANCE)
+        np.testing.assert_allclose(row[3:], logprobs, atol=TOLERANCE, rtol=0)
+
+    for chunk in (7, 32, 50):
+        chunked = engine_for(
+            model_dir, runtime, prefill_chunk_tokens=chunk, min_prefix_reuse_tokens=1
+        )
+        assert_rows_close(scored_rows(chunked, items), want)
+        np.testing.assert_allclose(
+            rolling_logprobs(chunked, text, window=100), rolling_want, atol=TOLERANCE, rtol=0
+        )
+        assert chunked.runner.chunk_runs > 0
+
+
+# --- the default model, at realistic sizes -------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_default_model_chunked_prefill_equals_one_pass_and_pytorch(
+    exported_default: Path, torch_default
+) -> None:
+    model, _ = torch_default
+    assert fused_nodes(exported_default) == Manifest.read(exported_default).layers == 30
+    runtime = OnnxCausalLM(exported_default)
+    one_pass = engine_for(exported_default, runtime, prefill_chunk_tokens=0)
+    ids = one_pass.tokenizer.encode(LICENSE.read_text())[:1700]
+    items = [
+        ItemInput(ids[:1200], [ids[1200:1500]]),  # 1,501 tokens in one full pass
+        # A 1,600-token prompt shared by three completions: prefix reuse.
+        ItemInput(ids[:1600], [ids[1600:1610], ids[1600:1630], ids[1600:1700]]),
+    ]
+    assert one_pass.plan(items, PlanOptions()).prefix_groups
+    want = scored_rows(one_pass, items)
+    logprobs, _, _ = sequence_logprobs(model, [1, *ids[:1500]])
+    assert want[0][0] == pytest.approx(float(logprobs.sum()), abs=1e-3)
+    np.testing.assert_allclose(want[0][3:], logprobs, atol=1e-3, rtol=0)
+    for chunk in (100, 256, 700):
+        chunked = engine_for(exported_default, runtime, prefill_chunk_tokens=chunk)
+        assert_rows_close(scored_rows(chunked, items), want)
+        assert chunked.runner.chunk_runs >= 1500 // chunk
+
+
+def scrape(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+@pytest.mark.e2e
+def test_deadline_stops_a_long_run_between_chunks_while_others_interleave(
+    exported_default: Path,
+) -> None:
+    """8,000 token ids (within the context), a 4 s deadline: DEADLINE_EXCEEDED, the run
+    stopped at a chunk boundary (chunks counted), a short request and health checks from
+    other clients answered meanwhile, and the model idle again right after."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    metrics_port = free_port()
+    flags = ("--prefill-chunk-tokens", "128", "--metrics-port", str(metrics_port))
+    long_ids = [int(t) for t in np.random.default_rng(0).integers(100, 49000, 8000)]
+    with running_server("default", *flags) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = scoring_pb2_grpc.ScorerStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        request = pb.ScoreRequest(
+            items=[
+                pb.ScoreItem(
+                    prompt_token_ids=pb.TokenIds(ids=long_ids[:10]),
+                    completions=[pb.Completion(token_ids=pb.TokenIds(ids=long_ids[10:]))],
+                )
+            ]
+        )
+        outcome: dict[str, object] = {}
+
+        def long_call() -> None:
+            began = time.monotonic()
+            try:
+                list(stub.Score(request, timeout=4.0))
+            except grpc.RpcError as exc:
+                outcome["code"] = exc.code()
+            outcome["seconds"] = time.monotonic() - began
+
+        caller = threading.Thread(target=long_call)
+        caller.start()
+        time.sleep(1.0)
+        health_seconds = []
+        with ScoringClient(server.address) as client:
+            began = time.monotonic()
+            short = client.score([Item("The licensee", [" may copy"])])
+            short_seconds = time.monotonic() - began
+            while caller.is_alive():
+                began = time.monotonic()
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                health_seconds.append(time.monotonic() - began)
+                time.sleep(0.05)
+            caller.join()
+            assert outcome["code"] == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The run stops at its next chunk: within about one chunk of the deadline.
+            time.sleep(1.5)
+            began = time.monotonic()
+            client.score([Item("The licensee", [" may copy"])])
+            after_seconds = time.monotonic() - began
+        channel.close()
+        chunks = scrape(metrics_port, "lmscore_prefill_chunks_total")
+        abandoned = scrape(metrics_port, "lmscore_runs_abandoned_total")
+    assert short[0].completion_tokens == 2 and short_seconds < 2.0
+    assert max(health_seconds) < 0.5
+    assert after_seconds < 1.0
+    assert abandoned == 1
+    assert 0 < chunks < 8000 // 128  # stopped part way: not every chunk ran
+
+
+@pytest.mark.e2e
+def test_memory_comes_back_after_a_burst_of_large_requests(exported_default: Path) -> None:
+    """After four concurrent requests of 8 x 1,000 tokens each, RSS falls back to within
+    20 % of the warmed-up figure."""
+    ids = [int(t) for t in np.random.default_rng(1).integers(100, 49000, 1000)]
+    large = [Item(ids[: 10 + i], [ids[10 + i : 1000]]) for i in range(8)]
+    with running_server("default") as server, ScoringClient(server.address) as client:
+        client.score([Item("Warm", [" up"])])
+        time.sleep(1.5)
+        baseline = rss_mb(server.process.pid)
+
+        async def burst() -> None:
+            from lmscore.client import AsyncScoringClient
+
+            async with AsyncScoringClient(server.address) as aclient:
+                await asyncio.gather(*(aclient.score(large) for _ in range(4)))
+
+        asyncio.run(burst())
+        time.sleep(2.5)  # idle: the model thread trims the heap
+        after = rss_mb(server.process.pid)
+    assert after <= 1.2 * baseline, f"RSS {after:.0f} MB after the burst, {baseline:.0f} before"
