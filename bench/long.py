@@ -249,20 +249,24 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _at(by_length: dict[Any, dict[str, float]], length: int) -> float | None:
+    """Seconds at `length` (keys are ints in a run, strings once read back from long.json)."""
+    entry = by_length.get(length) or by_length.get(str(length))
+    return None if entry is None else entry["seconds"]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Time against length, log-log, both paths (from a run or from its long.json)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4.2))
     series: list[tuple[str, Callable[[int], float | None], str]] = [
-        ("lmscore (gRPC)", lambda n: results["server"]["lengths"][n]["seconds"], "#228833"),
-        (
-            "PyTorch eager (SDPA)",
-            lambda n: results["pytorch"].get(n, {}).get("seconds"),
-            "#bb5566",
-        ),
+        ("lmscore (gRPC)", lambda n: _at(results["server"]["lengths"], n), "#228833"),
+        ("PyTorch eager (SDPA)", lambda n: _at(results["pytorch"], n), "#bb5566"),
     ]
     for label, seconds, color in series:
         points = [(n, seconds(n)) for n in LENGTHS if seconds(n) is not None]
@@ -270,6 +274,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("tokens in the request")
     axis.set_ylabel("seconds")
     axis.set_xticks(list(LENGTHS), [str(n) for n in LENGTHS])
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_title(f"one long request, {results['cpu'].split(',')[1].strip()}")
     axis.legend()
     axis.grid(True, which="both", alpha=0.3)

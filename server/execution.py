@@ -49,6 +49,8 @@ from lmscore.v1.results import ScoreResult, Token, TopToken
 KeyValueCache = Mapping[str, Any]
 
 Result = TypeVar("Result")
+# Up to this many results without token details are built on the event loop (sums only).
+INLINE_RESULTS = 64
 # Work on the model thread: yields between its model runs, returns its result.
 Steps = Generator[None, None, Result]
 
@@ -313,6 +315,20 @@ class PlanRunner:
     ) -> list[ScoreResult]:
         return [self.result(plan, completion, scored) for completion in completions]
 
+    async def _results_off_loop(
+        self,
+        plan: ScoringPlan,
+        completions: list[PlannedCompletion],
+        scored: dict[int, PositionScores],
+    ) -> list[ScoreResult]:
+        """The results, built on a worker thread when there is much to build (token details,
+        many completions); a few plain sums are quicker than the hop to a thread and back."""
+        if not completions:
+            return []
+        if not plan.options.token_details and len(completions) <= INLINE_RESULTS:
+            return self.results(plan, completions, scored)
+        return await asyncio.to_thread(self.results, plan, completions, scored)
+
     async def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
         """Run a plan through the dynamic batcher, yielding results as they complete (each
         assembled on a worker thread, so the event loop stays free for other calls).
@@ -326,9 +342,7 @@ class PlanRunner:
         if queued + len(plan.full_passes) + len(plan.prefix_groups) > limit:
             raise Overloaded(f"queue full: {queued} sequences waiting, limit {limit}")
         progress = PlanProgress(plan)
-        for result in await asyncio.to_thread(
-            self.results, plan, progress.start(), progress.scored
-        ):
+        for result in await self._results_off_loop(plan, progress.start(), progress.scored):
             yield result
         owner = self.batcher.new_owner()
         waiting: dict[asyncio.Future[Any], int | None] = {}
@@ -346,9 +360,7 @@ class PlanRunner:
                     index = waiting[future]
                     scored = {index: future.result()} if index is not None else future.result()
                     completed.extend(progress.add(scored))
-                for result in await asyncio.to_thread(
-                    self.results, plan, completed, progress.scored
-                ):
+                for result in await self._results_off_loop(plan, completed, progress.scored):
                     yield result
         finally:
             for future in waiting:
