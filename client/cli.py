@@ -76,7 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop prompt tokens from the left when a sequence exceeds the context",
     )
-    parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    parser.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepend the BOS token, or not (default: as the model's tokenizer does, "
+        "ModelInfo.bos_by_default)",
+    )
     parser.add_argument("--timeout", type=float, help="deadline of each request in seconds")
     parser.add_argument(
         "--token-file", type=Path, help="bearer token for the server (else $LMSCORE_TOKEN)"
@@ -151,7 +157,7 @@ def score_options(args: argparse.Namespace) -> ScoreOptions:
         top_k=args.top_k,
         marginal_mode=args.marginal_mode,
         truncate_prompt_left=args.truncate_prompt_left,
-        add_bos=False if args.no_bos else None,
+        add_bos=args.bos,
     )
 
 

@@ -102,6 +102,7 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
         export_validation_max_abs_diff=message.export_validation_max_abs_diff,
         source_sha256=message.source_sha256,
         max_top_k=message.max_top_k,
+        bos_by_default=message.bos_by_default,
         manifest=json.loads(message.manifest_json) if message.manifest_json else {},
         quantization=QuantizationInfo(
             recipe=message.quantization.recipe,
@@ -126,6 +127,7 @@ def rolling_request_to_pb(
             max_window_tokens=options.max_window_tokens,
             min_context_tokens=options.min_context_tokens,
             token_logprobs=options.token_logprobs,
+            add_bos=options.add_bos,
         ),
         texts=[
             pb.RollingText(text=t)

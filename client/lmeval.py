@@ -9,21 +9,26 @@ Conventions are lm-eval's (its TemplateLM and HFLM), applied by the server:
 
 * `loglikelihood(context, continuation)`: trailing whitespace of the context
   moves to the continuation; the continuation's tokens are those of
-  encode(context + continuation) after encode(context); no BOS is added to a
-  non-empty context (HFLM's default for tokenizers that add none). An empty
-  context becomes the prefix token (BOS, else EOS) and the whole continuation
-  is scored. Sequences longer than the server's context lose context tokens
+  encode(context + continuation) after encode(context); a non-empty context
+  starts with BOS exactly when HFLM's would: `add_bos_token` in --model_args
+  as HFLM reads it (unset: the model's tokenizer decides, which the server
+  reports as ModelInfo.bos_by_default). An empty context becomes the prefix
+  token (BOS, else EOS) and the whole continuation, encoded without special
+  tokens, is scored. Sequences longer than the server's context lose context tokens
   from the left, as in HFLM. `is_greedy`: every continuation token is the
   argmax at its position.
 * `loglikelihood_rolling(text)`: lm-eval's rolling windows (context_len 1) of
-  `max_length` model inputs, default the server's longest (ModelInfo.max_context - 1).
+  `max_length` model inputs, default the server's longest (ModelInfo.max_context - 1),
+  over the text's tokens with BOS first when BOS is added (HFLM encodes the text
+  with its tokenizer's special tokens, so its first window predicts that BOS).
 * `generate_until` is not served: lmscore scores text, it does not generate.
 
-Known differences from HFLM, both rare: HFLM's tokenizer may add special
-tokens when its tokenizer is configured to (this adapter never does); and when
-a token straddles the context/continuation boundary the server scores the
-continuation encoded on its own (lmscore.server.tokenization) where HFLM
-scores a slice that does not spell it.
+Known differences from HFLM, all rare: a tokenizer that adds special tokens
+other than BOS (an EOS after every text) is followed only for BOS; a context
+or continuation whose text starts with the BOS token's text is not special-cased
+as HFLM does; and when a token straddles the context/continuation boundary the
+server scores the continuation encoded on its own (lmscore.server.tokenization)
+where HFLM scores a slice that does not spell it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ Answer = TypeVar("Answer")
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CONCURRENCY = 4
+# What lm-eval's own CLI hands every model besides --model_args; not ours to use.
+LM_EVAL_SETTINGS = {"device", "max_batch_size"}
 
 
 def _positive_int(name: str, value: Any, default: int) -> int:
@@ -57,11 +64,22 @@ def _positive_int(name: str, value: Any, default: int) -> int:
     return number
 
 
+def _optional_bool(name: str, value: bool | str | None) -> bool | None:
+    """lm-eval hands model_args over as bools or strings ("True", "false")."""
+    if value is None or isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 @register_model("lmscore")
 class LmscoreLM(LM):
     """An lm-eval model scored by an lmscore server (model_args: server=HOST:PORT[,HOST:PORT]
-    or dns:///NAME:PORT, token, timeout, max_length, concurrency; batch_size = completions per
-    request)."""
+    or dns:///NAME:PORT, token, timeout, max_length, concurrency, add_bos_token; batch_size =
+    completions per request)."""
 
     def __init__(
         self,
@@ -71,9 +89,16 @@ class LmscoreLM(LM):
         max_length: int | None = None,
         batch_size: int | str | None = None,
         concurrency: int | str | None = None,
-        **unused: Any,  # lm-eval's device, max_batch_size: not ours to use
+        add_bos_token: bool | str | None = None,
+        **others: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(others) - LM_EVAL_SETTINGS)
+        if unknown:
+            raise ValueError(
+                f"lmscore model_args: unknown {', '.join(unknown)}; known: server, token, "
+                "timeout, max_length, concurrency, add_bos_token (and lm-eval's batch_size)"
+            )
         self.client = ScoringClient(
             server, timeout=float(timeout), token=token or os.environ.get("LMSCORE_TOKEN")
         )
@@ -89,6 +114,11 @@ class LmscoreLM(LM):
         if self.max_length > longest:
             raise ValueError(f"max_length must be <= {longest} on this server, got {max_length}")
         self.batch_size = _positive_int("batch_size", batch_size, DEFAULT_BATCH_SIZE)
+        # HFLM's add_bos_token: None leaves it to the tokenizer (the server's default).
+        self.add_bos_token = _optional_bool("add_bos_token", add_bos_token)
+        self.bos_in_texts = (
+            info.bos_by_default if self.add_bos_token is None else self.add_bos_token
+        ) and info.bos_token_id is not None
         self.concurrency = _positive_int("concurrency", concurrency, DEFAULT_CONCURRENCY)
 
     @property
@@ -122,21 +152,29 @@ class LmscoreLM(LM):
         items: dict[str, list[str]] = {}
         for context, continuation in pairs:
             items.setdefault(context, []).append(continuation)
-        batches: list[list[Item]] = [[]]
-        size = 0
-        for context, all_continuations in items.items():
-            # An empty context is the prefix token: its ids go verbatim, the text is encoded alone.
-            prompt = context if context else [self.prefix_token_id]
-            for start in range(0, len(all_continuations), self.batch_size):
-                continuations = all_continuations[start : start + self.batch_size]
-                if size and size + len(continuations) > self.batch_size:
-                    batches.append([])
-                    size = 0
-                batches[-1].append(Item(prompt, continuations))
-                size += len(continuations)
-        options = ScoreOptions(add_bos=False, truncate_prompt_left=True)
+        # Texts get HFLM's BOS rule; an empty context is the prefix token, its ids verbatim
+        # with no BOS added, and the continuation encoded alone (HFLM's special case).
+        with_context = ScoreOptions(add_bos=self.add_bos_token, truncate_prompt_left=True)
+        without_context = ScoreOptions(add_bos=False, truncate_prompt_left=True)
+        batches: list[tuple[ScoreOptions, list[Item]]] = []
+        for options, wanted in ((with_context, True), (without_context, False)):
+            size = 0
+            batches.append((options, []))
+            for context, all_continuations in items.items():
+                if bool(context) != wanted:
+                    continue
+                prompt = context if context else [self.prefix_token_id]
+                for start in range(0, len(all_continuations), self.batch_size):
+                    continuations = all_continuations[start : start + self.batch_size]
+                    if size and size + len(continuations) > self.batch_size:
+                        batches.append((options, []))
+                        size = 0
+                    batches[-1][1].append(Item(prompt, continuations))
+                    size += len(continuations)
+        batches = [(options, batch) for options, batch in batches if batch]
 
-        def run(batch: list[Item]) -> list[tuple[str, str, float, bool]]:
+        def run(job: tuple[ScoreOptions, list[Item]]) -> list[tuple[str, str, float, bool]]:
+            options, batch = job
             return [
                 (
                     batch[r.item_index].prompt,  # type: ignore[misc]
@@ -159,7 +197,7 @@ class LmscoreLM(LM):
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         texts: list[str] = [r.args[0] for r in requests]
-        options = RollingOptions(max_window_tokens=self.max_length)
+        options = RollingOptions(max_window_tokens=self.max_length, add_bos=self.bos_in_texts)
         batches = [texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
 
         def run(batch: list[str]) -> list[float]:

@@ -26,7 +26,8 @@ class ScoreOptions:
     top_k: int = 0
     marginal_mode: MarginalMode = "same_pass"
     truncate_prompt_left: bool = False
-    # None: the server's default (BOS when the model has one).
+    # None: the server's default, BOS exactly when the model's tokenizer adds it
+    # (ModelInfo.bos_by_default).
     add_bos: bool | None = None
     # Empty: whatever model the server serves.
     model: str = ""
@@ -50,6 +51,8 @@ class RollingOptions:
     # 0 or 1: lm-eval's disjoint windows; larger: each token keeps this much context.
     min_context_tokens: int = 0
     token_logprobs: bool = False
+    # BOS before each text's tokens (what lm-eval's HFLM does when the tokenizer adds BOS).
+    add_bos: bool = False
     model: str = ""
 
 
@@ -81,3 +84,6 @@ class ModelInfo:
     manifest: dict[str, Any]
     # None for a float32 model.
     quantization: QuantizationInfo | None = None
+    # Score sequences start with BOS by default (ScoreOptions.add_bos None) exactly when
+    # this is set: the model's own tokenizer adds BOS.
+    bos_by_default: bool = False

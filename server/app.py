@@ -52,6 +52,7 @@ def load_model(config: ServerConfig) -> LoadedModel:
         vocab_size=manifest.vocab_size,
         bos_token_id=manifest.bos_token_id,
         eos_token_id=manifest.eos_token_id,
+        bos_by_default=tokenizer.adds_bos(manifest.bos_token_id),
     )
     engine = ScoringEngine(runtime, tokenizer, facts, config.engine)
     info = scoring_pb2.ModelInfo(
@@ -67,6 +68,7 @@ def load_model(config: ServerConfig) -> LoadedModel:
         export_validation_max_abs_diff=manifest.validation_max_abs_diff,
         source_sha256=manifest.source_sha256,
         max_top_k=config.engine.max_top_k,
+        bos_by_default=facts.bos_by_default,
         manifest_json=manifest.to_json(),
     )
     if manifest.quantization:

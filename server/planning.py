@@ -173,7 +173,8 @@ class Planner:
         bos = self.facts.bos_token_id
         if options.add_bos and bos is None:
             raise InvalidInput("options.add_bos", "the model has no BOS token")
-        return [bos] if bos is not None and options.add_bos is not False else []
+        wanted = self.facts.bos_by_default if options.add_bos is None else options.add_bos
+        return [bos] if bos is not None and wanted else []
 
     def _encode(
         self, prompt: TokenInput | None, completion: TokenInput | None, field: str
@@ -377,12 +378,15 @@ class Planner:
             )
         for index, text in enumerate(texts):
             self._check_text(text, f"texts[{index}].text")
+        if options.add_bos and facts.bos_token_id is None:
+            raise InvalidInput("options.add_bos", "the model has no BOS token")
+        bos = [facts.bos_token_id] if options.add_bos else []
         encoded: list[list[int]] = []
         for index, text in enumerate(texts):
             if text is None:
                 raise InvalidInput(f"texts[{index}]", "has neither text nor token_ids")
             if isinstance(text, str):
-                encoded.append(self.tokenizer.encode(text))
+                encoded.append(bos + self.tokenizer.encode(text))
             else:
                 encoded.append(self._check_ids(text, f"texts[{index}].token_ids"))
         items: list[ItemInput] = []

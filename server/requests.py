@@ -42,6 +42,9 @@ class ModelFacts:
     vocab_size: int
     bos_token_id: int | None
     eos_token_id: int | None = None
+    # A sequence starts with BOS, unless a request says otherwise, exactly when this is
+    # set: the model's own tokenizer adds BOS (TextTokenizer.adds_bos).
+    bos_by_default: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,7 @@ class PlanOptions:
     top_k: int = 0
     marginal_mode: MarginalMode = "same_pass"
     truncate_prompt_left: bool = False
-    # None: BOS when the model has one.
+    # None: BOS exactly when the model's tokenizer adds it (ModelFacts.bos_by_default).
     add_bos: bool | None = None
 
 
@@ -74,3 +77,6 @@ class RollingPlanOptions:
     # 0 or 1: lm-eval's disjoint windows.
     min_context_tokens: int = 0
     token_logprobs: bool = False
+    # Put BOS before each text's tokens, as lm-eval's HFLM does when the tokenizer adds it
+    # (the first window then predicts that BOS from the prefix token).
+    add_bos: bool = False

@@ -5,9 +5,10 @@ returns follows (the README states the same):
 
 * Natural log. Log-softmax over the vocabulary in float32 whatever the model's
   dtype; sums of token log-probs in float64.
-* A sequence is ``[BOS] + tokens(x) + tokens(y)``: BOS when the model has one
-  and the request does not turn it off. Token ``j >= 1`` is scored by the
-  logits at position ``j - 1``: ``log p(t_j | t_<j)``.
+* A sequence is ``[BOS] + tokens(x) + tokens(y)``: BOS when the model's own
+  tokenizer adds one (as ``tokenizer(text)`` does), unless the request says.
+  Token ``j >= 1`` is scored by the logits at position ``j - 1``:
+  ``log p(t_j | t_<j)``.
 * The token that opens the sequence has nothing before it and is never scored.
   With BOS that costs nothing (BOS is given, not predicted). Without BOS the
   first real token goes unscored: it is left out of every sum and the result

@@ -162,6 +162,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             max_window_tokens=request.options.max_window_tokens,
             min_context_tokens=request.options.min_context_tokens,
             token_logprobs=request.options.token_logprobs,
+            add_bos=request.options.add_bos,
         )
         return self._engine.plan_rolling(
             [_token_input(t, "input") for t in request.texts],

@@ -89,5 +89,15 @@ class TextTokenizer:
             completion_ids = self.encode(completion)
         return EncodedPair(prompt, completion, prompt_ids, completion_ids)
 
+    def adds_bos(self, bos_token_id: int | None) -> bool:
+        """Whether the tokenizer itself puts BOS before a text (its post-processor, what
+        transformers' `add_bos_token` configures): the BOS rule HFLM follows by default."""
+        if bos_token_id is None:
+            return False
+        plain = self._tokenizer.encode("a", add_special_tokens=False).ids
+        special = self._tokenizer.encode("a", add_special_tokens=True).ids
+        before = special[: special.index(plain[0])] if plain and plain[0] in special else []
+        return bos_token_id in before
+
     def _decode_token(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)

@@ -355,3 +355,21 @@ def test_a_long_run_whose_caller_left_stops_at_the_next_chunk(tokenizer: TextTok
     asyncio.run(leave_after_the_first_chunk())
     assert 1 <= len(engine.model.calls) <= 3 < 8
     assert engine.batcher.runs_abandoned == 1
+
+
+def test_bos_follows_the_tokenizer_unless_the_request_says(tmp_path: Path) -> None:
+    """A tokenizer whose post-processor adds BOS (Llama's, SmolLM2's) gets BOS by default;
+    one that adds none (GPT-2's, Qwen's) gets none; add_bos overrides either way."""
+    for adds_bos in (True, False):
+        path = tmp_path / f"bos-{adds_bos}.json"
+        build_tokenizer(adds_bos=adds_bos).backend_tokenizer.save(str(path))
+        tokenizer = TextTokenizer(path)
+        assert tokenizer.adds_bos(1) is adds_bos
+        assert tokenizer.adds_bos(None) is False
+        facts = ModelFacts(64, VOCAB, 1, bos_by_default=tokenizer.adds_bos(1))
+        engine = ScoringEngine(FakeCausalModel(), tokenizer, facts, EngineSettings())
+        for add_bos, expected in ((None, adds_bos), (True, True), (False, False)):
+            plan = engine.plan([ItemInput("The licensee", [" may"])], PlanOptions(add_bos=add_bos))
+            [result] = engine.score_sync(plan)
+            assert result.bos_added is expected
+            assert (plan.sequences[0][0] == 1) is expected

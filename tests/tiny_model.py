@@ -15,8 +15,10 @@ MAX_CONTEXT = 96
 BOS, EOS = "<s>", "</s>"
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(adds_bos: bool = True):  # -> transformers.PreTrainedTokenizerFast
+    """Byte-level BPE; `adds_bos`: its post-processor puts BOS before every text, as
+    Llama's, Gemma's and SmolLM2's do (GPT-2's, Qwen's and Pythia's add nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -29,6 +31,11 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
         show_progress=False,
     )
     tokenizer.train([str(LICENSES / name) for name in TRAINING_TEXTS], trainer)
+    if adds_bos:
+        bos = (BOS, tokenizer.token_to_id(BOS))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[bos]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token="<unk>"
     )

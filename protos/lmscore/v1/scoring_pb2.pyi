@@ -176,7 +176,10 @@ class ScoreOptions(_message.Message):
     dropped. Without it, such an item is INVALID_ARGUMENT.
     """
     add_bos: _builtins.bool
-    """Prepend the model's BOS token (default: yes, when the model has one)."""
+    """Prepend the model's BOS token. Unset: exactly when the model's own
+    tokenizer adds BOS (ModelInfo.bos_by_default), as transformers'
+    tokenizer(text) and lm-eval's HFLM do.
+    """
     def __init__(
         self,
         *,
@@ -406,6 +409,7 @@ class RollingOptions(_message.Message):
     MAX_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
     MIN_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     TOKEN_LOGPROBS_FIELD_NUMBER: _builtins.int
+    ADD_BOS_FIELD_NUMBER: _builtins.int
     max_window_tokens: _builtins.int
     """Model inputs per window (lm-eval's max_length). 0 = the longest the server
     allows: ModelInfo.max_context - 1 (the server's sequences include the
@@ -421,16 +425,24 @@ class RollingOptions(_message.Message):
     """
     token_logprobs: _builtins.bool
     """Return every token's log-probability, in text order."""
+    add_bos: _builtins.bool
+    """Start each text's tokens with BOS (a text given as text; token ids are
+    verbatim), so the first window predicts that BOS from the prefix token:
+    what lm-eval's HFLM does when the model's tokenizer adds BOS
+    (ModelInfo.bos_by_default). Off: the text's own tokens only.
+    INVALID_ARGUMENT when the model has no BOS.
+    """
     def __init__(
         self,
         *,
         max_window_tokens: _builtins.int = ...,
         min_context_tokens: _builtins.int = ...,
         token_logprobs: _builtins.bool = ...,
+        add_bos: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_window_tokens", b"max_window_tokens", "min_context_tokens", b"min_context_tokens", "token_logprobs", b"token_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_bos", b"add_bos", "max_window_tokens", b"max_window_tokens", "min_context_tokens", b"min_context_tokens", "token_logprobs", b"token_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +568,7 @@ class ModelInfo(_message.Message):
     MAX_TOP_K_FIELD_NUMBER: _builtins.int
     MANIFEST_JSON_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
+    BOS_BY_DEFAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     architecture: _builtins.str
     vocab_size: _builtins.int
@@ -571,6 +584,11 @@ class ModelInfo(_message.Message):
     source_sha256: _builtins.str
     max_top_k: _builtins.int
     manifest_json: _builtins.str
+    bos_by_default: _builtins.bool
+    """Whether a Score sequence starts with BOS when the request leaves
+    ScoreOptions.add_bos unset: true exactly when the model's own tokenizer
+    adds BOS (as transformers' tokenizer(text) does, and lm-eval's HFLM).
+    """
     @_builtins.property
     def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Execution providers actually in use, as ONNX Runtime reports them."""
@@ -598,10 +616,11 @@ class ModelInfo(_message.Message):
         max_top_k: _builtins.int = ...,
         manifest_json: _builtins.str = ...,
         quantization: Global___QuantizationInfo | None = ...,
+        bos_by_default: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "export_validation_max_abs_diff", b"export_validation_max_abs_diff", "manifest_json", b"manifest_json", "max_context", b"max_context", "max_top_k", b"max_top_k", "name", b"name", "onnxruntime_version", b"onnxruntime_version", "providers", b"providers", "quantization", b"quantization", "source_sha256", b"source_sha256", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "bos_by_default", b"bos_by_default", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "export_validation_max_abs_diff", b"export_validation_max_abs_diff", "manifest_json", b"manifest_json", "max_context", b"max_context", "max_top_k", b"max_top_k", "name", b"name", "onnxruntime_version", b"onnxruntime_version", "providers", b"providers", "quantization", b"quantization", "source_sha256", b"source_sha256", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
