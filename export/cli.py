@@ -43,6 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "float32; the default OUTPUT is then NAME-fp16) (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        help="the model's context in tokens, for configs that do not say (Bloom); may lower "
+        "what the config says (default: the config's max_position_embeddings or equivalent)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the whole traceback when the export fails"
+    )
+    parser.add_argument(
         "--max-validation-diff",
         type=float,
         help="fail when max |log p_ORT - log p_PyTorch| per token exceeds this "
@@ -102,10 +112,24 @@ def _export(args: argparse.Namespace, source, output: Path, dtype: str) -> int:
 
     try:
         manifest = export_model(
-            args.source, output, dtype=dtype, max_validation_diff=args.max_validation_diff
+            args.source,
+            output,
+            dtype=dtype,
+            max_validation_diff=args.max_validation_diff,
+            max_context=args.max_context,
         )
     except (ExportError, SourceError) as exc:
         print(f"lmscore export: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # transformers, Optimum, torch.onnx: their cause, in one line
+        if args.verbose:
+            raise
+        lines = str(exc).strip().splitlines()
+        cause = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        print(
+            f"lmscore export: exporting {args.source} failed: {cause} (--verbose: the traceback)",
+            file=sys.stderr,
+        )
         return 1
     print(
         f"exported {manifest.name} ({manifest.dtype}) to {output} in "

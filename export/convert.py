@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -72,12 +73,15 @@ def export_model(
     *,
     dtype: str = "float32",
     max_validation_diff: float | None = None,
+    max_context: int | None = None,
     progress: bool = True,
 ) -> Manifest:
     """Export `source_spec` (see resolve_source) to `output_dir`, replacing what was there.
 
     `dtype` "float16" converts the transformer to float16 for CUDA (the scoring head stays
-    float32); `max_validation_diff` defaults to MAX_VALIDATION_DIFF[dtype].
+    float32); `max_validation_diff` defaults to MAX_VALIDATION_DIFF[dtype]; `max_context`
+    (tokens) is required when the config does not say (Bloom's ALiBi has no limit), and may
+    lower what it says.
     """
     import importlib.metadata as metadata
 
@@ -93,12 +97,17 @@ def export_model(
     started = time.perf_counter()
     output_dir = output_dir.expanduser().resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Closed on failure too, so an error printed after it starts a line of its own.
     bar = tqdm(total=4, desc="export", unit="step", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.", dir=output_dir.parent) as tmp:
+    with (
+        bar,
+        tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.", dir=output_dir.parent) as tmp,
+    ):
         work_dir = Path(tmp) / "model"
         bar.set_description(f"loading {source.name} with transformers")
         model, tokenizer = _load(source)
         config = model.config  # type: ignore[attr-defined]
+        context = _context_of(config, max_context)
         bar.update()
 
         bar.set_description("exporting ONNX with Optimum")
@@ -120,7 +129,7 @@ def export_model(
 
         bar.set_description("validating ONNX Runtime against PyTorch")
         bos = config.bos_token_id
-        figure = validate_export(model, tokenizer, work_dir, bos)
+        figure = validate_export(model, tokenizer, work_dir, bos, context)
         bar.update()
         bar.close()
         if not figure.max_abs_diff <= max_validation_diff:
@@ -138,7 +147,7 @@ def export_model(
             vocab_size=int(config.vocab_size),
             bos_token_id=None if bos is None else int(bos),
             eos_token_id=_first_id(config.eos_token_id),
-            max_context=int(config.max_position_embeddings),
+            max_context=context,
             dtype=dtype,
             opset=_opset_of(work_dir / ONNX_NAME),
             onnxruntime_version=onnxruntime.__version__,
@@ -158,6 +167,28 @@ def export_model(
             shutil.rmtree(output_dir)
         work_dir.rename(output_dir)
     return manifest
+
+
+# Where configs keep the longest sequence the model was trained for.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def _context_of(config: Any, requested: int | None) -> int:
+    """The model's context: from its config, or `requested` (which may only lower it)."""
+    known = next(
+        (int(v) for a in CONTEXT_ATTRIBUTES if isinstance(v := getattr(config, a, None), int)),
+        None,
+    )
+    if requested is not None and requested < 2:
+        raise ExportError(f"--max-context must be at least 2, got {requested}")
+    if known is None and requested is None:
+        raise ExportError(
+            f"the config of {config.model_type} says no context length (none of "
+            f"{', '.join(CONTEXT_ATTRIBUTES)}); give one with --max-context N"
+        )
+    if known is not None and requested is not None and requested > known:
+        raise ExportError(f"--max-context {requested} exceeds the model's own {known}")
+    return requested if requested is not None else known  # type: ignore[return-value]
 
 
 def _output_width(model: object) -> int:

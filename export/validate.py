@@ -34,9 +34,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def validate_export(
-    model: Any, hf_tokenizer: Any, export_dir: Path, bos_token_id: int | None
+    model: Any,
+    hf_tokenizer: Any,
+    export_dir: Path,
+    bos_token_id: int | None,
+    max_context: int | None = None,
 ) -> ValidationFigure:
-    """Score the validation text with the PyTorch `model` and with ONNX Runtime on `export_dir`."""
+    """Score the validation text with the PyTorch `model` and with ONNX Runtime on `export_dir`
+    (its first `max_context` tokens, BOS included)."""
     import onnxruntime as ort
     import torch
     from tokenizers import Tokenizer
@@ -52,6 +57,8 @@ def validate_export(
         raise RuntimeError("the exported tokenizer.json tokenizes differently from the source")
     if bos_token_id is not None:
         ids = [bos_token_id, *ids]
+    if max_context is not None:
+        ids = ids[:max_context]
     input_ids = np.asarray([ids], dtype=np.int64)
     targets = input_ids[0, 1:]
 

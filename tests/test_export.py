@@ -60,7 +60,8 @@ def test_validation_figure_matches_an_independent_measurement(
 
     model, hf_tokenizer = tiny_torch
     text = VALIDATION_TEXT.read_text().strip()
-    ids = [1, *hf_tokenizer(text, add_special_tokens=False)["input_ids"]]
+    # BOS and the text, cut to the model's context as the export does.
+    ids = [1, *hf_tokenizer(text, add_special_tokens=False)["input_ids"]][:MAX_CONTEXT]
     with torch.no_grad():
         reference = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
     targets = torch.tensor(ids[1:])
@@ -195,3 +196,53 @@ def test_scoring_head_log_softmax_is_unbiased(tmp_path: Path, vocab: int) -> Non
     np.testing.assert_allclose(
         top_logprobs, np.sort(wide, axis=-1)[..., ::-1][..., :3] - normalizer[..., None], atol=5e-6
     )
+
+
+def _export_cli(source: Path, output: Path, *flags: str):
+    import subprocess
+
+    from conftest import LMSCORE
+
+    return subprocess.run(
+        [LMSCORE, "export", "--source", str(source), "--output", str(output), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_a_context_shorter_than_the_validation_text_exports(tmp_path: Path) -> None:
+    """GPT-2 with 64 positions: the validation text is cut to the context (it raised
+    IndexError), and the manifest says 64."""
+    from lmscore.export.convert import export_model
+    from tiny_model import save_tiny_model
+
+    source = save_tiny_model(tmp_path / "hf", "GPT2Config", 0, n_positions=64)
+    manifest = export_model(str(source), tmp_path / "onnx", progress=False)
+    assert manifest.max_context == 64 and manifest.validation_tokens == 64
+    assert manifest.validation_max_abs_diff < 1e-4
+
+
+def test_export_failures_are_one_line_and_bloom_needs_a_context(tmp_path: Path) -> None:
+    """Bloom's config names no context (ALiBi): one line asking for --max-context, then
+    an export with it; any other failure is one line too, the traceback with --verbose."""
+    from tiny_model import save_tiny_model
+
+    bloom = save_tiny_model(tmp_path / "bloom", "BloomConfig", 0, n_layer=2, n_head=4)
+    refused = _export_cli(bloom, tmp_path / "out")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("lmscore export: ") and "--max-context" in line
+    exported = _export_cli(bloom, tmp_path / "out", "--max-context", "128")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    manifest = Manifest.read(tmp_path / "out")
+    assert manifest.max_context == 128 and manifest.validation_max_abs_diff < 1e-4
+    assert manifest.fused_attention_layers == 0  # Bloom's own attention code
+
+    (bloom / "config.json").write_text('{"model_type": "llama", "hidden_size": "sixty-four"}')
+    broken = _export_cli(bloom, tmp_path / "broken")
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    assert broken.stderr.strip().splitlines()[-1].startswith("lmscore export: exporting ")
+    verbose = _export_cli(bloom, tmp_path / "broken", "--verbose")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr

@@ -27,7 +27,7 @@ from lmscore.export.head import HEAD_INPUTS, HEAD_OUTPUTS, add_scoring_head
 from lmscore.export.manifest import FORMAT_VERSION, Manifest
 from lmscore.export.validate import VALIDATION_TEXT
 from reference import reference_score
-from tiny_model import VOCAB_SIZE
+from tiny_model import MAX_CONTEXT, VOCAB_SIZE
 
 BOS = 1
 # float16 against PyTorch float32, per token (nats). Measured on the tiny model over
@@ -171,7 +171,7 @@ def test_validation_figure_is_the_fp16_distance_on_the_validation_text(
 ) -> None:
     model, tokenizer = tiny_torch
     text = VALIDATION_TEXT.read_text().strip()
-    ids = np.array([[BOS, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+    ids = np.array([[BOS, *tokenizer(text, add_special_tokens=False)["input_ids"]][:MAX_CONTEXT]])
     diff = np.abs(session_logprobs(fp16_export / "model.onnx", ids) - torch_logprobs(model, ids))
     manifest = Manifest.read(fp16_export)
     assert manifest.validation_tokens == ids.shape[1]
