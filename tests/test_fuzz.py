@@ -105,7 +105,9 @@ def test_fuzzed_requests_get_documented_statuses(tiny_server: ServerProcess) -> 
 
     check()
     assert sum(seen.values()) == 1000
-    assert seen.get(grpc.StatusCode.OK, 0) >= 50
+    # About 5 % of the random requests are valid (49-55 seen; fewer since the tiny
+    # tokenizer adds BOS, one more token against the 96-token context).
+    assert seen.get(grpc.StatusCode.OK, 0) >= 40
     assert seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) >= 100
     channel.close()
     assert_still_serving_correctly(tiny_server)
