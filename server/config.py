@@ -118,6 +118,17 @@ class EngineSettings:
             metavar="N",
         ),
     )
+    # The scoring head holds ~3 tensors of [tokens, vocab] float32 while it runs: 1536
+    # tokens of Gemma-3's 262,144 words would be 1.6 GB each. The default keeps SmolLM2's
+    # usual batches whole (1365 tokens of 49,152 words) and cuts Gemma-3's to 256 tokens.
+    max_logits_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=flag(
+            "bytes of [tokens, vocabulary] float32 scores one model run may hold; a batch "
+            "over it runs in chunks of positions, as --prefill-chunk-tokens",
+            metavar="BYTES",
+        ),
+    )
     max_top_k: int = field(default=20, metadata=flag("largest top_k a request may ask for"))
     max_items_per_request: int = field(default=1024, metadata=flag("items in one request"))
     max_completions_per_item: int = field(default=256, metadata=flag("completions of one item"))

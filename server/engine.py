@@ -32,7 +32,7 @@ class ScoringEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.planner = Planner(tokenizer, facts, settings)
-        self.runner = PlanRunner(model, tokenizer, settings)
+        self.runner = PlanRunner(model, tokenizer, settings, facts.vocab_size)
         self.batcher = self.runner.batcher
         # Its calls are its parts' own. plan(items, options): validate and tokenize
         # (InvalidInput names the first bad field); plan_rolling(texts, options): the same

@@ -115,9 +115,18 @@ class PlanRunner:
     """Runs plans on one model: one run at a time, on a thread of its own."""
 
     def __init__(
-        self, model: TokenScorer, tokenizer: TextTokenizer, settings: EngineSettings
+        self,
+        model: TokenScorer,
+        tokenizer: TextTokenizer,
+        settings: EngineSettings,
+        vocab_size: int = 0,
     ) -> None:
         self.model = model
+        # Positions one run may score: its [tokens, vocab] float32 scores within
+        # max_logits_bytes (0 vocab_size: no bound).
+        self.max_run_tokens = (
+            max(1, settings.max_logits_bytes // (4 * vocab_size)) if vocab_size else 0
+        )
         self.tokenizer = tokenizer
         self.settings = settings
         # Model runs, and those that were one chunk of a wider batch.
@@ -150,8 +159,10 @@ class PlanRunner:
     ) -> Steps[tuple[BatchScores, KeyValueCache | None]]:
         """model.score over right-padded rows, in chunks of `prefill_chunk_tokens` positions
         (each against the cache of the chunks before it); yields between the chunks."""
-        width = input_ids.shape[1]
+        rows, width = input_ids.shape
         chunk = self.settings.prefill_chunk_tokens or width
+        if self.max_run_tokens:  # a big vocabulary: fewer positions per run
+            chunk = min(chunk, max(1, self.max_run_tokens // rows))
         # Equal chunks, none longer than `chunk`: 257 positions run as 129 + 128, not 256 + 1.
         count = -(-width // chunk)
         chunk = -(-width // count)

@@ -270,3 +270,28 @@ def test_memory_comes_back_after_a_burst_of_large_requests(exported_default: Pat
         time.sleep(2.5)  # idle: the model thread trims the heap
         after = rss_mb(server.process.pid)
     assert after <= 1.2 * baseline, f"RSS {after:.0f} MB after the burst, {baseline:.0f} before"
+
+
+def test_a_big_vocabulary_bounds_the_positions_of_a_run(tiny_export: Path) -> None:
+    """--max-logits-bytes: a batch whose [tokens, vocab] scores would exceed it runs in chunks
+    of positions (here 40 tokens of the 512-word vocabulary), with the one-pass numbers."""
+    runtime = OnnxCausalLM(tiny_export)
+    shapes: list[tuple[int, int]] = []
+
+    class Recording:
+        def score(self, input_ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+            shapes.append(input_ids.shape)
+            return runtime.score(input_ids, *args, **kwargs)
+
+    ids = TextTokenizer(tiny_export / TOKENIZER_NAME).encode(LICENSE.read_text())
+    items = [
+        ItemInput(ids[i * 70 : i * 70 + 30], [ids[i * 70 + 30 : i * 70 + 60]]) for i in range(4)
+    ]
+    unbounded = engine_for(tiny_export, runtime, prefill_chunk_tokens=0)
+    bounded = engine_for(
+        tiny_export, Recording(), prefill_chunk_tokens=0, max_logits_bytes=4 * 512 * 40
+    )  # type: ignore[arg-type]
+    assert bounded.runner.max_run_tokens == 40
+    assert_rows_close(scored_rows(bounded, items), scored_rows(unbounded, items))
+    assert shapes and all(rows * width <= 40 for rows, width in shapes)
+    assert bounded.runner.chunk_runs > 0
