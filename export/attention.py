@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 ATTENTION_IMPLEMENTATION = "lmscore_fused"
@@ -171,9 +170,6 @@ def fused_attention(model: Any) -> Iterator[None]:
         model.config._attn_implementation = before
 
 
-def fused_attention_layers(onnx_path: Path) -> int:
-    """How many fused attention nodes the graph at `onnx_path` holds."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+def fused_attention_layers(graph: Any) -> int:
+    """How many fused attention nodes an onnx GraphProto holds."""
     return sum(1 for n in graph.node if n.op_type == FUSED_OP and n.domain == FUSED_DOMAIN)

@@ -60,11 +60,13 @@ def _load(source: ModelSource) -> tuple[object, object]:
     return model, tokenizer
 
 
-def _opset_of(onnx_path: Path) -> int:
+def _graph_facts(onnx_path: Path) -> tuple[int, int]:
+    """The graph's ONNX opset and its fused attention layers, from one load of the file."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False)
-    return max(int(o.version) for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    opset = max(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return opset, fused_attention_layers(model.graph)
 
 
 def export_model(
@@ -137,6 +139,7 @@ def export_model(
                 f"validation failed: max |delta log p| = {figure.max_abs_diff:.3g} "
                 f"exceeds {max_validation_diff:g}"
             )
+        opset, fused_layers = _graph_facts(work_dir / ONNX_NAME)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             name=variant_name(source.name, dtype),
@@ -149,14 +152,14 @@ def export_model(
             eos_token_id=_first_id(config.eos_token_id),
             max_context=context,
             dtype=dtype,
-            opset=_opset_of(work_dir / ONNX_NAME),
+            opset=opset,
             onnxruntime_version=onnxruntime.__version__,
             optimum_version=metadata.version("optimum-onnx"),
             transformers_version=metadata.version("transformers"),
             torch_version=torch.__version__,
             scoring_head=True,
             layers=int(getattr(config, "num_hidden_layers", 0) or 0),
-            fused_attention_layers=fused_attention_layers(work_dir / ONNX_NAME),
+            fused_attention_layers=fused_layers,
             validation_max_abs_diff=figure.max_abs_diff,
             validation_tokens=figure.tokens,
             export_seconds=round(time.perf_counter() - started, 2),

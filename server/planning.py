@@ -154,10 +154,11 @@ class Planner:
             return
         if len(text) > limit:  # over it whatever the encoding: no need to encode
             size = f"{len(text)} characters"
-        elif len(text.encode("utf-8", "surrogatepass")) > limit:
-            size = f"{len(text.encode('utf-8', 'surrogatepass'))} bytes"
         else:
-            return
+            encoded = _utf8_len(text)
+            if encoded <= limit:
+                return
+            size = f"{encoded} bytes"
         raise InvalidInput(
             field, f"text of {size} exceeds the limit of {limit} UTF-8 bytes (--max-text-bytes)"
         )

@@ -12,7 +12,13 @@ import pytest
 
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import (
+    InvalidInput,
+    ItemInput,
+    ModelFacts,
+    PlanOptions,
+    RollingPlanOptions,
+)
 from lmscore.server.scoring import BatchScores, score_positions
 from lmscore.server.tokenization import TextTokenizer, move_trailing_whitespace
 from lmscore.v1.results import Segment
@@ -373,3 +379,21 @@ def test_bos_follows_the_tokenizer_unless_the_request_says(tmp_path: Path) -> No
             [result] = engine.score_sync(plan)
             assert result.bos_added is expected
             assert (plan.sequences[0][0] == 1) is expected
+
+
+def test_text_bytes_and_rolling_bos_are_checked_naming_the_field(tokenizer: TextTokenizer) -> None:
+    engine = make_engine(tokenizer, max_text_bytes=40)
+    fine = "é" * 20  # 40 UTF-8 bytes: at the limit
+    engine.plan([ItemInput(fine, [" x"])], PlanOptions())
+    for items, field, words in (
+        ([ItemInput("é" * 21, [" x"])], "items[0].prompt", "42 bytes"),
+        ([ItemInput("a", ["x" * 41])], "items[0].completions[0].text", "41 characters"),
+    ):
+        with pytest.raises(InvalidInput) as error:
+            engine.plan(items, PlanOptions())
+        assert error.value.field == field
+        assert words in error.value.description and "40 UTF-8 bytes" in error.value.description
+    no_bos = ScoringEngine(FakeCausalModel(), tokenizer, ModelFacts(64, VOCAB, None, 2))
+    with pytest.raises(InvalidInput) as error:
+        no_bos.plan_rolling(["some text"], RollingPlanOptions(add_bos=True))
+    assert error.value.field == "options.add_bos"
