@@ -25,7 +25,7 @@ import numpy as np
 
 from lmscore.bench.workloads import Workloads, build_workloads
 from lmscore.client import Item, ScoringClient
-from lmscore.export.manifest import ONNX_NAME, Manifest
+from lmscore.export.manifest import Manifest, model_bytes
 from lmscore.server.app import load_model
 from lmscore.server.config import ServerConfig
 from lmscore.server.engine import ScoringEngine
@@ -102,6 +102,14 @@ class ServerUnderTest:
         import psutil
 
         return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def peak_rss_bytes(self) -> int:
+        """The kernel's high-water mark of the server's RSS (Linux's VmHWM), since it started."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kilobytes = next(
+            line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")
+        )
+        return int(kilobytes) * 1024
 
     def close(self) -> None:
         self.process.terminate()
@@ -183,6 +191,7 @@ def measure_grpc(
         result = {
             "cold_start_s": server.cold_start_s,
             "rss_bytes": server.rss_bytes(),
+            "peak_rss_bytes": server.peak_rss_bytes(),
             "batch": batch.summary(work.batch_tokens),
             "choice_prefix_reuse": choice.summary(),
             "short_pair_p50_ms": 1000 * percentile(latencies.seconds, 50),
@@ -259,7 +268,7 @@ def run_bench(
     results: dict[str, Any] = {
         "model": manifest.name,
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
-        "model_file_bytes": (model_dir / ONNX_NAME).stat().st_size,
+        "model_file_bytes": model_bytes(model_dir),  # the graph and its weights file
         "repeats": repeats,
     }
     print("measuring ONNX Runtime in-process (fp32) ...", file=sys.stderr)

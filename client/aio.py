@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -125,12 +125,24 @@ class AsyncScoringClient(ClientBase):
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+    async def _unary(
+        self, call: Callable[..., Awaitable[Any]], request: object, timeout: float | None
+    ) -> Any:
+        # A unary call seen as a one-message stream, so it shares the retry loop.
         async def as_stream(request: object, **options: Any) -> AsyncIterator[Any]:
-            yield await self._stub.GetModelInfo(request, **options)
+            yield await call(request, **options)
 
-        messages = [m async for m in self._stream(as_stream, pb.GetModelInfoRequest(), timeout)]
-        return convert.model_info_from_pb(messages[0])
+        messages = [m async for m in self._stream(as_stream, request, timeout)]
+        return messages[0]
+
+    async def model_info(self, model: str = "", *, timeout: float | None = None) -> ModelInfo:
+        request = pb.GetModelInfoRequest(model=model)
+        message = await self._unary(self._stub.GetModelInfo, request, timeout)
+        return convert.model_info_from_pb(message)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [convert.model_info_from_pb(message) for message in response.models]
 
     async def is_server_ready(self, *, timeout: float = 1.0) -> bool:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -156,20 +157,51 @@ def read_records(
 
 
 # ScoreResult fields a result line leaves out: its place is "index" and "completion_index"
-# (of the input record), and the scored texts and BOS flag are in the input already.
+# (of the input record), and the prompt and BOS flag are in the input already. The scored
+# completion stays: the whitespace rule may have changed it, and token offsets index it.
 _NOT_IN_LINES = {"item_index", "request_id", "request_index", "bos_added"}
-_NOT_IN_LINES |= {"scored_prompt", "scored_completion", "tokens"}
+_NOT_IN_LINES |= {"scored_prompt", "tokens"}
+# Fields only a request with pmi fills: left out of the line without it.
+_PMI_FIELDS = ("unconditional_logprob", "pmi")
+# Log-probs in nats that --unit bits gives again in bits, as NAME_bits = NAME / ln 2.
+BITS_FIELDS = (
+    "joint_logprob",
+    "marginal_logprob",
+    "conditional_logprob",
+    "conditional_logprob_per_token",
+    "conditional_logprob_per_char",
+    "conditional_logprob_per_byte",
+    *_PMI_FIELDS,
+)
+UNITS = ("nats", "bits")
 
 
-def result_record(result: ScoreResult, index: int, item_id: Any, token_details: bool) -> dict:
-    """The output line of `result` for input record `index`."""
+def to_bits(nats: float | None) -> float | None:
+    """A natural-log value in bits (log base 2); None stays None."""
+    return None if nats is None else nats / math.log(2)
+
+
+def result_record(
+    result: ScoreResult, index: int, item_id: Any, token_details: bool, unit: str = "nats"
+) -> dict:
+    """The output line of `result` for input record `index`; with `unit` "bits", every
+    log-prob also in bits (BITS_FIELDS, and each token's logprob) beside its nats field."""
     record: dict[str, Any] = {"index": index, "completion_index": result.completion_index}
     if item_id is not None:
         record["id"] = item_id
     values = dataclasses.asdict(result)
+    for name in _PMI_FIELDS:
+        if values[name] is None:
+            del values[name]
     record.update((k, v) for k, v in values.items() if k not in _NOT_IN_LINES)
+    bits = unit == "bits"
+    if bits:
+        record.update((f"{k}_bits", to_bits(record[k])) for k in BITS_FIELDS if k in record)
     if token_details:
         record["tokens"] = values["tokens"]
+        if bits:
+            for token in record["tokens"]:
+                token["logprob_bits"] = to_bits(token["logprob"])
     return record
 
 
@@ -287,11 +319,13 @@ class BatchScorer:
         records: Sequence[InputRecord],
         options: ScoreOptions,
         timeout: float | None,
+        unit: str = "nats",
     ) -> None:
         self.client = client
         self.records = records
         self.options = options
         self.timeout = timeout
+        self.unit = unit
 
     def score(self, chunk: Chunk) -> ChunkResult:
         items = [
@@ -327,7 +361,9 @@ class BatchScorer:
             index, wanted = chunk[result.item_index]
             result = dataclasses.replace(result, completion_index=wanted[result.completion_index])
             item_id = self.records[index].id
-            scored.append(result_record(result, index, item_id, self.options.token_details))
+            scored.append(
+                result_record(result, index, item_id, self.options.token_details, self.unit)
+            )
             tokens += int(result.bos_added) + result.prompt_tokens + result.completion_tokens
         return ChunkResult(scored, len(scored), [], tokens)
 
@@ -387,6 +423,7 @@ class _Run:
     items_per_request: int
     concurrency: int
     timeout: float | None
+    unit: str = "nats"
 
 
 def _score_records(
@@ -403,7 +440,7 @@ def _score_records(
     todo = [(index, wanted) for index, wanted in todo if wanted]
     total = sum(len(wanted) for _, wanted in todo)
     chunks = _chunks(todo, records, run.items_per_request)
-    scorer = BatchScorer(run.client, records, run.options, run.timeout)
+    scorer = BatchScorer(run.client, records, run.options, run.timeout, run.unit)
     # Chunks submitted and not yet written, in input order: the workers run ahead of the
     # writer by at most this many, which bounds the results held in memory.
     window = 2 * run.concurrency
@@ -467,15 +504,19 @@ def score_jsonl(
     timeout: float | None = None,
     resume: bool = False,
     max_line_bytes: int = MAX_LINE_BYTES,
+    unit: str = "nats",
 ) -> BatchSummary:
     """Score the JSONL file `input_path` on `client`'s server and write one result line per
     (record, completion) to `output_path` (standard output when None), in input order (see
     BATCH_HELP). `resume` keeps the complete result lines of `output_path` and scores what
-    is missing. InputError, before any request, for a bad input line (not UTF-8, longer
+    is missing. `unit` "bits" adds every log-prob in bits too (result_record).
+    InputError, before any request, for a bad input line (not UTF-8, longer
     than `max_line_bytes`, not JSON, not a record), or an output that is not this input's.
     The summary says what was scored; `stopped` is set when the run ended early."""
     if resume and output_path is None:
         raise ValueError("resume needs an output path")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
     with input_path.open("rb") as handle:
         records = list(read_records(handle, str(input_path), max_line_bytes))
     run = _Run(
@@ -486,6 +527,7 @@ def score_jsonl(
         items_per_request,
         concurrency,
         timeout,
+        unit,
     )
     summary = BatchSummary(items=len(records))
     if output_path is None:

@@ -15,9 +15,11 @@ from lmscore.client.batch import (
     BATCH_HELP,
     DEFAULT_CONCURRENCY,
     DEFAULT_ITEMS_PER_REQUEST,
+    UNITS,
     InputError,
     result_record,
     score_jsonl,
+    to_bits,
 )
 from lmscore.client.channel import TlsOptions
 from lmscore.client.convert import MARGINAL_MODES
@@ -42,6 +44,13 @@ def positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    parser.add_argument(
+        "--model",
+        default="",
+        metavar="NAME",
+        help="the served model to score with, one of those `lmscore serve --model` named "
+        "(default: the server's first)",
+    )
     parser.add_argument("--prompt", help="the prompt x (with --completion)")
     parser.add_argument(
         "--completion",
@@ -83,6 +92,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepend the BOS token, or not (default: as the model's tokenizer does, "
         "ModelInfo.bos_by_default)",
     )
+    parser.add_argument(
+        "--pmi",
+        action="store_true",
+        help="also score each completion after the empty context (the model's BOS, else EOS): "
+        "pmi = log P(y|x) - log P(y|empty context)",
+    )
+    parser.add_argument(
+        "--unit",
+        choices=UNITS,
+        default="nats",
+        help="log base of the printed table; bits also adds NAME_bits beside every log-prob "
+        "of the JSON lines, whose nats fields stay (default: %(default)s)",
+    )
     parser.add_argument("--timeout", type=float, help="deadline of each request in seconds")
     parser.add_argument(
         "--token-file", type=Path, help="bearer token for the server (else $LMSCORE_TOKEN)"
@@ -114,14 +136,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def format_table(prompt: str, results: Sequence[ScoreResult]) -> str:
-    header = ("completion", "log P(y|x)", "log P(x,y)", "log P(x)", "greedy", "tokens x+y")
+def format_table(prompt: str, results: Sequence[ScoreResult], unit: str = "nats") -> str:
+    """One row per completion; in bits (log base 2) with `unit` "bits"; a PMI column when
+    the results have one."""
+    log = "log2" if unit == "bits" else "log"
+    pmi = any(r.pmi is not None for r in results)
+
+    def number(nats: float | None) -> str:
+        value = to_bits(nats) if unit == "bits" else nats
+        return "-" if value is None else f"{value:.4f}"
+
+    header = (
+        "completion",
+        f"{log} P(y|x)",
+        f"{log} P(x,y)",
+        f"{log} P(x)",
+        *([f"PMI ({unit})"] if pmi else []),
+        "greedy",
+        "tokens x+y",
+    )
     rows = [
         (
             json.dumps(r.scored_completion, ensure_ascii=False),
-            f"{r.conditional_logprob:.4f}",
-            f"{r.joint_logprob:.4f}",
-            f"{r.marginal_logprob:.4f}",
+            number(r.conditional_logprob),
+            number(r.joint_logprob),
+            number(r.marginal_logprob),
+            *([number(r.pmi)] if pmi else []),
             "yes" if r.greedy else "no",
             f"{r.prompt_tokens}+{r.completion_tokens}",
         )
@@ -158,6 +198,8 @@ def score_options(args: argparse.Namespace) -> ScoreOptions:
         marginal_mode=args.marginal_mode,
         truncate_prompt_left=args.truncate_prompt_left,
         add_bos=args.bos,
+        pmi=args.pmi,
+        model=args.model,
     )
 
 
@@ -172,6 +214,7 @@ def run_batch(client: ScoringClient, args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         timeout=args.timeout,
         resume=args.resume,
+        unit=args.unit,
     )
     print(summary.format(), file=sys.stderr)
     if args.summary_json is not None:
@@ -221,8 +264,9 @@ def run(args: argparse.Namespace) -> int:
     except ScoringError as exc:
         print(f"lmscore score: {exc}", file=sys.stderr)
         return 1
-    print(format_table(args.prompt, results))
+    print(format_table(args.prompt, results, args.unit))
     if args.token_details:
         for result in results:
-            print(json.dumps(result_record(result, 0, None, True)["tokens"], ensure_ascii=False))
+            tokens = result_record(result, 0, None, True, args.unit)["tokens"]
+            print(json.dumps(tokens, ensure_ascii=False))
     return 0

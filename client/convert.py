@@ -50,6 +50,7 @@ def request_to_pb(request: ScoreRequest) -> pb.ScoreRequest:
             top_k=options.top_k,
             marginal_mode=pb.MarginalMode.Value(f"MARGINAL_MODE_{options.marginal_mode.upper()}"),
             truncate_prompt_left=options.truncate_prompt_left,
+            pmi=options.pmi,
         ),
     )
     if options.add_bos is not None:
@@ -67,8 +68,17 @@ def build_request(items: Sequence[Item], options: ScoreOptions | None) -> pb.Sco
 
 def _fields_of(result_type: Any, message: Any) -> dict[str, Any]:
     """The values of `message`'s fields that `result_type` (a dataclass) declares: the
-    contract's messages and its Python results share their field names."""
-    return {f.name: getattr(message, f.name) for f in dataclasses.fields(result_type)}
+    contract's messages and its Python results share their field names. An optional field
+    left unset is None."""
+    fields = message.DESCRIPTOR.fields_by_name
+    return {
+        f.name: None
+        if fields[f.name].has_presence
+        and fields[f.name].message_type is None
+        and not message.HasField(f.name)
+        else getattr(message, f.name)
+        for f in dataclasses.fields(result_type)
+    }
 
 
 def _token_from_pb(message: pb.TokenDetail) -> Token:
@@ -76,7 +86,6 @@ def _token_from_pb(message: pb.TokenDetail) -> Token:
         **{
             **_fields_of(Token, message),
             "segment": Segment[pb.Segment.Name(message.segment).removeprefix("SEGMENT_")],
-            "logprob": message.logprob if message.HasField("logprob") else None,
             "top": tuple(TopToken(**_fields_of(TopToken, top)) for top in message.top),
         }
     )

@@ -1,6 +1,9 @@
 """lm-evaluation-harness model `lmscore`: log-likelihoods from an lmscore server.
 
-    lmscore eval --model lmscore --model_args server=HOST:PORT --tasks ... [lm-eval args]
+    lmscore eval --model lmscore --model_args server=HOST:PORT[,model=NAME] --tasks ...
+
+(`--model lmscore` is lm-eval's choice of model class; `model=NAME` in
+--model_args picks one of the models the server serves, default its first.)
 
 `lmscore eval` imports this module (which registers the class with lm-eval)
 and hands every argument to lm-eval's own CLI. Needs `lmscore[lm-eval]`.
@@ -38,6 +41,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+# lm-eval registers its own models (lazily imported) only while its registry is empty:
+# registering `lmscore` first would hide them ("hf" unknown) from anything else in this
+# process, such as a comparison with HFLM. This fills the registry first.
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -78,12 +85,13 @@ def _optional_bool(name: str, value: bool | str | None) -> bool | None:
 @register_model("lmscore")
 class LmscoreLM(LM):
     """An lm-eval model scored by an lmscore server (model_args: server=HOST:PORT[,HOST:PORT]
-    or dns:///NAME:PORT, token, timeout, max_length, concurrency, add_bos_token; batch_size =
-    completions per request)."""
+    or dns:///NAME:PORT, model (a served model's name; default: the server's first), token,
+    timeout, max_length, concurrency, add_bos_token; batch_size = completions per request)."""
 
     def __init__(
         self,
         server: str = "127.0.0.1:50051",
+        model: str = "",
         token: str | None = None,
         timeout: float = 600.0,
         max_length: int | None = None,
@@ -96,18 +104,20 @@ class LmscoreLM(LM):
         unknown = sorted(set(others) - LM_EVAL_SETTINGS)
         if unknown:
             raise ValueError(
-                f"lmscore model_args: unknown {', '.join(unknown)}; known: server, token, "
-                "timeout, max_length, concurrency, add_bos_token (and lm-eval's batch_size)"
+                f"lmscore model_args: unknown {', '.join(unknown)}; known: server, model, "
+                "token, timeout, max_length, concurrency, add_bos_token (and lm-eval's "
+                "batch_size)"
             )
         self.client = ScoringClient(
             server, timeout=float(timeout), token=token or os.environ.get("LMSCORE_TOKEN")
         )
         self.client.wait_until_ready(timeout=float(timeout))
-        info = self.client.model_info()
+        info = self.client.model_info(model)
         prefix = info.bos_token_id if info.bos_token_id is not None else info.eos_token_id
         if prefix is None:
             raise ValueError(f"{info.name} has neither BOS nor EOS to stand for an empty context")
         self.prefix_token_id = prefix
+        # The served model every request names (empty: the server's first; info.name is its).
         self.model_name = info.name
         longest = info.max_context - 1
         self.max_length = _positive_int("max_length", max_length, longest)
@@ -154,8 +164,12 @@ class LmscoreLM(LM):
             items.setdefault(context, []).append(continuation)
         # Texts get HFLM's BOS rule; an empty context is the prefix token, its ids verbatim
         # with no BOS added, and the continuation encoded alone (HFLM's special case).
-        with_context = ScoreOptions(add_bos=self.add_bos_token, truncate_prompt_left=True)
-        without_context = ScoreOptions(add_bos=False, truncate_prompt_left=True)
+        with_context = ScoreOptions(
+            add_bos=self.add_bos_token, truncate_prompt_left=True, model=self.model_name
+        )
+        without_context = ScoreOptions(
+            add_bos=False, truncate_prompt_left=True, model=self.model_name
+        )
         batches: list[tuple[ScoreOptions, list[Item]]] = []
         for options, wanted in ((with_context, True), (without_context, False)):
             size = 0
@@ -197,7 +211,9 @@ class LmscoreLM(LM):
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         texts: list[str] = [r.args[0] for r in requests]
-        options = RollingOptions(max_window_tokens=self.max_length, add_bos=self.bos_in_texts)
+        options = RollingOptions(
+            max_window_tokens=self.max_length, add_bos=self.bos_in_texts, model=self.model_name
+        )
         batches = [texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
 
         def run(batch: list[str]) -> list[float]:

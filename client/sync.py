@@ -125,12 +125,23 @@ class ScoringClient(ClientBase):
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        unary = self._stub.GetModelInfo
+    def _unary(self, call: Callable[..., Any], request: object, timeout: float | None) -> Any:
         # A unary call seen as a one-message stream, so it shares the retry loop.
-        as_stream = lambda *args, **kwargs: [unary(*args, **kwargs)]  # noqa: E731
-        [message] = self._stream(as_stream, pb.GetModelInfoRequest(), timeout)
-        return convert.model_info_from_pb(message)
+        as_stream = lambda *args, **kwargs: [call(*args, **kwargs)]  # noqa: E731
+        [message] = self._stream(as_stream, request, timeout)
+        return message
+
+    def model_info(self, model: str = "", *, timeout: float | None = None) -> ModelInfo:
+        """What the server says of `model` (empty: its first model); ModelNotFoundError for
+        a name it does not serve."""
+        request = pb.GetModelInfoRequest(model=model)
+        return convert.model_info_from_pb(self._unary(self._stub.GetModelInfo, request, timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server serves, the first being the one requests that name no
+        model go to; each ModelInfo's `name` is what ScoreOptions.model selects it by."""
+        response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [convert.model_info_from_pb(message) for message in response.models]
 
     def is_server_ready(self, *, timeout: float = 1.0) -> bool:
         """True when the health service reports the server SERVING."""

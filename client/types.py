@@ -29,7 +29,11 @@ class ScoreOptions:
     # None: the server's default, BOS exactly when the model's tokenizer adds it
     # (ModelInfo.bos_by_default).
     add_bos: bool | None = None
-    # Empty: whatever model the server serves.
+    # Also score each completion after the empty context (the model's BOS, else EOS):
+    # ScoreResult.unconditional_logprob and pmi.
+    pmi: bool = False
+    # The served model to score with (a ModelInfo.name of list_models()); empty: the
+    # server's first model.
     model: str = ""
 
 
@@ -53,6 +57,7 @@ class RollingOptions:
     token_logprobs: bool = False
     # BOS before each text's tokens (what lm-eval's HFLM does when the tokenizer adds BOS).
     add_bos: bool = False
+    # As ScoreOptions.model.
     model: str = ""
 
 
@@ -69,6 +74,8 @@ class QuantizationInfo:
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
+    # The name requests select the model by (ScoreOptions.model); the export's own name is
+    # manifest["name"].
     name: str
     architecture: str
     vocab_size: int

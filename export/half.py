@@ -66,7 +66,9 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
 
 
 def rotary_nodes(graph: Any) -> set[str]:
-    """Cos and Sin nodes and everything that feeds them (the rotary angle computation)."""
+    """Cos and Sin nodes and everything that feeds them (the rotary angle computation), up
+    to the Shape nodes: a shape does not depend on the values it is taken of (Gemma-3 takes
+    the positions from the embeddings' shape, and its embedding stayed float32)."""
     producers = _producers(graph)
     stack = [node for node in graph.node if node.op_type in ("Cos", "Sin")]
     seen: set[str] = set()
@@ -75,7 +77,8 @@ def rotary_nodes(graph: Any) -> set[str]:
         if node.name in seen:
             continue
         seen.add(node.name)
-        stack += [producers[name] for name in node.input if name in producers]
+        if node.op_type != "Shape":
+            stack += [producers[name] for name in node.input if name in producers]
     return seen
 
 
@@ -201,22 +204,74 @@ def _topological_sort(graph: Any) -> None:
     graph.node.extend(nodes[i] for i in ordered)
 
 
-def convert_to_float16(onnx_path: Path, keep_float32: Iterable[str] | None = None) -> None:
-    """Rewrite Optimum's float32 graph at `onnx_path` (no scoring head yet) in float16."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+def _stand_ins(graph: Any) -> dict[str, Any]:
+    """Swap each float32 weight kept in the data file for a one-element stand-in, so that
+    the converter decides its type from the nodes that read it without loading it (and
+    without its float64 temporaries, several times the size of the largest weight).
+    Returns the weights swapped out, by name."""
+    from onnx import TensorProto, helper
 
-    model = onnx.load(str(onnx_path))
+    weights = {}
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT and tensor.data_location == TensorProto.EXTERNAL:
+            weights[tensor.name] = TensorProto()
+            weights[tensor.name].CopyFrom(tensor)
+            tensor.CopyFrom(helper.make_tensor(tensor.name, TensorProto.FLOAT, [1], [0.0]))
+    return weights
+
+
+def _restore(graph: Any, weights: dict[str, Any]) -> list[str]:
+    """Put the weights back in place of their stand-ins, typed float16 where the converter
+    made the stand-in float16 (their values are converted as they are saved); returns
+    those. The stand-ins' shapes ([1]) the converter copied into value_info are dropped
+    (value_info is only a hint)."""
+    from onnx import TensorProto
+
+    halved = []
+    for tensor in graph.initializer:
+        if tensor.name in weights:
+            halved_type = tensor.data_type
+            tensor.CopyFrom(weights[tensor.name])
+            if halved_type == TensorProto.FLOAT16:
+                tensor.data_type = TensorProto.FLOAT16
+                halved.append(tensor.name)
+    casts = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in weights}
+    hints = [v for v in graph.value_info if v.name not in weights and v.name not in casts]
+    del graph.value_info[:]
+    graph.value_info.extend(hints)
+    return halved
+
+
+def convert_to_float16(onnx_path: Path, keep_float32: Iterable[str] | None = None) -> None:
+    """Rewrite Optimum's float32 graph at `onnx_path` (no scoring head yet) in float16.
+
+    The graph is converted without its weights (shape inference serializes the model,
+    which cannot exceed 2 GB); the weights in the data file are converted as they are
+    written, a chunk at a time, by the converter's own rounding."""
+    import numpy as np
+    import onnx
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+        convert_np_to_float16,
+    )
+
+    from lmscore.export.external_data import Recast, load_graph, save_model
+
+    model = onnx.shape_inference.infer_shapes(load_graph(onnx_path))
     if any(o.name != "logits" and not o.name.startswith("present.") for o in model.graph.output):
         raise ValueError(f"{onnx_path}: convert before the scoring head is added")
     blocked = float32_nodes(model.graph) if keep_float32 is None else set(keep_float32)
+    weights = _stand_ins(model.graph)
     half = convert_float_to_float16(
         model,
         keep_io_types=False,
+        disable_shape_infer=True,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST),
         node_block_list=sorted(blocked),
     )
+    to_half = Recast(np.float32, convert_np_to_float16)
+    recast = dict.fromkeys(_restore(half.graph, weights), to_half)
     _tidy_casts(half)
-    _topological_sort(half.graph)
-    onnx.checker.check_model(half)
-    onnx.save(half, str(onnx_path))
+    _topological_sort(half.graph)  # the converter appends the Casts it inserts
+    save_model(half, onnx_path, recast=recast)

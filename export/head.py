@@ -33,10 +33,11 @@ def add_scoring_head(onnx_path: Path, vocab_size: int | None = None) -> None:
     `vocab_size` (the output layer's width) is needed where the graph's logits do not
     declare it (shape inference stops at contrib ops such as fused attention)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(onnx_path))
+    from lmscore.export.external_data import load_graph, save_graph
+
+    model = load_graph(onnx_path)  # the head adds nodes only: the weights stay where they are
     graph = model.graph
     logits = next((o for o in graph.output if o.name == "logits"), None)
     if logits is None:
@@ -134,5 +135,4 @@ def add_scoring_head(onnx_path: Path, vocab_size: int | None = None) -> None:
             *kept,
         ]
     )
-    onnx.checker.check_model(model)
-    onnx.save(model, str(onnx_path))
+    save_graph(model, onnx_path)

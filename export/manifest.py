@@ -12,13 +12,16 @@ from typing import Any
 
 MANIFEST_NAME = "lmscore-manifest.json"
 ONNX_NAME = "model.onnx"
+# The graph's weights (every tensor of 1 KiB or more), beside it: lmscore.export.external_data.
+ONNX_DATA_NAME = f"{ONNX_NAME}_data"
 TOKENIZER_NAME = "tokenizer.json"
 CONFIG_NAME = "config.json"
 # Optional: the graph that repeats a key/value cache along the batch on the device
 # (lmscore.export.past_tile); exports made before it repeat on the host.
 PAST_TILE_NAME = "past_tile.onnx"
-# Bumped when the layout of an exported directory changes incompatibly.
-FORMAT_VERSION = 4
+# Bumped when the layout of an exported directory changes incompatibly, or its content
+# (5: tokenizers of GGUF sources rebuilt faithfully, lmscore.export.gguf_tokenizer).
+FORMAT_VERSION = 5
 
 
 class ManifestError(ValueError):
@@ -56,6 +59,9 @@ class Manifest:
     fused_attention_layers: int = 0
     # Quantized variants: recipe, and speed and deviation measured against the fp32 export.
     quantization: dict[str, Any] | None = None
+    # ONNX_DATA_NAME when the graph keeps its weights there (every export since it came);
+    # None: one self-contained graph file.
+    weights_file: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -92,7 +98,21 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{path} does not hold a JSON object")
         manifest = cls.from_dict(data)
-        for required in (ONNX_NAME, TOKENIZER_NAME):
-            if not (model_dir / required).is_file():
+        for required in (ONNX_NAME, TOKENIZER_NAME, manifest.weights_file):
+            if required is not None and not (model_dir / required).is_file():
                 raise ManifestError(f"{model_dir} lacks {required}; export it again")
         return manifest
+
+
+def weights_file_in(model_dir: Path) -> str | None:
+    """What the manifest's weights_file says for the graph in `model_dir`."""
+    return ONNX_DATA_NAME if (model_dir / ONNX_DATA_NAME).is_file() else None
+
+
+def model_bytes(model_dir: Path) -> int:
+    """Size on disk of the exported graph: model.onnx and its weights file."""
+    return sum(
+        path.stat().st_size
+        for path in (model_dir / ONNX_NAME, model_dir / ONNX_DATA_NAME)
+        if path.is_file()
+    )

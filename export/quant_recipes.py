@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmscore.export.external_data import load_graph, save_model, tensor_array
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -37,7 +39,17 @@ def _q4_blocks(weight: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndar
     w = (q - zero_point) * scale. Weights that came from a GGUF Q4_0/Q4_1 file take at most 16
     values per block on exactly this grid, so they are re-packed without loss."""
     k, n = weight.shape
-    blocks = weight.T.reshape(n, k // block, block).astype(np.float64)
+    # A few output columns at a time: the float64 working copies of a whole [hidden, vocab]
+    # output layer would take several GB.
+    columns = max(1, 2**22 // k)
+    parts = [_q4_column_blocks(weight[:, j : j + columns], block) for j in range(0, n, columns)]
+    packed, scales, zero_points = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return packed, scales, zero_points
+
+
+def _q4_column_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k, n = weight.shape
+    blocks = np.asarray(weight).T.reshape(n, k // block, block).astype(np.float64)
     low, high = blocks.min(-1), blocks.max(-1)
     step = np.where(high > low, (high - low) / 15.0, 1.0)
     q = np.clip(np.rint((blocks - low[..., None]) / step[..., None]), 0, 15).astype(np.uint8)
@@ -46,14 +58,14 @@ def _q4_blocks(weight: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndar
 
 
 def _q4_exact(source: Path, target: Path) -> None:
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(source))
+    # One weight at a time, mapped from the data file: the float32 model is never in memory.
+    model = load_graph(source)
     constants = {i.name: i for i in model.graph.initializer}
     for name in _weight_matmuls(model):
         node = next(n for n in model.graph.node if n.name == name)
-        weight = numpy_helper.to_array(constants[node.input[1]])
+        weight = tensor_array(constants[node.input[1]], source.parent)
         k, n = weight.shape
         if k % 32:
             continue  # MatMulNBits needs whole blocks; this layer stays float32
@@ -84,16 +96,15 @@ def _q4_exact(source: Path, target: Path) -> None:
         model.graph.initializer.remove(tensor)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(target))
+    save_model(model, target, weights_dir=source.parent)
 
 
 def _int8_dynamic(source: Path, target: Path) -> None:
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # down_proj sees the activation outliers that per-tensor int8 handles worst.
-    nodes = _weight_matmuls(onnx.load(str(source), load_external_data=False), ("down_proj",))
-    with tempfile.TemporaryDirectory() as tmp:
+    nodes = _weight_matmuls(load_graph(source), ("down_proj",))
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         quantize_dynamic(
             source,
             Path(tmp) / "q.onnx",
@@ -101,8 +112,9 @@ def _int8_dynamic(source: Path, target: Path) -> None:
             op_types_to_quantize=["MatMul"],
             nodes_to_quantize=nodes,
             extra_options={"MatMulConstBOnly": True},
+            use_external_data_format=True,  # written beside q.onnx, whatever the size
         )
-        onnx.save(onnx.load(str(Path(tmp) / "q.onnx")), str(target))
+        save_model(load_graph(Path(tmp) / "q.onnx"), target, weights_dir=Path(tmp))
 
 
 RECIPES: dict[str, Recipe] = {

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from lmscore.export.graph_io import model_feeds
-from lmscore.export.manifest import ONNX_NAME, TOKENIZER_NAME, Manifest
+from lmscore.export.manifest import (
+    ONNX_DATA_NAME,
+    ONNX_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    weights_file_in,
+)
 from lmscore.export.quant_recipes import RECIPES, apply_recipe
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -119,7 +125,9 @@ def quantize_export(fp32_dir: Path, output_dir: Path, recipe: str = DEFAULT_RECI
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.", dir=output_dir.parent) as tmp:
         work_dir = Path(tmp) / "model"
-        shutil.copytree(fp32_dir, work_dir, ignore=shutil.ignore_patterns(ONNX_NAME, "*.json~"))
+        # Everything but the graph and its weights, which the recipe writes.
+        skipped = shutil.ignore_patterns(ONNX_NAME, ONNX_DATA_NAME, "*.json~")
+        shutil.copytree(fp32_dir, work_dir, ignore=skipped)
         apply_recipe(fp32_dir / ONNX_NAME, work_dir / ONNX_NAME, recipe)
         figures = measure(fp32_dir, work_dir, manifest.bos_token_id, manifest.max_context)
         quantized = dataclasses.replace(
@@ -128,6 +136,7 @@ def quantize_export(fp32_dir: Path, output_dir: Path, recipe: str = DEFAULT_RECI
             dtype=RECIPES[recipe].dtype,
             export_seconds=round(manifest.export_seconds + time.perf_counter() - started, 2),
             quantization={"recipe": recipe, **dataclasses.asdict(figures)},
+            weights_file=weights_file_in(work_dir),
         )
         quantized.write(work_dir)
         if output_dir.exists():

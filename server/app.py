@@ -1,4 +1,8 @@
-"""The server process: load the model, warm up, serve gRPC, shut down gracefully."""
+"""The server process: load the models, warm them up, serve gRPC, shut down gracefully.
+
+Every model has its own session, tokenizer, engine and batcher; their model runs take
+turns on one thread, as one model's runs do (lmscore.server.execution.new_model_thread).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import dataclasses
 import logging
 import signal
 import time
+from concurrent.futures import Executor
 
 import grpc
 import onnxruntime
@@ -15,8 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.server import metrics
-from lmscore.server.config import ServerConfig
+from lmscore.server.config import ModelSource, ServerConfig
 from lmscore.server.engine import ScoringEngine
+from lmscore.server.execution import new_model_thread
 from lmscore.server.interceptors import (
     BearerTokenInterceptor,
     ErrorInterceptor,
@@ -25,7 +31,7 @@ from lmscore.server.interceptors import (
 from lmscore.server.memory import limit_arenas
 from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
 from lmscore.server.runtime import OnnxCausalLM
-from lmscore.server.servicer import ScorerServicer
+from lmscore.server.servicer import ScorerServicer, ServedModel
 from lmscore.server.tokenization import TextTokenizer
 from lmscore.v1 import scoring_pb2, scoring_pb2_grpc
 
@@ -42,11 +48,18 @@ class LoadedModel:
     info: scoring_pb2.ModelInfo
 
 
-def load_model(config: ServerConfig) -> LoadedModel:
-    """Read the manifest, open the ONNX session and the tokenizer, build the engine."""
-    manifest = Manifest.read(config.model_dir)
-    runtime = OnnxCausalLM(config.model_dir, config.runtime)
-    tokenizer = TextTokenizer(config.model_dir / TOKENIZER_NAME)
+def load_model(
+    config: ServerConfig,
+    source: ModelSource | None = None,
+    model_thread: Executor | None = None,
+) -> LoadedModel:
+    """Read the manifest, open the ONNX session and the tokenizer, build the engine, of
+    `source` (default: the config's first model); `model_thread`: shared with other models'
+    engines (default: one of its own)."""
+    source = source or config.models[0]
+    manifest = Manifest.read(source.directory)
+    runtime = OnnxCausalLM(source.directory, config.runtime)
+    tokenizer = TextTokenizer(source.directory / TOKENIZER_NAME)
     facts = ModelFacts(
         max_context=manifest.max_context,
         vocab_size=manifest.vocab_size,
@@ -54,9 +67,11 @@ def load_model(config: ServerConfig) -> LoadedModel:
         eos_token_id=manifest.eos_token_id,
         bos_by_default=tokenizer.adds_bos(manifest.bos_token_id),
     )
-    engine = ScoringEngine(runtime, tokenizer, facts, config.engine)
+    engine = ScoringEngine(
+        runtime, tokenizer, facts, config.engine, model_thread=model_thread, name=source.name
+    )
     info = scoring_pb2.ModelInfo(
-        name=manifest.name,
+        name=source.name,
         architecture=manifest.architecture,
         vocab_size=manifest.vocab_size,
         bos_token_id=-1 if manifest.bos_token_id is None else manifest.bos_token_id,
@@ -128,7 +143,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 def new_server(config: ServerConfig) -> grpc.aio.Server:
     """The gRPC server with its interceptors and options, no services yet."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor([model.name for model in config.models])
+    ]
     if config.auth_tokens:
         exempt = [health.SERVICE_NAME] if config.health_without_auth else []
         interceptors.append(BearerTokenInterceptor(config.auth_tokens, exempt))
@@ -136,14 +153,33 @@ def new_server(config: ServerConfig) -> grpc.aio.Server:
     return grpc.aio.server(interceptors=interceptors, options=server_options(config))
 
 
-def add_scorer(server: grpc.aio.Server, config: ServerConfig, loaded: LoadedModel) -> None:
+def add_scorer(server: grpc.aio.Server, config: ServerConfig, models: list[LoadedModel]) -> None:
     servicer = ScorerServicer(
-        loaded.engine,
-        loaded.info,
+        [ServedModel(loaded.engine, loaded.info) for loaded in models],
         config.max_concurrent_requests,
         config.stream_idle_timeout,
     )
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
+
+
+def health_services(models: list[LoadedModel]) -> list[str]:
+    """The names health reports SERVING once every model is loaded: the server (""), the
+    Scorer service, and each model as `lmscore.v1.Scorer/NAME`."""
+    return ["", SCORER_SERVICE, *(f"{SCORER_SERVICE}/{loaded.info.name}" for loaded in models)]
+
+
+def log_stats(loaded: LoadedModel) -> None:
+    stats = loaded.engine.batcher.stats()
+    log.info(
+        "stopped: %d sequences scored in %d batched model runs (%d of %d padded tokens real), "
+        "%d prompts with several completions scored by prefix reuse, model %s",
+        stats.sequences,
+        stats.model_runs,
+        stats.real_tokens,
+        stats.padded_tokens,
+        stats.calls,
+        loaded.info.name,
+    )
 
 
 def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -190,32 +226,38 @@ async def serve(config: ServerConfig) -> None:
                 f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc.strerror}"
             ) from None
 
-    loaded = load_model(config)
-    warm_up(loaded.engine)
-    add_scorer(server, config, loaded)
+    model_thread = new_model_thread()
+    models: list[LoadedModel] = []
+    for source in config.models:
+        log.info("loading %s from %s", source.name, source.directory)
+        models.append(load_model(config, source, model_thread))
+        warm_up(models[-1].engine)
+    add_scorer(server, config, models)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection_enabled:
         reflection.enable_server_reflection(
             [SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-    metrics.MODEL.info(
-        {
-            "name": loaded.manifest.name,
-            "dtype": loaded.manifest.dtype,
-            "providers": ",".join(loaded.runtime.providers),
-            "source_sha256": loaded.manifest.source_sha256,
-        }
-    )
+    for loaded in models:
+        metrics.MODEL.labels(loaded.info.name).info(
+            {
+                "name": loaded.manifest.name,
+                "dtype": loaded.manifest.dtype,
+                "providers": ",".join(loaded.runtime.providers),
+                "source_sha256": loaded.manifest.source_sha256,
+            }
+        )
     await server.start()
-    for service in ("", SCORER_SERVICE):
+    for service in health_services(models):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    providers = dict.fromkeys(p for loaded in models for p in loaded.runtime.providers)
     log.info(
         "serving %s on %s:%d (%s), ready in %.2f s",
-        loaded.manifest.name,
+        ", ".join(loaded.info.name for loaded in models),
         config.host,
         port,
-        ", ".join(loaded.runtime.providers),
+        ", ".join(providers),
         time.perf_counter() - started,
     )
 
@@ -227,14 +269,7 @@ async def serve(config: ServerConfig) -> None:
     log.info("shutting down: finishing in-flight requests (grace %.1f s)", config.shutdown_grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace)
-    loaded.engine.close()
-    stats = loaded.engine.batcher.stats()
-    log.info(
-        "stopped: %d sequences scored in %d batched model runs (%d of %d padded tokens real), "
-        "%d prompts with several completions scored by prefix reuse",
-        stats.sequences,
-        stats.model_runs,
-        stats.real_tokens,
-        stats.padded_tokens,
-        stats.calls,
-    )
+    for loaded in models:
+        loaded.engine.close()
+        log_stats(loaded)
+    model_thread.shutdown(wait=True)  # the engines share it: theirs to use, not to close

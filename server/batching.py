@@ -124,7 +124,7 @@ class DynamicBatcher:
     that yields between its model runs (one, or one per chunk of `chunk_tokens`).
     With `cross_request=False` a batch only holds one request's sequences (the
     baseline the benchmark compares against). `on_idle` runs on the model thread
-    each time the work runs out.
+    each time the work runs out. `name`: the model's label in the metrics.
     """
 
     def __init__(
@@ -136,6 +136,7 @@ class DynamicBatcher:
         cross_request: bool = True,
         chunk_tokens: int = 0,
         on_idle: Callable[[], Any] | None = None,
+        name: str = "",
     ) -> None:
         self._run_sequences = run_sequences
         self._executor = executor
@@ -156,6 +157,11 @@ class DynamicBatcher:
         self.real_tokens = 0
         self.calls_run = 0
         self.runs_abandoned = 0
+        self._queue_seconds = metrics.QUEUE_SECONDS.labels(name)
+        self._batch_sequences = metrics.BATCH_SEQUENCES.labels(name)
+        self._batch_tokens = metrics.BATCH_TOKENS.labels(name)
+        self._compute_seconds = metrics.COMPUTE_SECONDS.labels(name)
+        self._runs_abandoned = metrics.RUNS_ABANDONED.labels(name)
 
     def new_owner(self) -> int:
         """A tag for one request's work (what cross_request=False keeps apart)."""
@@ -266,9 +272,9 @@ class DynamicBatcher:
         self.padded_tokens += padded
         self.real_tokens += sum(len(s) for s in sequences)
         for job in run.jobs:
-            metrics.QUEUE_SECONDS.observe(started - job.queued_at)  # type: ignore[union-attr]
-        metrics.BATCH_SEQUENCES.observe(len(sequences))
-        metrics.BATCH_TOKENS.observe(padded)
+            self._queue_seconds.observe(started - job.queued_at)  # type: ignore[union-attr]
+        self._batch_sequences.observe(len(sequences))
+        self._batch_tokens.observe(padded)
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -291,13 +297,13 @@ class DynamicBatcher:
             if run.abandoned():
                 if run.started:
                     self.runs_abandoned += 1
-                    metrics.RUNS_ABANDONED.inc()
+                    self._runs_abandoned.inc()
                 run.steps.close()
                 continue
             if not run.started:
                 self._start(run)
             try:
-                with metrics.COMPUTE_SECONDS.time():
+                with self._compute_seconds.time():
                     finished, value = await loop.run_in_executor(self._executor, _step, run.steps)
             except Exception as exc:
                 run.fail(exc)

@@ -2,8 +2,8 @@
 
 The flags are ServerConfig's settings (lmscore.server.config), derived from its
 fields: `--NAME` for field NAME, with its type, default and help. Only what is
-not a plain value is written here: `--model` (a directory or 'default') and the
-security flags that name files to read.
+not a plain value is written here: `--model` (NAME=DIR, a directory or 'default',
+repeatable) and the security flags that name files to read.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmscore.export.manifest import ManifestError
-from lmscore.export.paths import default_model_dir
+from lmscore.export.paths import default_model_dir, shipped_model_dir
 from lmscore.server.config import (
     LIMITS_GROUP,
     SECURITY_GROUP,
     EngineSettings,
+    ModelSource,
     RuntimeOptions,
     ServerConfig,
     is_flag,
@@ -68,9 +69,13 @@ def _flag_options(field: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default="default",
-        help="exported model directory, or 'default' for $LMSCORE_HOME/models/"
-        "SmolLM2-135M-Instruct (default: %(default)s)",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="an exported model directory, or 'default' for $LMSCORE_HOME/models/"
+        "SmolLM2-135M-Instruct (the default) or 'gemma-3-270m' for $LMSCORE_HOME/models/"
+        "gemma-3-270m, served under NAME or else the directory's "
+        "name; repeat to serve several models: a request's `model` field picks one, an "
+        "empty one the first",
     )
     groups: dict[str | None, Any] = {None: parser}
     for title in (*(t for _, t in _GROUPS), SECURITY_GROUP):
@@ -120,8 +125,22 @@ def _settings(settings: type, args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(settings) if is_flag(f)}
 
 
+def model_source(spec: str, environ: Mapping[str, str]) -> ModelSource:
+    """One `--model` value: NAME=DIR, or DIR named after itself; DIR 'default' or
+    'gemma-3-270m' is that shipped model's export. A value whose '=' comes after a '/' is a
+    path (write ./a=b for a directory a=b)."""
+    name, equals, directory = spec.partition("=")
+    if not equals or "/" in name:
+        name, directory = "", spec
+    elif not name or not directory:
+        raise ConfigError(f"--model {spec}: NAME=DIR needs both a name and a directory")
+    path = shipped_model_dir(directory, environ) or Path(directory)
+    return ModelSource(name, path) if name else ModelSource.named_after(path)
+
+
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
-    """The one place flags become a ServerConfig; ConfigError for unusable security flags."""
+    """The one place flags become a ServerConfig; ConfigError for unusable security flags
+    or models (two of one name)."""
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -129,16 +148,23 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     tokens = auth_tokens(args.auth_token_file, environ)
     if args.auth_token_file is not None and not tokens:
         raise ConfigError(f"--auth-token-file {args.auth_token_file} holds no token")
-    return ServerConfig(
-        model_dir=default_model_dir(environ) if args.model == "default" else Path(args.model),
-        tls_cert=_read(args.tls_cert, "--tls-cert"),
-        tls_key=_read(args.tls_key, "--tls-key"),
-        tls_client_ca=_read(args.tls_client_ca, "--tls-client-ca"),
-        auth_tokens=tokens,
-        runtime=RuntimeOptions(**_settings(RuntimeOptions, args)),
-        engine=EngineSettings(**_settings(EngineSettings, args)),
-        **_settings(ServerConfig, args),
-    )
+    models = tuple(model_source(spec, environ) for spec in args.model or ["default"])
+    tls = {
+        "tls_cert": _read(args.tls_cert, "--tls-cert"),
+        "tls_key": _read(args.tls_key, "--tls-key"),
+        "tls_client_ca": _read(args.tls_client_ca, "--tls-client-ca"),
+    }
+    try:
+        return ServerConfig(
+            models=models,
+            auth_tokens=tokens,
+            **tls,
+            runtime=RuntimeOptions(**_settings(RuntimeOptions, args)),
+            engine=EngineSettings(**_settings(EngineSettings, args)),
+            **_settings(ServerConfig, args),
+        )
+    except ValueError as exc:  # ServerConfig's own checks: the models' names
+        raise ConfigError(f"--model: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(config))
     except ManifestError as exc:
-        hint = " (run `lmscore export` first)" if args.model == "default" else ""
+        default = default_model_dir(os.environ)
+        # The usual cause when the default model fails: it was never exported.
+        about_default = any(m.directory == default for m in config.models) and (
+            len(config.models) == 1 or str(default) in str(exc)
+        )
+        hint = " (run `lmscore export` first)" if about_default else ""
         print(f"lmscore serve: {exc}{hint}", file=sys.stderr)
         return 2
     except (DeviceError, ModelLoadError) as exc:

@@ -12,6 +12,7 @@ loading ONNX Runtime.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
@@ -164,10 +165,28 @@ class EngineSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """One model to serve: the name requests select it by, and its export directory."""
+
+    name: str
+    directory: Path
+
+    @classmethod
+    def named_after(cls, directory: Path) -> ModelSource:
+        """Named after its directory, as `lmscore serve --model DIR` names it (`..` resolved,
+        symbolic links not: a link's own name is the one its user chose)."""
+        return cls(Path(os.path.abspath(directory)).name, Path(directory))
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """Everything `lmscore serve` runs with, built once from the command line."""
 
-    model_dir: Path
+    # The models served, in the order given; a request whose `model` is empty goes to the
+    # first. Names are unique (ValueError otherwise).
+    models: tuple[ModelSource, ...] = ()
+    # Shorthand for one model named after its directory: models=(ModelSource.named_after(d),).
+    model_dir: dataclasses.InitVar[Path | None] = None
     host: str = field(default="127.0.0.1", metadata=flag("bind address"))
     port: int = field(default=50051, metadata=flag("port"))
     # gRPC server reflection; None: on when listening on loopback only.
@@ -264,6 +283,24 @@ class ServerConfig:
     )
     runtime: RuntimeOptions = RuntimeOptions()
     engine: EngineSettings = EngineSettings()
+
+    def __post_init__(self, model_dir: Path | None) -> None:
+        if model_dir is not None:
+            if self.models:
+                raise ValueError("give models or model_dir, not both")
+            object.__setattr__(self, "models", (ModelSource.named_after(model_dir),))
+        if not self.models:
+            raise ValueError("no model to serve")
+        seen: dict[str, Path] = {}
+        for model in self.models:
+            if not model.name:
+                raise ValueError(f"the model of {model.directory} has an empty name")
+            if model.name in seen:
+                raise ValueError(
+                    f"two models named {model.name!r} ({seen[model.name]} and {model.directory}); "
+                    "name one with --model NAME=DIR"
+                )
+            seen[model.name] = model.directory
 
     @property
     def loopback_only(self) -> bool:

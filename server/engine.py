@@ -10,6 +10,7 @@ PlanRunner.score() -> OnnxCausalLM.score() -> lmscore.server.scoring.sum_sequenc
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 from lmscore.server.config import EngineSettings
 from lmscore.server.execution import PlanRunner, TokenScorer
@@ -21,18 +22,26 @@ from lmscore.v1.results import RollingResult, ScoreResult, Segment
 
 
 class ScoringEngine:
+    """One model's engine. `model_thread`: a thread shared with other models' engines (default:
+    its own); `name`: the model's label in the metrics."""
+
     def __init__(
         self,
         model: TokenScorer,
         tokenizer: TextTokenizer,
         facts: ModelFacts,
         settings: EngineSettings | None = None,
+        *,
+        model_thread: Executor | None = None,
+        name: str = "",
     ) -> None:
         settings = settings or EngineSettings()
         self.model = model
         self.tokenizer = tokenizer
         self.planner = Planner(tokenizer, facts, settings)
-        self.runner = PlanRunner(model, tokenizer, settings, facts.vocab_size)
+        self.runner = PlanRunner(
+            model, tokenizer, settings, facts.vocab_size, model_thread=model_thread, name=name
+        )
         self.batcher = self.runner.batcher
         # Its calls are its parts' own. plan(items, options): validate and tokenize
         # (InvalidInput names the first bad field); plan_rolling(texts, options): the same

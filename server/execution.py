@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Generator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -40,7 +40,14 @@ from lmscore.server.config import EngineSettings
 from lmscore.server.memory import MIN_TRIM_INTERVAL, release_free_memory
 from lmscore.server.planning import PlannedCompletion, PrefixGroup, ScoringPlan
 from lmscore.server.requests import Overloaded
-from lmscore.server.scoring import BatchScores, PositionScores, SequenceLayout, sum_sequence
+from lmscore.server.scoring import (
+    BatchScores,
+    PositionScores,
+    SequenceLayout,
+    normalize,
+    sum_sequence,
+    sum_unconditional,
+)
 from lmscore.server.tokenization import TextTokenizer
 from lmscore.v1.results import ScoreResult, Token, TopToken
 
@@ -53,6 +60,12 @@ Result = TypeVar("Result")
 INLINE_RESULTS = 64
 # Work on the model thread: yields between its model runs, returns its result.
 Steps = Generator[None, None, Result]
+
+
+def new_model_thread() -> ThreadPoolExecutor:
+    """The thread model runs take turns on: one run at a time, since ONNX Runtime already
+    spreads one run over the cores (two at once would oversubscribe them)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
 
 
 def run_to_end(steps: Steps[Result]) -> Result:
@@ -89,8 +102,9 @@ class PlanProgress:
         self._missing: dict[int, int] = {}
         for completion in plan.completions:
             needed = {completion.joint}
-            if completion.marginal is not None:
-                needed.add(completion.marginal)
+            for other in (completion.marginal, completion.unconditional):
+                if other is not None:
+                    needed.add(other)
             self._missing[id(completion)] = len(needed)
             for index in needed:
                 self._waiting.setdefault(index, []).append(completion)
@@ -112,7 +126,9 @@ class PlanProgress:
 
 
 class PlanRunner:
-    """Runs plans on one model: one run at a time, on a thread of its own."""
+    """Runs plans on one model: one run at a time, on a thread of its own, or on
+    `model_thread` shared with other models' runners (so no two models' runs overlap).
+    `name`: the model's label in the metrics."""
 
     def __init__(
         self,
@@ -120,8 +136,12 @@ class PlanRunner:
         tokenizer: TextTokenizer,
         settings: EngineSettings,
         vocab_size: int = 0,
+        *,
+        model_thread: Executor | None = None,
+        name: str = "",
     ) -> None:
         self.model = model
+        self.name = name
         # Positions one run may score: its [tokens, vocab] float32 scores within
         # max_logits_bytes (0 vocab_size: no bound).
         self.max_run_tokens = (
@@ -132,8 +152,9 @@ class PlanRunner:
         # Model runs, and those that were one chunk of a wider batch.
         self.model_runs = 0
         self.chunk_runs = 0
-        # One model run at a time: ORT already spreads one run over the cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
+        # A shared thread is its owner's to shut down.
+        self._owns_thread = model_thread is None
+        self._executor = model_thread or new_model_thread()
         self.batcher = DynamicBatcher(
             self.run_sequences,
             self._executor,
@@ -142,10 +163,12 @@ class PlanRunner:
             settings.cross_request_batching,
             settings.prefill_chunk_tokens,
             on_idle=release_free_memory,
+            name=name,
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        if self._owns_thread:
+            self._executor.shutdown(wait=True)
 
     def _passes(
         self,
@@ -189,7 +212,7 @@ class PlanRunner:
             self.model_runs += 1
             if width > chunk:
                 self.chunk_runs += 1
-                metrics.PREFILL_CHUNKS.inc()
+                metrics.PREFILL_CHUNKS.labels(self.name).inc()
         return BatchScores.concat(parts), present
 
     def run_sequences(
@@ -266,9 +289,17 @@ class PlanRunner:
         if completion.marginal is not None:
             separate = sum_sequence(layout.prompt_only(), scored[completion.marginal]).marginal
         sums = sum_sequence(layout, scores, separate)
+        text = completion.scored_completion if completion.completion_is_text else None
+        normalized = normalize(layout, sums.conditional, text)
+        unconditional = pmi = None
+        if completion.unconditional is not None:
+            unconditional = sum_unconditional(layout, scored[completion.unconditional])
+            pmi = sums.conditional - unconditional
         tokens: tuple[Token, ...] = ()
         if plan.options.token_details:
-            tokens = self._tokens(plan.sequences[completion.joint], layout, scores)
+            tokens = self._tokens(
+                plan.sequences[completion.joint], layout, scores, completion.offsets
+            )
         return ScoreResult(
             item_index=completion.item_index,
             completion_index=completion.completion_index,
@@ -284,21 +315,36 @@ class PlanRunner:
             scored_prompt=completion.scored_prompt,
             scored_completion=completion.scored_completion,
             tokens=tokens,
+            conditional_logprob_per_token=normalized.per_token,
+            conditional_logprob_per_char=normalized.per_char,
+            conditional_logprob_per_byte=normalized.per_byte,
+            unconditional_logprob=unconditional,
+            pmi=pmi,
         )
 
     def _tokens(
-        self, ids: tuple[int, ...], layout: SequenceLayout, scores: PositionScores
+        self,
+        ids: tuple[int, ...],
+        layout: SequenceLayout,
+        scores: PositionScores,
+        offsets: tuple[tuple[int, int] | None, ...] | None = None,
     ) -> tuple[Token, ...]:
         decode = self.tokenizer.decode_token
-        # Token 0 opens the sequence: nothing precedes it, so it has no score.
-        details = [Token(ids[0], decode(ids[0]), layout.segment(0), None, 0)] if ids else []
-        for j in range(1, len(ids)):
-            top = tuple(
-                TopToken(int(t), decode(int(t)), float(lp))
-                for t, lp in zip(scores.top_ids[j - 1], scores.top_logprobs[j - 1], strict=True)
+        spans = offsets if offsets is not None else (None,) * len(ids)
+        details = []
+        for j, token_id in enumerate(ids):
+            start, end = spans[j] or (None, None)
+            if j == 0:  # Token 0 opens the sequence: nothing precedes it, so it has no score.
+                logprob, rank, top = None, 0, ()
+            else:
+                top = tuple(
+                    TopToken(int(t), decode(int(t)), float(lp))
+                    for t, lp in zip(scores.top_ids[j - 1], scores.top_logprobs[j - 1], strict=True)
+                )
+                logprob, rank = float(scores.logprobs[j - 1]), int(scores.ranks[j - 1])
+            details.append(
+                Token(token_id, decode(token_id), layout.segment(j), logprob, rank, top, start, end)
             )
-            logprob, rank = float(scores.logprobs[j - 1]), int(scores.ranks[j - 1])
-            details.append(Token(ids[j], decode(ids[j]), layout.segment(j), logprob, rank, top))
         return tuple(details)
 
     def score_sync(self, plan: ScoringPlan) -> list[ScoreResult]:

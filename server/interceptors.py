@@ -1,4 +1,5 @@
-"""Cross-cutting concerns of every RPC, in one place: bearer-token auth and unexpected errors."""
+"""Cross-cutting concerns of every RPC, in one place: bearer-token auth, unexpected errors
+and metrics."""
 
 from __future__ import annotations
 
@@ -46,6 +47,26 @@ async def _abort_undecodable(context: grpc.aio.ServicerContext, request: _Undeco
 
 Guard = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
 Prepare = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Inspect = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+
+
+def _each_message(request_streaming: bool, inspect: Inspect) -> Prepare:
+    """A Prepare that hands the request to `inspect` (which may abort the call), or each
+    message of a request stream as it arrives."""
+
+    async def prepare(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not request_streaming:
+            await inspect(request, context)
+            return request
+
+        async def messages() -> AsyncIterator[Any]:
+            async for message in request:
+                await inspect(message, context)
+                yield message
+
+        return messages()
+
+    return prepare
 
 
 def _guarded(
@@ -111,7 +132,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-        request_streaming = handler.request_streaming
 
         @contextlib.asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -127,21 +147,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     f"internal error (request id {request_id}, see server log)",
                 )
 
-        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not request_streaming:
-                if isinstance(request, _Undecodable):
-                    await _abort_undecodable(context, request)
-                return request
+        async def check(message: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(message, _Undecodable):
+                await _abort_undecodable(context, message)
 
-            async def messages() -> AsyncIterator[Any]:
-                async for message in request:
-                    if isinstance(message, _Undecodable):
-                        await _abort_undecodable(context, message)
-                    yield message
-
-            return messages()
-
-        return _with_guard(handler, guard, checked, _tolerant(handler.request_deserializer))
+        return _with_guard(
+            handler,
+            guard,
+            _each_message(handler.request_streaming, check),
+            _tolerant(handler.request_deserializer),
+        )
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -201,7 +216,20 @@ def _end_of(context: grpc.aio.ServicerContext, code: str) -> str:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every RPC by method and status code and times it (lmscore.server.metrics)."""
+    """Counts every RPC by method, status code and model, and times it
+    (lmscore.server.metrics). `model_names`: the served models, the first the default."""
+
+    def __init__(self, model_names: Sequence[str]) -> None:
+        self._served = frozenset(model_names)
+        self._first = model_names[0]
+
+    def _model_label(self, message: Any) -> str:
+        """The served model a request message names: its `model` field, empty meaning the
+        first; empty for messages without one and for names not served (bounded labels)."""
+        if not hasattr(message, "model"):  # ListModels, health, an undecodable message
+            return ""
+        name = message.model or self._first
+        return name if name in self._served else ""
 
     async def intercept_service(
         self,
@@ -214,6 +242,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
+        model: str | None = None  # from the first request message
+
+        async def label(message: Any, context: grpc.aio.ServicerContext) -> None:
+            nonlocal model
+            if model is None:
+                model = self._model_label(message)
 
         @contextlib.asynccontextmanager
         async def measured(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -229,7 +263,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if code in ("OK", "CANCELLED"):
                     code = _end_of(context, code)
-                metrics.REQUESTS.labels(method, code).inc()
-                metrics.LATENCY.labels(method).observe(time.perf_counter() - began)
+                metrics.REQUESTS.labels(method, code, model or "").inc()
+                metrics.LATENCY.labels(method, model or "").observe(time.perf_counter() - began)
 
-        return _with_guard(handler, measured)
+        return _with_guard(handler, measured, _each_message(handler.request_streaming, label))

@@ -8,41 +8,66 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Every collector has a `model` label: the served model's name (ModelInfo.name). On the
+# RPC counts it is the model the call named (empty: the first), and empty for calls that
+# name none (health, ListModels) or a name not served, so that clients cannot add series;
+# a ScoreStream counts under its first request's model.
+BY_MODEL = ["model"]
 
-REQUESTS = Counter("lmscore_requests_total", "RPCs by method and status code", ["method", "code"])
-LATENCY = Histogram(
-    "lmscore_request_seconds", "RPC latency by method", ["method"], buckets=LATENCY_BUCKETS
+REQUESTS = Counter(
+    "lmscore_requests_total", "RPCs by method, status code and model", ["method", "code", *BY_MODEL]
 )
-IN_FLIGHT = Gauge("lmscore_requests_in_flight", "scoring calls in progress")
-COMPLETIONS = Counter("lmscore_completions_scored_total", "(item, completion) results returned")
-ROLLING_TEXTS = Counter("lmscore_rolling_texts_scored_total", "ScoreRolling results returned")
+LATENCY = Histogram(
+    "lmscore_request_seconds",
+    "RPC latency by method and model",
+    ["method", *BY_MODEL],
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge("lmscore_requests_in_flight", "scoring calls in progress", BY_MODEL)
+COMPLETIONS = Counter(
+    "lmscore_completions_scored_total", "(item, completion) results returned", BY_MODEL
+)
+ROLLING_TEXTS = Counter(
+    "lmscore_rolling_texts_scored_total", "ScoreRolling results returned", BY_MODEL
+)
 TOKENS = Counter(
     "lmscore_tokens_scored_total",
     "tokens of the results: joint sequences (Score, ScoreStream) and texts (ScoreRolling)",
+    BY_MODEL,
 )
 BATCH_SEQUENCES = Histogram(
-    "lmscore_batch_sequences", "sequences per model run", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+    "lmscore_batch_sequences",
+    "sequences per model run",
+    BY_MODEL,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 BATCH_TOKENS = Histogram(
     "lmscore_batch_padded_tokens",
     "padded tokens per model run",
+    BY_MODEL,
     buckets=(16, 64, 256, 512, 1024, 1536, 2048, 4096, 8192),
 )
 QUEUE_SECONDS = Histogram(
-    "lmscore_queue_seconds", "time a sequence waited before its model run", buckets=LATENCY_BUCKETS
+    "lmscore_queue_seconds",
+    "time a sequence waited before its model run",
+    BY_MODEL,
+    buckets=LATENCY_BUCKETS,
 )
 COMPUTE_SECONDS = Histogram(
-    "lmscore_compute_seconds", "duration of one model run", buckets=LATENCY_BUCKETS
+    "lmscore_compute_seconds", "duration of one model run", BY_MODEL, buckets=LATENCY_BUCKETS
 )
 PREFILL_CHUNKS = Counter(
     "lmscore_prefill_chunks_total",
     "model runs over one chunk of a batch wider than --prefill-chunk-tokens",
+    BY_MODEL,
 )
 RUNS_ABANDONED = Counter(
     "lmscore_runs_abandoned_total",
     "batches stopped between two model runs because every caller had left or timed out",
+    BY_MODEL,
 )
-MODEL = Info("lmscore_model", "the served model")
+# One sample per served model: its export's name, dtype, providers and source hash.
+MODEL = Info("lmscore_model", "the served models", BY_MODEL)
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -2,9 +2,11 @@
 
 `Planner.plan` validates and tokenizes a Score request: the x/y token split
 (lmscore.server.tokenization), BOS, left truncation, the size limits, and which
-joint sequences share a prompt prefix worth one pass (prefix reuse). Bad input
-raises InvalidInput (RequestTooLarge for size limits) naming the first bad field.
-Identical sequences are scored once.
+joint sequences share a prompt prefix worth one pass (prefix reuse). With the
+pmi option each completion also gets the sequence [prefix token] + tokens(y),
+batched with the joint sequences. Bad input raises InvalidInput
+(RequestTooLarge for size limits) naming the first bad field. Identical
+sequences are scored once.
 
 `Planner.plan_rolling` cuts whole texts into the windows of lmscore.server.rolling
 and plans them as items of one ScoringPlan (token ids verbatim, no BOS), so
@@ -29,7 +31,7 @@ from lmscore.server.requests import (
 )
 from lmscore.server.rolling import rolling_windows
 from lmscore.server.scoring import SequenceLayout
-from lmscore.server.tokenization import TextTokenizer
+from lmscore.server.tokenization import EncodedPair, Offsets, TextTokenizer
 
 
 @dataclasses.dataclass
@@ -42,6 +44,12 @@ class PlannedCompletion:
     truncated: int
     scored_prompt: str
     scored_completion: str
+    # The completion was given as text (it has characters and bytes to normalize by).
+    completion_is_text: bool = False
+    # [prefix token] + tokens(y), with the pmi option.
+    unconditional: int | None = None
+    # With token details: each joint token's span in its segment's text (None: BOS, ids).
+    offsets: tuple[tuple[int, int] | None, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -82,8 +90,9 @@ class RollingPlan:
 # The --max-response-bytes estimate of a result message: its numbers and field tags, plus
 # per token detail its numbers and tags and a token text (BPE vocabularies average ~6-8
 # bytes a token; tests/test_security_limits.py holds the estimate to real responses).
-RESULT_BYTES = 96
-TOKEN_BYTES = 32
+RESULT_BYTES = 124
+PMI_BYTES = 18
+TOKEN_BYTES = 38
 TOP_TOKEN_BYTES = 24
 ROLLING_RESULT_BYTES = 64
 ROLLING_TOKEN_BYTES = 12
@@ -97,7 +106,7 @@ def response_bytes(plan: ScoringPlan, request_id: str) -> int:
     """About how many bytes the results of `plan` take as messages (request_id echoed in
     each): the texts counted exactly, token details by TOKEN_BYTES and TOP_TOKEN_BYTES."""
     per_token = TOKEN_BYTES + plan.top_k * TOP_TOKEN_BYTES if plan.options.token_details else 0
-    fixed = RESULT_BYTES + _utf8_len(request_id)
+    fixed = RESULT_BYTES + PMI_BYTES * plan.options.pmi + _utf8_len(request_id)
     return sum(
         fixed
         + _utf8_len(c.scored_prompt)
@@ -111,6 +120,11 @@ def rolling_response_bytes(plan: RollingPlan, request_id: str) -> int:
     per_token = ROLLING_TOKEN_BYTES if plan.options.token_logprobs else 0
     fixed = ROLLING_RESULT_BYTES + _utf8_len(request_id)
     return sum(fixed + per_token * len(ids) for ids in plan.texts)
+
+
+def _spans(spans: Offsets | None, ids: list[int]) -> tuple[tuple[int, int] | None, ...]:
+    """One span per token; all None for tokens given as ids."""
+    return tuple(spans) if spans is not None else (None,) * len(ids)
 
 
 class Planner:
@@ -174,30 +188,53 @@ class Planner:
         bos = self.facts.bos_token_id
         if options.add_bos and bos is None:
             raise InvalidInput("options.add_bos", "the model has no BOS token")
+        if options.pmi and self.prefix_token_id is None:
+            raise InvalidInput(
+                "options.pmi", "the model has neither BOS nor EOS to stand for the empty context"
+            )
         wanted = self.facts.bos_by_default if options.add_bos is None else options.add_bos
         return [bos] if bos is not None and wanted else []
 
+    @property
+    def prefix_token_id(self) -> int | None:
+        """The token that stands for the empty context: BOS, else EOS (lm-eval's HFLM
+        prefix_token_id), for rolling windows and PMI alike."""
+        facts = self.facts
+        return facts.bos_token_id if facts.bos_token_id is not None else facts.eos_token_id
+
+    def _encode_text(self, text: str, offsets: bool) -> tuple[list[int], Offsets | None]:
+        return (
+            self.tokenizer.encode_offsets(text) if offsets else (self.tokenizer.encode(text), None)
+        )
+
     def _encode(
-        self, prompt: TokenInput | None, completion: TokenInput | None, field: str
-    ) -> tuple[str, str, list[int], list[int]]:
+        self,
+        prompt: TokenInput | None,
+        completion: TokenInput | None,
+        field: str,
+        offsets: bool = False,
+    ) -> EncodedPair:
+        """tokens(x) and tokens(y); with `offsets`, each text token's span (None for ids)."""
         if completion is None:
             raise InvalidInput(field, "has neither text nor token_ids")
         prompt_field = field.rsplit(".completions", 1)[0]
         if isinstance(prompt, str | None) and isinstance(completion, str):
-            pair = self.tokenizer.encode_pair(prompt or "", completion)
-            return pair.scored_prompt, pair.scored_completion, pair.prompt_ids, pair.completion_ids
+            return self.tokenizer.encode_pair(prompt or "", completion, offsets)
+        prompt_spans: Offsets | None = None
         if prompt is None:
             prompt_text, prompt_ids = "", []
+            prompt_spans = [] if offsets else None
         elif isinstance(prompt, str):
-            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+            prompt_text = prompt
+            prompt_ids, prompt_spans = self._encode_text(prompt, offsets)
         else:
-            prompt_text, prompt_ids = (
-                "",
-                self._check_ids(prompt, f"{prompt_field}.prompt_token_ids"),
-            )
+            prompt_text = ""
+            prompt_ids = self._check_ids(prompt, f"{prompt_field}.prompt_token_ids")
         if isinstance(completion, str):
-            return prompt_text, completion, prompt_ids, self.tokenizer.encode(completion)
-        return prompt_text, "", prompt_ids, self._check_ids(completion, f"{field}.token_ids")
+            ids, spans = self._encode_text(completion, offsets)
+            return EncodedPair(prompt_text, completion, prompt_ids, ids, prompt_spans, spans)
+        ids = self._check_ids(completion, f"{field}.token_ids")
+        return EncodedPair(prompt_text, "", prompt_ids, ids, prompt_spans, None)
 
     def longest_sequence(self, settings: EngineSettings | None = None) -> int:
         """Tokens of the longest joint sequence (BOS included): the model's context, or the
@@ -227,6 +264,7 @@ class Planner:
                 f"{len(items)} items exceed the limit of {settings.max_items_per_request}",
             )
         bos = self._bos(options, settings)
+        empty_context = self.prefix_token_id or 0  # checked by _bos when options.pmi
         for item_index, item in enumerate(items):  # every size, before any tokenizing
             self._check_text(item.prompt, f"items[{item_index}].prompt")
             for completion_index, completion in enumerate(item.completions):
@@ -260,9 +298,8 @@ class Planner:
                 )
             for completion_index, completion in enumerate(item.completions):
                 field = f"items[{item_index}].completions[{completion_index}]"
-                scored_prompt, scored_completion, prompt_ids, completion_ids = self._encode(
-                    item.prompt, completion, field
-                )
+                pair = self._encode(item.prompt, completion, field, options.token_details)
+                prompt_ids, completion_ids = pair.prompt_ids, pair.completion_ids
                 length = len(bos) + len(prompt_ids) + len(completion_ids)
                 truncated = 0
                 if length > max_context:
@@ -284,7 +321,16 @@ class Planner:
                         )
                     prompt_ids = prompt_ids[truncated:]
                 layout = SequenceLayout(bool(bos), len(prompt_ids), len(completion_ids))
-                request_tokens += layout.length
+                spans: tuple[tuple[int, int] | None, ...] | None = None
+                if options.token_details:
+                    prompt_spans = pair.prompt_offsets
+                    spans = (
+                        (None,) * len(bos)
+                        + _spans(prompt_spans[truncated:] if prompt_spans else None, prompt_ids)
+                        + _spans(pair.completion_offsets, completion_ids)
+                    )
+                # The unconditional sequence of PMI: [prefix token] + tokens(y).
+                request_tokens += layout.length + (1 + len(completion_ids)) * options.pmi
                 if request_tokens > settings.max_tokens_per_request:
                     raise RequestTooLarge(
                         "items",
@@ -295,6 +341,9 @@ class Planner:
                 prefixes.setdefault(joint, tuple(bos + prompt_ids))
                 separate = options.marginal_mode == "separate_pass"
                 marginal = intern(tuple(bos + prompt_ids)) if separate else None
+                unconditional = None
+                if options.pmi:
+                    unconditional = intern((empty_context, *completion_ids))
                 completions.append(
                     PlannedCompletion(
                         item_index,
@@ -303,8 +352,11 @@ class Planner:
                         joint,
                         marginal,
                         truncated,
-                        scored_prompt,
-                        scored_completion,
+                        pair.scored_prompt,
+                        pair.scored_completion,
+                        completion_is_text=isinstance(completion, str),
+                        unconditional=unconditional,
+                        offsets=spans,
                     )
                 )
         sequences = list(sequence_index)
@@ -360,7 +412,7 @@ class Planner:
                 "texts", f"{len(texts)} texts exceed the limit of {settings.max_items_per_request}"
             )
         facts = self.facts
-        prefix = facts.bos_token_id if facts.bos_token_id is not None else facts.eos_token_id
+        prefix = self.prefix_token_id
         if prefix is None:
             raise InvalidInput("texts", "the model has neither BOS nor EOS to start a text with")
         longest = self.longest_sequence() - 1

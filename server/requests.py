@@ -66,6 +66,9 @@ class PlanOptions:
     truncate_prompt_left: bool = False
     # None: BOS exactly when the model's tokenizer adds it (ModelFacts.bos_by_default).
     add_bos: bool | None = None
+    # Also score each completion after the model's prefix token alone (BOS, else EOS):
+    # unconditional log-prob and PMI.
+    pmi: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from lmscore.export.graph_io import (
     tiled_name,
 )
 from lmscore.export.head import HEAD_OUTPUTS
-from lmscore.export.manifest import ONNX_NAME, PAST_TILE_NAME, ManifestError
+from lmscore.export.manifest import ONNX_DATA_NAME, ONNX_NAME, PAST_TILE_NAME, ManifestError
 from lmscore.server.config import RuntimeOptions
 from lmscore.server.scoring import BatchScores
 
@@ -83,20 +84,22 @@ def _cpu_identity() -> str:
 
 
 def optimized_graph_path(cache_dir: Path, model_path: Path) -> Path:
-    """A cached optimized graph is valid only for the same graph file, ORT version and CPU.
-    The name starts with a digest of the graph's path, so stale versions can be found."""
-    stat = model_path.stat()
+    """A cached optimized graph is valid only for the same graph and weights files, ORT
+    version and CPU. Each lives in a directory of its own (graph and weights file) whose
+    name starts with a digest of the graph's path, so stale versions can be found."""
+    files = [model_path, model_path.with_name(ONNX_DATA_NAME)]
+    stats = [path.stat() for path in files if path.is_file()]
     where = hashlib.sha256(str(model_path.resolve()).encode()).hexdigest()[:16]
     what = "|".join(
         [
-            str(stat.st_size),
-            str(stat.st_mtime_ns),
+            *(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats),
             ort.__version__,
             platform.machine(),
             _cpu_identity(),
         ]
     )
-    return cache_dir / f"{where}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.onnx"
+    entry = f"{where}-{hashlib.sha256(what.encode()).hexdigest()[:16]}"
+    return cache_dir / entry / ONNX_NAME
 
 
 def _create_session(
@@ -104,21 +107,35 @@ def _create_session(
 ) -> ort.InferenceSession:
     session = session_options(options)
     if options.ort_cache_dir is None or CUDA in providers:
+        # By path: ONNX Runtime maps the weights file beside the graph, no copy in Python.
         return ort.InferenceSession(str(model_path), sess_options=session, providers=providers)
     cached = optimized_graph_path(options.ort_cache_dir, model_path)
     if cached.is_file():
         session.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         log.info("loading the cached optimized graph %s", cached)
         return ort.InferenceSession(str(cached), sess_options=session, providers=providers)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f".{os.getpid()}.partial")
-    session.optimized_model_filepath = str(partial)
+    entry = cached.parent
+    building = entry.with_name(f".{entry.name}.{os.getpid()}")  # renamed into place whole
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    session.optimized_model_filepath = str(building / cached.name)
+    # The weights beside the graph, as the export keeps them: one protobuf holding them all
+    # cannot exceed 2 GB, and a weights file is mapped rather than read into the heap.
+    session.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", ONNX_DATA_NAME
+    )
     created = ort.InferenceSession(str(model_path), sess_options=session, providers=providers)
-    partial.replace(cached)
-    prefix = cached.name.split("-")[0]
-    for stale in cached.parent.glob(f"{prefix}-*.onnx"):
-        if stale != cached:  # an older export of the same path
-            stale.unlink(missing_ok=True)
+    try:
+        building.rename(entry)
+    except OSError:  # another server cached the same graph meanwhile
+        shutil.rmtree(building, ignore_errors=True)
+    prefix = entry.name.split("-")[0]
+    for stale in entry.parent.glob(f"{prefix}-*"):
+        if stale != entry:  # an older export of the same path
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     log.info("cached the optimized graph at %s", cached)
     return created
 

@@ -27,6 +27,15 @@ returns follows (the README states the same):
   an empty completion.
 * rank of a token: 1 + the number of vocabulary entries with a strictly higher
   logit.
+* Normalized conditionals: conditional / n for n = the completion tokens the
+  conditional sums (per token), the code points of the scored completion text
+  (per char, lm-eval's acc_norm) and its UTF-8 bytes (per byte, lm-eval's
+  acc_bytes); None when n is 0 (an empty completion, a lone unscored token, no
+  text for ids): no number is invented, where lm-eval's numpy would give NaN.
+* PMI: the unconditional log Pr(y | empty context) sums the same completion
+  tokens scored after the model's prefix token alone (BOS, else EOS: lm-eval's
+  HFLM prefix_token_id), leaving out a first token the conditional left out;
+  pmi = conditional - unconditional.
 
 How tokens(x) and tokens(y) are formed from text is in lmscore.server.tokenization.
 """
@@ -87,6 +96,12 @@ class SequenceLayout:
     @property
     def completion_start(self) -> int:
         return int(self.bos) + self.prompt_len
+
+    @property
+    def scored_completion_tokens(self) -> int:
+        """Completion tokens the conditional sums: all, but the first when it opens the
+        sequence (no BOS, no prompt) and so goes unscored."""
+        return self.completion_len - int(self.completion_start == 0 and self.completion_len > 0)
 
     def prompt_only(self) -> SequenceLayout:
         return SequenceLayout(self.bos, self.prompt_len, 0)
@@ -202,3 +217,33 @@ def sum_sequence(
         marginal = separate_marginal
         conditional = joint - marginal
     return SequenceSums(joint, marginal, conditional, greedy, first_token_scored)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalized:
+    per_token: float | None
+    per_char: float | None
+    per_byte: float | None
+
+
+def _per(total: float, count: int) -> float | None:
+    return total / count if count else None
+
+
+def normalize(layout: SequenceLayout, conditional: float, text: str | None) -> Normalized:
+    """The conditional per scored completion token, per code point and per UTF-8 byte of
+    `text` (the scored completion; None when it was given as token ids)."""
+    return Normalized(
+        _per(conditional, layout.scored_completion_tokens),
+        None if text is None else _per(conditional, len(text)),
+        None if text is None else _per(conditional, len(text.encode("utf-8", "surrogatepass"))),
+    )
+
+
+def sum_unconditional(layout: SequenceLayout, scores: PositionScores) -> float:
+    """log Pr(y | empty context) from the scores of ``[prefix token] + tokens(y)``: the
+    completion tokens the conditional of `layout` sums, no more."""
+    if len(scores) != layout.completion_len:
+        raise ValueError(f"{len(scores)} scored positions for {layout.completion_len} tokens")
+    skip = layout.completion_len - layout.scored_completion_tokens
+    return _fsum(scores.logprobs[skip:])

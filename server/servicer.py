@@ -1,14 +1,16 @@
-"""gRPC servicer: translates between lmscore.v1 protobuf messages and the scoring engine.
+"""gRPC servicer: translates between lmscore.v1 protobuf messages and the scoring engines.
 
-It computes nothing itself. Bad input becomes INVALID_ARGUMENT with a
-google.rpc.BadRequest field violation; an unknown model name NOT_FOUND.
+It computes nothing itself. Each served model has its own engine; a request
+goes to the one its `model` field names (empty: the first). Bad input becomes
+INVALID_ARGUMENT with a google.rpc.BadRequest field violation; an unknown model
+name NOT_FOUND, with a violation of the field `model`.
 Planning (tokenizing) and the conversion of results with token details run on
 worker threads, so the event loop keeps answering other calls (health checks
 too) while a large request is planned or refused.
 
-Admission counts requests being scored, not open calls: a ScoreStream takes a
-slot only while one of its requests is planned and scored, and one that sends
-nothing for --stream-idle-timeout seconds is ended.
+Admission counts requests being scored, all models together, not open calls: a
+ScoreStream takes a slot only while one of its requests is planned and scored,
+and one that sends nothing for --stream-idle-timeout seconds is ended.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -48,10 +50,25 @@ Planned = TypeVar("Planned")
 INLINE_PLAN_BYTES = 16 * 1024
 # Results with more token details than this are converted to messages on a worker thread.
 INLINE_TOKEN_DETAILS = 256
+# Characters of an unknown model name echoed in the NOT_FOUND message.
+ECHOED_NAME_CHARS = 64
 
 
 class ModelNotFound(LookupError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """One model of the server: its engine, and what GetModelInfo says of it (whose `name`
+    requests select it by)."""
+
+    engine: ScoringEngine
+    info: pb.ModelInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
 
 def _token_input(message: Any, oneof: str) -> TokenInput | None:
@@ -79,6 +96,7 @@ def _options_of(options: pb.ScoreOptions) -> PlanOptions:
         marginal_mode=typing.cast(MarginalMode, marginal_mode.lower()),
         truncate_prompt_left=options.truncate_prompt_left,
         add_bos=options.add_bos if options.HasField("add_bos") else None,
+        pmi=options.pmi,
     )
 
 
@@ -91,8 +109,10 @@ def _token_message(token: Token) -> pb.TokenDetail:
         rank=token.rank,
         top=[pb.TopToken(**dataclasses.asdict(top)) for top in token.top],
     )
-    if token.logprob is not None:
-        message.logprob = token.logprob
+    # Optional fields: None stays unset.
+    for name in ("logprob", "start", "end"):
+        if (value := getattr(token, name)) is not None:
+            setattr(message, name, value)
     return message
 
 
@@ -100,6 +120,8 @@ def _result_message(result: ScoreResult, request: pb.ScoreRequest, index: int) -
     """A ScoreResult as its message, field by field under the same names; the transport's
     fields from the request."""
     values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    # Optional fields: None stays unset (the normalized scores without a divisor, PMI not asked).
+    values = {name: value for name, value in values.items() if value is not None}
     values.update(
         tokens=[_token_message(t) for t in result.tokens],
         request_id=request.request_id,
@@ -126,27 +148,45 @@ async def _abort_with_field(
 
 
 class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
+    """`models`: in the order served; the first takes requests that name none."""
+
     def __init__(
         self,
-        engine: ScoringEngine,
-        model_info: pb.ModelInfo,
+        models: Sequence[ServedModel],
         max_concurrent_requests: int = 64,
         stream_idle_timeout: float = 0.0,
     ) -> None:
-        self._engine = engine
-        self._model_info = model_info
+        if not models:
+            raise ValueError("a servicer needs at least one model")
+        self._models = {model.name: model for model in models}
+        self._first = models[0]
+        self._model_list = pb.ListModelsResponse(models=[model.info for model in models])
         self._max_concurrent = max_concurrent_requests
         self._stream_idle_timeout = stream_idle_timeout or None
         self.active_requests = 0
 
-    def _check_model(self, model: str) -> None:
-        if model and model != self._model_info.name:
-            raise ModelNotFound(
-                f"model: {model!r} is not served here; this server serves {self._model_info.name!r}"
-            )
+    def _model(self, name: str) -> ServedModel:
+        """The model a request's `model` field names (empty: the first); ModelNotFound."""
+        if not name:
+            return self._first
+        model = self._models.get(name)
+        if model is None:
+            shown = name if len(name) <= ECHOED_NAME_CHARS else name[:ECHOED_NAME_CHARS] + "..."
+            served = ", ".join(repr(n) for n in self._models)
+            raise ModelNotFound(f"{shown!r} is not served here; served: {served}")
+        return model
 
-    def _plan(self, request: pb.ScoreRequest) -> ScoringPlan:
-        self._check_model(request.model)
+    async def _model_or_abort(
+        self, context: grpc.aio.ServicerContext, name: str, field_prefix: str = ""
+    ) -> ServedModel:
+        try:
+            return self._model(name)
+        except ModelNotFound as exc:
+            await _abort_with_field(context, field_prefix + "model", str(exc), code_pb2.NOT_FOUND)
+        _unreachable()
+
+    @staticmethod
+    def _plan(model: ServedModel, request: pb.ScoreRequest) -> ScoringPlan:
         items = [
             ItemInput(
                 _token_input(item, "prompt_input"),
@@ -154,17 +194,17 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             )
             for item in request.items
         ]
-        return self._engine.plan(items, _options_of(request.options), request_id=request.request_id)
+        return model.engine.plan(items, _options_of(request.options), request_id=request.request_id)
 
-    def _plan_rolling(self, request: pb.RollingRequest) -> RollingPlan:
-        self._check_model(request.model)
+    @staticmethod
+    def _plan_rolling(model: ServedModel, request: pb.RollingRequest) -> RollingPlan:
         options = RollingPlanOptions(
             max_window_tokens=request.options.max_window_tokens,
             min_context_tokens=request.options.min_context_tokens,
             token_logprobs=request.options.token_logprobs,
             add_bos=request.options.add_bos,
         )
-        return self._engine.plan_rolling(
+        return model.engine.plan_rolling(
             [_token_input(t, "input") for t in request.texts],
             options,
             request_id=request.request_id,
@@ -191,26 +231,25 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             await _abort_with_field(
                 context, field_prefix + exc.field, exc.description, code_pb2.INVALID_ARGUMENT
             )
-        except ModelNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, field_prefix + str(exc))
         _unreachable()
 
     async def _score_one(
         self,
+        model: ServedModel,
         request: pb.ScoreRequest,
         index: int,
         context: grpc.aio.ServicerContext,
         field_prefix: str = "",
     ) -> AsyncIterator[pb.ScoreResult]:
         plan = await self._plan_or_abort(
-            context, lambda: self._plan(request), request.ByteSize(), field_prefix
+            context, lambda: self._plan(model, request), request.ByteSize(), field_prefix
         )
+        completions = metrics.COMPLETIONS.labels(model.name)
+        tokens = metrics.TOKENS.labels(model.name)
         try:
-            async for result in self._engine.score(plan):
-                metrics.COMPLETIONS.inc()
-                metrics.TOKENS.inc(
-                    int(result.bos_added) + result.prompt_tokens + result.completion_tokens
-                )
+            async for result in model.engine.score(plan):
+                completions.inc()
+                tokens.inc(int(result.bos_added) + result.prompt_tokens + result.completion_tokens)
                 if len(result.tokens) > INLINE_TOKEN_DETAILS:  # convert off the event loop
                     yield await asyncio.to_thread(_result_message, result, request, index)
                 else:
@@ -219,27 +258,32 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Counts the call in flight, or aborts it when the server is at its limit."""
+    async def _admitted(
+        self, context: grpc.aio.ServicerContext, model: ServedModel
+    ) -> AsyncIterator[None]:
+        """Counts the call in flight, or aborts it when the server is at its limit (all
+        models together)."""
         if self.active_requests >= self._max_concurrent:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.active_requests} requests in flight, limit {self._max_concurrent} "
                 "(--max-concurrent-requests); retry later",
             )
+        in_flight = metrics.IN_FLIGHT.labels(model.name)
         self.active_requests += 1
-        metrics.IN_FLIGHT.inc()
+        in_flight.inc()
         try:
             yield
         finally:
             self.active_requests -= 1
-            metrics.IN_FLIGHT.dec()
+            in_flight.dec()
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
-        async with self._admitted(context):
-            async for message in self._score_one(request, 0, context):
+        model = await self._model_or_abort(context, request.model)
+        async with self._admitted(context, model):
+            async for message in self._score_one(model, request, 0, context):
                 yield message
 
     async def ScoreStream(
@@ -258,23 +302,27 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                     f"no request on this stream for {self._stream_idle_timeout:g} s "
                     "(--stream-idle-timeout); open a new stream to send more",
                 )
-            async with self._admitted(context):
-                prefix = f"requests[{index}]."
-                async for message in self._score_one(request, index, context, prefix):
+            prefix = f"requests[{index}]."
+            model = await self._model_or_abort(context, request.model, prefix)
+            async with self._admitted(context, model):
+                async for message in self._score_one(model, request, index, context, prefix):
                     yield message
             index += 1
 
     async def ScoreRolling(
         self, request: pb.RollingRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RollingResult]:
-        async with self._admitted(context):
+        model = await self._model_or_abort(context, request.model)
+        async with self._admitted(context, model):
             plan = await self._plan_or_abort(
-                context, lambda: self._plan_rolling(request), request.ByteSize()
+                context, lambda: self._plan_rolling(model, request), request.ByteSize()
             )
+            texts = metrics.ROLLING_TEXTS.labels(model.name)
+            tokens = metrics.TOKENS.labels(model.name)
             try:
-                async for result in self._engine.score_rolling(plan):
-                    metrics.ROLLING_TEXTS.inc()
-                    metrics.TOKENS.inc(result.token_count)
+                async for result in model.engine.score_rolling(plan):
+                    texts.inc()
+                    tokens.inc(result.token_count)
                     yield _rolling_message(result, request)
             except Overloaded as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -282,7 +330,12 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        return self._model_info
+        return (await self._model_or_abort(context, request.model)).info
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return self._model_list
 
 
 def _unreachable() -> NoReturn:

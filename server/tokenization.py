@@ -14,6 +14,13 @@ For text input:
 encode() adds no special tokens; BOS is added by the scoring plan. Token ids
 given by the client are used verbatim, with no whitespace rule; a text prompt
 with an id completion (or the reverse) encodes the text side on its own.
+
+Offsets (token details): each token's [start, end) in the text it belongs to,
+scored_prompt for tokens(x) and scored_completion for tokens(y), in Unicode
+code points (Python str indices, as `tokenizers` reports them). Rule 3 means
+no token straddles the two texts. A token holding only some bytes of a
+character (byte-level BPE splits an emoji into several) spans the whole
+character, so neighbours may share a span.
 """
 
 from __future__ import annotations
@@ -36,12 +43,19 @@ _RELEASE_GIL_CHARS: Final = 4096
 _RECENT_TEXTS: Final = 4
 
 
+# [start, end) of a token in its text, in code points.
+Offsets = list[tuple[int, int]]
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedPair:
     scored_prompt: str
     scored_completion: str
     prompt_ids: list[int]
     completion_ids: list[int]
+    # With encode_pair(..., offsets=True): each token's span in scored_prompt / scored_completion.
+    prompt_offsets: Offsets | None = None
+    completion_offsets: Offsets | None = None
 
 
 def move_trailing_whitespace(prompt: str, completion: str) -> tuple[str, str]:
@@ -77,8 +91,20 @@ class TextTokenizer:
                 self._recent.popitem(last=False)
         return list(ids)
 
-    def encode_pair(self, prompt: str, completion: str) -> EncodedPair:
+    def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        """encode(text) and each token's [start, end) in `text` (code points). Not cached:
+        only token details ask for offsets."""
+        if len(text) <= _RELEASE_GIL_CHARS:
+            encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        else:
+            [encoding] = self._tokenizer.encode_batch([text], add_special_tokens=False)
+        return list(encoding.ids), [(int(s), int(e)) for s, e in encoding.offsets]
+
+    def encode_pair(self, prompt: str, completion: str, offsets: bool = False) -> EncodedPair:
+        """tokens(x) and tokens(y) by the rules above; `offsets`: with each token's span."""
         prompt, completion = move_trailing_whitespace(prompt, completion)
+        if offsets:
+            return self._encode_pair_offsets(prompt, completion)
         prompt_ids = self.encode(prompt)
         if not completion:
             return EncodedPair(prompt, completion, prompt_ids, [])
@@ -88,6 +114,24 @@ class TextTokenizer:
         else:
             completion_ids = self.encode(completion)
         return EncodedPair(prompt, completion, prompt_ids, completion_ids)
+
+    def _encode_pair_offsets(self, prompt: str, completion: str) -> EncodedPair:
+        prompt_ids, prompt_spans = self.encode_offsets(prompt)
+        if not completion:
+            return EncodedPair(prompt, completion, prompt_ids, [], prompt_spans, [])
+        whole, whole_spans = self.encode_offsets(prompt + completion)
+        if whole[: len(prompt_ids)] == prompt_ids:
+            completion_ids = whole[len(prompt_ids) :]
+            # Spans in prompt + completion, moved to the completion's own text.
+            shift = len(prompt)
+            completion_spans = [
+                (max(s - shift, 0), max(e - shift, 0)) for s, e in whole_spans[len(prompt_ids) :]
+            ]
+        else:
+            completion_ids, completion_spans = self.encode_offsets(completion)
+        return EncodedPair(
+            prompt, completion, prompt_ids, completion_ids, prompt_spans, completion_spans
+        )
 
     def adds_bos(self, bos_token_id: int | None) -> bool:
         """Whether the tokenizer itself puts BOS before a text (its post-processor, what

@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tiny_model import build_hf_model_dir
+from tiny_model import build_hf_model_dir, build_sliding_window_model_dir
 
 LMSCORE = str(Path(sys.executable).parent / "lmscore")
 
@@ -78,6 +79,19 @@ def running_server(
         server.stop()
 
 
+def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A server's Prometheus samples: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 @pytest.fixture(scope="session")
 def exported_default() -> Path:
     """The default model, exported by `lmscore export` (skipped when already exported)."""
@@ -89,15 +103,17 @@ def exported_default() -> Path:
 
 @pytest.fixture(scope="session")
 def torch_default():
-    """(model, tokenizer) of the default model, loaded by transformers from the same GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of the default model: the weights loaded by transformers from the
+    same GGUF, the tokenizer rebuilt from it (transformers' own is not faithful; the rebuilt
+    one is checked against tiktoken in test_gguf_tokenizer)."""
+    from transformers import AutoModelForCausalLM
 
+    from lmscore.export.gguf_tokenizer import faithful_tokenizer
     from lmscore.export.source import default_gguf_path
 
     gguf = default_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return model, tokenizer
+    return model, faithful_tokenizer(gguf, [])
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +137,19 @@ def tiny_torch(tiny_hf_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_dir)).eval()
     return model, AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+
+
+@pytest.fixture(scope="session")
+def second_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A second model for servers of several models: (Hugging Face directory, its export
+    named "mistral"), a sliding-window Mistral of another seed than the tiny Llama (with the
+    same seed the two architectures initialise the same weights) and a longer context."""
+    from lmscore.export.convert import export_model
+
+    hf_dir = build_sliding_window_model_dir(tmp_path_factory.mktemp("second-hf") / "mistral", 1)
+    output = tmp_path_factory.mktemp("second-onnx") / "mistral"
+    export_model(str(hf_dir), output, progress=False)
+    return hf_dir, output
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,12 @@ Hugging Face tokenizer, transformers model, float64 sums.
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import numpy as np
+
+NATURAL_TEXTS = [Path("/usr/share/common-licenses") / n for n in ("GPL-3", "Apache-2.0", "MPL-2.0")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,3 +103,22 @@ def reference_score(
         token_ranks=[0, *(int(r) for r in ranks)] if ids else [],
         top_ids=[[], *(list(map(int, t)) for t in top)] if ids else [],
     )
+
+
+def natural_pairs(count_per_text: int = 4) -> list[tuple[str, str]]:
+    """Sentences cut from the license texts, split into prompt and completion at a word."""
+    pairs = []
+    for path in NATURAL_TEXTS:
+        text = re.sub(r"\s+", " ", path.read_text())
+        sentences = [s for s in re.split(r"(?<=[.;:])\s", text) if 12 <= len(s.split()) <= 40]
+        for number, sentence in enumerate(sentences[5 : 5 + count_per_text]):
+            words = sentence.split(" ")
+            cut = len(words) * 2 // 3
+            prompt = " ".join(words[:cut])
+            # Every other pair keeps the space at the end of the prompt (the whitespace rule).
+            completion = " ".join(words[cut:])
+            if number % 2:
+                pairs.append((prompt + " ", completion))
+            else:
+                pairs.append((prompt, " " + completion))
+    return pairs

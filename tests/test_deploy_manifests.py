@@ -101,5 +101,6 @@ def test_dockerfile_copies_every_package_directory_and_the_model_path(
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     package_dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert {d.split("/")[0] for d in package_dirs} | {"pyproject.toml", "README.md"} <= sources
-    # The manifest serves the model directory the image exports.
-    assert f"--output {serve_args(docs['Deployment']).model}" in text
+    # The manifest serves the model directory the image exports, and only it.
+    [model] = serve_args(docs["Deployment"]).model
+    assert f"--output {model}" in text

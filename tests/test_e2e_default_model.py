@@ -16,30 +16,10 @@ import pytest
 from conftest import running_server
 from lmscore.client import Item, RollingOptions, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
-from reference import reference_score, sequence_logprobs
+from reference import NATURAL_TEXTS, natural_pairs, reference_score, sequence_logprobs
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
-TEXTS = [Path("/usr/share/common-licenses") / n for n in ("GPL-3", "Apache-2.0", "MPL-2.0")]
-
-
-def natural_pairs(count_per_text: int = 4) -> list[tuple[str, str]]:
-    """Sentences cut from the license texts, split into prompt and completion at a word."""
-    pairs = []
-    for path in TEXTS:
-        text = re.sub(r"\s+", " ", path.read_text())
-        sentences = [s for s in re.split(r"(?<=[.;:])\s", text) if 12 <= len(s.split()) <= 40]
-        for number, sentence in enumerate(sentences[5 : 5 + count_per_text]):
-            words = sentence.split(" ")
-            cut = len(words) * 2 // 3
-            prompt = " ".join(words[:cut])
-            # Every other pair keeps the space at the end of the prompt (the whitespace rule).
-            completion = " ".join(words[cut:])
-            if number % 2:
-                pairs.append((prompt + " ", completion))
-            else:
-                pairs.append((prompt, " " + completion))
-    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +50,16 @@ def test_default_model_scores_equal_pytorch(default_server, torch_default) -> No
         ("", pairs[0][0]),
     ]
     with ScoringClient(default_server.address, timeout=300) as client:
+        # SmolLM2's GGUF adds no BOS (tokenizer.ggml.add_bos_token false): neither does the
+        # server by default; with BOS asked for, see the token details test.
+        assert not client.model_info().bos_by_default
         results = client.score(items)
         separate = client.score(items, ScoreOptions(marginal_mode="separate_pass"))
     assert len(results) == len(expected_pairs) == len(pairs) + 5
     greedy_seen = set()
     for (prompt, completion), result, other in zip(expected_pairs, results, separate, strict=True):
-        expected = reference_score(model, tokenizer, prompt, completion, bos_id=1)
+        expected = reference_score(model, tokenizer, prompt, completion, bos_id=None)
+        assert not result.bos_added
         assert result.prompt_tokens == len(expected.prompt_ids)
         assert result.completion_tokens == len(expected.completion_ids)
         assert result.joint_logprob == pytest.approx(expected.joint, abs=TOLERANCE)
@@ -97,8 +81,9 @@ def test_default_model_token_details_equal_pytorch(default_server, torch_default
     prompt, completion = natural_pairs(1)[0]
     with ScoringClient(default_server.address, timeout=300) as client:
         [result] = client.score(
-            [Item(prompt, [completion])], ScoreOptions(token_details=True, top_k=3)
+            [Item(prompt, [completion])], ScoreOptions(token_details=True, top_k=3, add_bos=True)
         )
+    assert result.bos_added
     expected = reference_score(model, tokenizer, prompt, completion, bos_id=1, top_k=3)
     for token, logprob, rank, top in zip(
         result.tokens[1:],
@@ -117,7 +102,7 @@ def test_default_model_rolling_equals_pytorch_windows(default_server, torch_defa
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     model, tokenizer = torch_default
-    text = re.sub(r"\s+", " ", TEXTS[0].read_text())[:3000]
+    text = re.sub(r"\s+", " ", NATURAL_TEXTS[0].read_text())[:3000]
     with ScoringClient(default_server.address, timeout=300) as client:
         [result] = client.score_rolling(
             [text], RollingOptions(max_window_tokens=256, token_logprobs=True)
@@ -134,3 +119,49 @@ def test_default_model_rolling_equals_pytorch_windows(default_server, torch_defa
     assert result.perplexity == pytest.approx(
         math.exp(-math.fsum(expected) / len(tokens)), rel=1e-4
     )
+
+
+def test_default_model_pmi_normalized_scores_and_offsets_equal_pytorch(
+    default_server, torch_default
+) -> None:
+    """PMI = log P(y|x) - log P(y|<|im_start|>) (SmolLM2's BOS, its prefix token, though its
+    tokenizer adds no BOS), each computed by PyTorch; normalized scores by the completion's
+    tokens, code points and UTF-8 bytes; token offsets against the texts."""
+    from test_research_scores import check_offsets
+
+    model, tokenizer = torch_default
+    prompt = "Question: Which planet is known as the Red Planet?\nAnswer:"
+    completions = [" Mars", " Venus", " the planet Jupiter", ""]
+    items = [Item(prompt, completions), Item("Le robot 🤖 dit en 中文", [" « café » ✓"])]
+    pairs = [(prompt, c) for c in completions] + [(items[1].prompt, items[1].completions[0])]
+    with ScoringClient(default_server.address, timeout=300) as client:
+        info = client.model_info()
+        results = client.score(items, ScoreOptions(pmi=True, token_details=True))
+    assert info.bos_token_id == 1 and not info.bos_by_default
+    for (p, c), result in zip(pairs, results, strict=True):
+        expected = reference_score(model, tokenizer, p, c, bos_id=None)
+        after_prefix, _, _ = sequence_logprobs(model, [1, *expected.completion_ids])
+        unconditional = math.fsum(after_prefix)
+        assert result.conditional_logprob == pytest.approx(expected.conditional, abs=TOLERANCE)
+        assert result.unconditional_logprob == pytest.approx(unconditional, abs=TOLERANCE)
+        assert result.pmi == pytest.approx(expected.conditional - unconditional, abs=TOLERANCE)
+        text = result.scored_completion
+        if text:
+            count = len(expected.completion_ids)
+            assert result.conditional_logprob_per_token * count == pytest.approx(
+                result.conditional_logprob
+            )
+            assert result.conditional_logprob_per_char * len(text) == pytest.approx(
+                result.conditional_logprob
+            )
+            assert result.conditional_logprob_per_byte * len(text.encode()) == pytest.approx(
+                result.conditional_logprob
+            )
+        else:
+            assert result.conditional_logprob_per_token is None
+            assert result.conditional_logprob_per_char is None
+        check_offsets(result)
+    # The emoji is split into byte tokens: they share its one-code-point span.
+    emoji = [t for t in results[-1].tokens if t.segment.value == "prompt" and "\ufffd" in t.text]
+    assert len(emoji) > 1
+    assert all(results[-1].scored_prompt[t.start : t.end].strip() == "🤖" for t in emoji)

@@ -146,15 +146,17 @@ def test_rolling_perplexity_equals_hflm(lmscore_run, hflm_run) -> None:
 
 @pytest.mark.e2e
 def test_default_model_equals_hflm_on_real_weights(exported_default: Path, tmp_path: Path) -> None:
-    """SmolLM2's tokenizer adds BOS: HFLM's default scores with it, and so must the adapter
-    (it was off by up to 8.6 nats per request while it always sent add_bos=false)."""
+    """HFLM on the same weights with the exported (faithful) tokenizer: its default BOS rule
+    (SmolLM2's GGUF adds none) is the adapter's (it was off by up to 8.6 nats per request
+    while the two disagreed on BOS)."""
     from lmscore.export.source import default_gguf_path
 
     gguf = default_gguf_path()
     with running_server("default") as server:
         ours = run_lmscore_eval(server.address, tmp_path, "max_length=2048")
     theirs = run_hflm(
-        f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32,max_length=2048"
+        f"pretrained={gguf.parent},gguf_file={gguf.name},tokenizer={exported_default},"
+        "dtype=float32,max_length=2048"
     )
     assert_multiple_choice_equal(ours, theirs)
     assert_rolling_equal(ours, theirs)

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, running_server
+from conftest import free_port, running_server, scrape_metrics
 from lmscore.client import InvalidArgumentError, Item, ScoreOptions, ScoringClient
 
 SCORE = "/lmscore.v1.Scorer/Score"
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -31,21 +19,23 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) -> None:
     port = free_port()
     with running_server(tiny_export, "--metrics-port", str(port)) as server:
-        before = scrape(port)
+        before = scrape_metrics(port)
         info = [
             dict(labels)
             for (metric, labels), v in before.items()
             if metric == "lmscore_model_info" and v == 1
         ]
-        assert info and info[0]["name"] == "tiny-llama" and info[0]["dtype"] == "float32"
+        assert info and info[0]["model"] == info[0]["name"] == "tiny-llama"
+        assert info[0]["dtype"] == "float32"
         assert info[0]["providers"] == "CPUExecutionProvider"
         with ScoringClient(server.address) as client:
             results = client.score([Item("The Program", [" is free", " is not"]), Item("", ["A"])])
             with pytest.raises(InvalidArgumentError):
                 client.score([Item("x", ["y"])], ScoreOptions(top_k=-1))
-        after = scrape(port)
+        after = scrape_metrics(port)
 
     def delta(name: str, **labels: str) -> float:
+        labels = {"model": "tiny-llama", **labels}  # every collector is labelled by model
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("lmscore_requests_total", method=SCORE, code="OK") == 1
@@ -57,4 +47,4 @@ def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) ->
     assert delta("lmscore_batch_sequences_count") >= 1  # model runs
     assert delta("lmscore_queue_seconds_count") == delta("lmscore_batch_sequences_sum")
     assert delta("lmscore_compute_seconds_count") == delta("lmscore_batch_sequences_count")
-    assert value(after, "lmscore_requests_in_flight") == 0
+    assert value(after, "lmscore_requests_in_flight", model="tiny-llama") == 0

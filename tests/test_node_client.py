@@ -23,6 +23,14 @@ NODE_CLIENT = Path(__file__).resolve().parent.parent / "client" / "node"
 # Both clients receive the same doubles; JSON carries them exactly (shortest round-trip form).
 TOLERANCE = 1e-9
 LOGPROBS = ("joint_logprob", "marginal_logprob", "conditional_logprob")
+# Unset (null in both clients) when the server leaves them out.
+OPTIONAL_LOGPROBS = (
+    "conditional_logprob_per_token",
+    "conditional_logprob_per_char",
+    "conditional_logprob_per_byte",
+    "unconditional_logprob",
+    "pmi",
+)
 SAME_FIELDS = (
     "item_index",
     "completion_index",
@@ -68,11 +76,18 @@ def assert_same_results(node_results: list[dict[str, Any]], python_results: list
         expected = python.to_dict()
         for field in LOGPROBS:
             assert abs(node[field] - expected[field]) <= TOLERANCE, (field, node, expected)
+        for field in OPTIONAL_LOGPROBS:
+            if expected[field] is None:
+                assert node[field] is None, (field, node, expected)
+            else:
+                assert abs(node[field] - expected[field]) <= TOLERANCE, (field, node, expected)
         for field in SAME_FIELDS:
             assert node[field] == expected[field], (field, node, expected)
         assert len(node["tokens"]) == len(expected["tokens"])
         for node_token, token in zip(node["tokens"], expected["tokens"], strict=True):
             assert (node_token["id"], node_token["rank"]) == (token["id"], token["rank"])
+            # Offsets in code points on both sides (not JavaScript's UTF-16 units).
+            assert (node_token["start"], node_token["end"]) == (token["start"], token["end"])
             assert node_token["segment"] == f"SEGMENT_{token['segment'].upper()}"
             if token["logprob"] is None:
                 assert node_token["logprob"] is None
@@ -105,15 +120,17 @@ def test_given_pairs_with_token_details_equal_python(tiny_server: ServerProcess)
         *("--prompt", "This License applies to any program "),
         *("--completion", "or other work", "--completion", "and more"),
         *("--prompt", "the", "--completion", "re"),
-        *("--top-k", "3", "--marginal-mode", "separate_pass"),
+        *("--prompt", "Le robot 🤖 ", "--completion", "dit 中文 é", "--completion", ""),
+        *("--top-k", "3", "--marginal-mode", "separate_pass", "--pmi"),
     )
     items = [
         Item(None, ["Everyone is permitted to copy"]),
         Item("This License applies to any program ", ["or other work", "and more"]),
         Item("the", ["re"]),
+        Item("Le robot 🤖 ", ["dit 中文 é", ""]),
     ]
     assert [Item(item["prompt"], item["completions"]) for item in document["items"]] == items
-    options = ScoreOptions(token_details=True, top_k=3, marginal_mode="separate_pass")
+    options = ScoreOptions(token_details=True, top_k=3, marginal_mode="separate_pass", pmi=True)
     with ScoringClient(tiny_server.address, timeout=60) as client:
         python_results = client.score(items, options)
     assert all(len(r["tokens"][-1]["top"]) == 3 for r in document["results"])
@@ -134,6 +151,23 @@ def test_invalid_request_exits_non_zero_naming_the_field(
     assert completed.returncode != 0
     assert completed.stdout == ""
     assert "INVALID_ARGUMENT" in completed.stderr and field in completed.stderr
+
+
+def test_model_flag_selects_a_served_model(tiny_export: Path, second_tiny_model) -> None:
+    prompt, completion = "The Program", " is free software"
+    with running_server(f"llama={tiny_export}", "--model", str(second_tiny_model[1])) as server:
+        document = score_with_node(
+            server, "--model", "mistral", "--prompt", prompt, "--completion", completion
+        )
+        unknown = run_node("--server", server.address, "--model", "gpt-17")
+        with ScoringClient(server.address, timeout=60) as client:
+            mistral = client.score([Item(prompt, [completion])], ScoreOptions(model="mistral"))
+            llama = client.score([Item(prompt, [completion])])
+    assert document["model"] == "mistral"
+    assert_same_results(document["results"], mistral)
+    assert abs(mistral[0].conditional_logprob - llama[0].conditional_logprob) > 0.1
+    assert unknown.returncode != 0
+    assert unknown.stderr.startswith("NOT_FOUND: model: 'gpt-17' is not served here")
 
 
 def test_unreachable_server_is_unavailable() -> None:

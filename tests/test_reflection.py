@@ -27,6 +27,7 @@ def test_reflection_describes_the_scorer(tiny_server: ServerProcess) -> None:
         "ScoreStream",
         "ScoreRolling",
         "GetModelInfo",
+        "ListModels",
     }
 
 

@@ -68,17 +68,43 @@ function toScoreOptions(options) {
     top_k: options.topK || 0,
     marginal_mode: MARGINAL_MODES[options.marginalMode || 'same_pass'],
     truncate_prompt_left: Boolean(options.truncatePromptLeft),
+    pmi: Boolean(options.pmi),
   };
   // `add_bos` is proto3 optional: leave it unset for the server's default.
   if (options.addBos !== undefined) message.add_bos = options.addBos;
   return message;
 }
 
-// proto-loader marks a set proto3-optional field with a synthetic oneof key (_logprob);
-// give the unset first-token log-probability as null instead.
+/** A ModelInfo message with `manifest_json` also given parsed, as `manifest`. */
+function withManifest(info) {
+  return { ...info, manifest: info.manifest_json ? JSON.parse(info.manifest_json) : {} };
+}
+
+// The proto3-optional fields of a result and of a token detail.
+const OPTIONAL_RESULT_FIELDS = [
+  'conditional_logprob_per_token',
+  'conditional_logprob_per_char',
+  'conditional_logprob_per_byte',
+  'unconditional_logprob',
+  'pmi',
+];
+const OPTIONAL_TOKEN_FIELDS = ['logprob', 'start', 'end'];
+
+// proto-loader marks a set proto3-optional field with a synthetic oneof key (_logprob) and
+// gives an unset one its default (0); give unset ones as null, as the Python client's None.
+function withNulls(message, names) {
+  const clean = { ...message };
+  for (const name of names) {
+    clean[name] = message[`_${name}`] ? message[name] : null;
+    delete clean[`_${name}`];
+  }
+  return clean;
+}
+
+// A token's `start` and `end` count Unicode code points of its segment's text (as Python
+// str indices), not UTF-16 units: slice Array.from(text), not the string itself.
 function cleanToken(token) {
-  const { _logprob, ...rest } = token;
-  return { ...rest, logprob: _logprob ? token.logprob : null };
+  return withNulls(token, OPTIONAL_TOKEN_FIELDS);
 }
 
 class ScorerClient {
@@ -119,14 +145,27 @@ class ScorerClient {
     return { deadline: Date.now() + (timeoutMs || this.timeoutMs) };
   }
 
-  /** GetModelInfo; `manifest_json` is also given parsed, as `manifest`. */
-  modelInfo({ timeoutMs } = {}) {
+  /** A unary call of the stub, as a promise of its response. */
+  unary(method, request, timeoutMs) {
     return new Promise((resolve, reject) => {
-      this.stub.GetModelInfo({}, this.metadata, this.callOptions(timeoutMs), (error, info) => {
-        if (error) return reject(error);
-        resolve({ ...info, manifest: info.manifest_json ? JSON.parse(info.manifest_json) : {} });
-      });
+      this.stub[method](request, this.metadata, this.callOptions(timeoutMs), (error, response) =>
+        error ? reject(error) : resolve(response),
+      );
     });
+  }
+
+  /**
+   * GetModelInfo of `model` (a served model's name; '' or unset: the server's first);
+   * `manifest_json` is also given parsed, as `manifest`.
+   */
+  async modelInfo({ model = '', timeoutMs } = {}) {
+    return withManifest(await this.unary('GetModelInfo', { model }, timeoutMs));
+  }
+
+  /** ListModels: every served model's ModelInfo (as modelInfo gives it), the default first. */
+  async listModels({ timeoutMs } = {}) {
+    const { models } = await this.unary('ListModels', {}, timeoutMs);
+    return models.map(withManifest);
   }
 
   /**
@@ -134,7 +173,9 @@ class ScorerClient {
    * as they are computed; they are collected and returned in input order
    * (item_index, then completion_index).
    * options: {tokenDetails, topK, marginalMode: 'same_pass' | 'separate_pass',
-   *           truncatePromptLeft, addBos, model, requestId, timeoutMs}
+   *           truncatePromptLeft, addBos, pmi, model, requestId, timeoutMs}
+   * Optional result fields the server leaves unset (pmi without the option, a normalized
+   * score without a divisor) are null.
    */
   async score(items, options = {}) {
     const request = {
@@ -147,7 +188,10 @@ class ScorerClient {
       const results = [];
       const call = this.stub.Score(request, this.metadata, this.callOptions(options.timeoutMs));
       call.on('data', ({ tokens, ...result }) => {
-        results.push({ ...result, tokens: tokens.map(cleanToken) });
+        results.push({
+          ...withNulls(result, OPTIONAL_RESULT_FIELDS),
+          tokens: tokens.map(cleanToken),
+        });
       });
       // A failed call emits 'error' before any 'end'; the promise keeps the first outcome.
       call.on('error', reject);

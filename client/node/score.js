@@ -1,15 +1,19 @@
 #!/usr/bin/env node
 'use strict';
 // Score prompt/completion pairs on an lmscore server and print one JSON document:
-//   {"server", "model", "items", "results"}
+//   {"server", "model", "items", "results"}  ("model": the served model's name)
 // results are in input order, with the .proto's field names (joint_logprob, ...).
 // Errors go to stderr as "<STATUS_CODE_NAME>: <details>" with a non-zero exit status.
 
 const { ScorerClient, statusName } = require('./lmscore');
 
-const USAGE = `usage: node score.js [--server HOST:PORT] [--prompt TEXT --completion TEXT...]...
+const USAGE = `usage: node score.js [--server HOST:PORT] [--model NAME]
+                     [--prompt TEXT --completion TEXT...]...
                      [--token-details] [--top-k K] [--timeout SECONDS]
-                     [--marginal-mode same_pass|separate_pass]
+                     [--marginal-mode same_pass|separate_pass] [--pmi]
+
+  --model picks one of the models the server serves (default: its first).
+  --pmi also scores each completion after the empty context (results' pmi).
 
   --prompt starts an item; each --completion after it is one of its completions
   (a --completion before any --prompt scores against the empty prompt).
@@ -50,6 +54,9 @@ function parseArgs(argv) {
       case '--server':
         args.server = value();
         break;
+      case '--model':
+        args.options.model = value();
+        break;
       case '--prompt':
         args.items.push({ prompt: value(), completions: [] });
         break;
@@ -66,6 +73,9 @@ function parseArgs(argv) {
         break;
       case '--marginal-mode':
         args.options.marginalMode = value();
+        break;
+      case '--pmi':
+        args.options.pmi = true;
         break;
       case '--timeout':
         args.timeoutMs = number() * 1000;
@@ -96,7 +106,7 @@ async function main() {
   let client;
   try {
     client = await ScorerClient.connect(args.server, { timeoutMs: args.timeoutMs });
-    const info = await client.modelInfo();
+    const info = await client.modelInfo({ model: args.options.model });
     const results = await client.score(args.items, args.options);
     process.stdout.write(
       `${JSON.stringify({ server: args.server, model: info.name, items: args.items, results }, null, 2)}\n`,

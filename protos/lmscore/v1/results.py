@@ -45,6 +45,9 @@ class Token:
     logprob: float | None
     rank: int
     top: tuple[TopToken, ...] = ()
+    # [start, end) in code points of the segment's scored text; None for BOS and token ids.
+    start: int | None = None
+    end: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,14 @@ class ScoreResult:
     scored_prompt: str
     scored_completion: str
     tokens: tuple[Token, ...] = ()
+    # conditional_logprob per scored completion token, per code point and per UTF-8 byte of
+    # scored_completion; None when the divisor is 0 (or, per char / byte, for token ids).
+    conditional_logprob_per_token: float | None = None
+    conditional_logprob_per_char: float | None = None
+    conditional_logprob_per_byte: float | None = None
+    # With the pmi option: log Pr(y | the model's prefix token) and conditional minus it.
+    unconditional_logprob: float | None = None
+    pmi: float | None = None
     # Set by the transport: the request's id, and its position on a ScoreStream.
     request_id: str = ""
     request_index: int = 0

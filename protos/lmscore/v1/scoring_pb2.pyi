@@ -163,6 +163,7 @@ class ScoreOptions(_message.Message):
     MARGINAL_MODE_FIELD_NUMBER: _builtins.int
     TRUNCATE_PROMPT_LEFT_FIELD_NUMBER: _builtins.int
     ADD_BOS_FIELD_NUMBER: _builtins.int
+    PMI_FIELD_NUMBER: _builtins.int
     token_details: _builtins.bool
     """Return one TokenDetail per token of the joint sequence."""
     top_k: _builtins.int
@@ -180,6 +181,13 @@ class ScoreOptions(_message.Message):
     tokenizer adds BOS (ModelInfo.bos_by_default), as transformers'
     tokenizer(text) and lm-eval's HFLM do.
     """
+    pmi: _builtins.bool
+    """Also score each completion after the empty context and return
+    ScoreResult.pmi and unconditional_logprob. The empty context is the
+    model's prefix token: BOS, or EOS when the model has none (lm-eval's
+    HFLM prefix_token_id), whatever add_bos says. INVALID_ARGUMENT when the
+    model has neither.
+    """
     def __init__(
         self,
         *,
@@ -188,10 +196,11 @@ class ScoreOptions(_message.Message):
         marginal_mode: Global___MarginalMode.ValueType = ...,
         truncate_prompt_left: _builtins.bool = ...,
         add_bos: _builtins.bool | None = ...,
+        pmi: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos", "marginal_mode", b"marginal_mode", "token_details", b"token_details", "top_k", b"top_k", "truncate_prompt_left", b"truncate_prompt_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos", "marginal_mode", b"marginal_mode", "pmi", b"pmi", "token_details", b"token_details", "top_k", b"top_k", "truncate_prompt_left", b"truncate_prompt_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_bos: _TypeAlias = _typing.Literal["add_bos"]  # noqa: Y015
     _WhichOneofArgType__add_bos: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos"]  # noqa: Y015
@@ -208,7 +217,9 @@ class ScoreRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Served model name; empty means the server's model. Other names: NOT_FOUND."""
+    """Served model name (ModelInfo.name); empty means the server's first
+    model. Other names: NOT_FOUND.
+    """
     request_id: _builtins.str
     """Echoed in every result of this request (useful on ScoreStream)."""
     @_builtins.property
@@ -266,6 +277,8 @@ class TokenDetail(_message.Message):
     LOGPROB_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     TOP_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     text: _builtins.str
     """The token decoded on its own (a partial UTF-8 sequence decodes to U+FFFD)."""
@@ -278,6 +291,16 @@ class TokenDetail(_message.Message):
     """1 + the number of vocabulary entries with a strictly higher logit; 0 when
     logprob is unset.
     """
+    start: _builtins.int
+    """Where the token is in the text of its segment (ScoreResult.scored_prompt
+    for a prompt token, scored_completion for a completion token), as
+    [start, end) offsets in Unicode code points (Python str indices; a
+    JavaScript client slices Array.from(text), not the UTF-16 string). No
+    token straddles the two texts (the token split rule). A token that holds
+    only some bytes of a character spans that whole character, so adjacent
+    tokens may share a span. Unset for BOS and for tokens given as ids.
+    """
+    end: _builtins.int
     @_builtins.property
     def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopToken]: ...
     def __init__(
@@ -289,14 +312,25 @@ class TokenDetail(_message.Message):
         logprob: _builtins.float | None = ...,
         rank: _builtins.int = ...,
         top: _abc.Iterable[Global___TopToken] | None = ...,
+        start: _builtins.int | None = ...,
+        end: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "logprob", b"logprob"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "_logprob", b"_logprob", "_start", b"_start", "end", b"end", "logprob", b"logprob", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "id", b"id", "logprob", b"logprob", "rank", b"rank", "segment", b"segment", "text", b"text", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "_logprob", b"_logprob", "_start", b"_start", "end", b"end", "id", b"id", "logprob", b"logprob", "rank", b"rank", "segment", b"segment", "start", b"start", "text", b"text", "top", b"top"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end: _TypeAlias = _typing.Literal["end"]  # noqa: Y015
+    _WhichOneofArgType__end: _TypeAlias = _typing.Literal["_end", b"_end"]  # noqa: Y015
     _WhichOneofReturnType__logprob: _TypeAlias = _typing.Literal["logprob"]  # noqa: Y015
     _WhichOneofArgType__logprob: _TypeAlias = _typing.Literal["_logprob", b"_logprob"]  # noqa: Y015
+    _WhichOneofReturnType__start: _TypeAlias = _typing.Literal["start"]  # noqa: Y015
+    _WhichOneofArgType__start: _TypeAlias = _typing.Literal["_start", b"_start"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end) -> _WhichOneofReturnType__end | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob) -> _WhichOneofReturnType__logprob | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start) -> _WhichOneofReturnType__start | None: ...
 
 Global___TokenDetail: _TypeAlias = TokenDetail  # noqa: Y015
 
@@ -320,6 +354,11 @@ class ScoreResult(_message.Message):
     SCORED_PROMPT_FIELD_NUMBER: _builtins.int
     SCORED_COMPLETION_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
+    CONDITIONAL_LOGPROB_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    CONDITIONAL_LOGPROB_PER_CHAR_FIELD_NUMBER: _builtins.int
+    CONDITIONAL_LOGPROB_PER_BYTE_FIELD_NUMBER: _builtins.int
+    UNCONDITIONAL_LOGPROB_FIELD_NUMBER: _builtins.int
+    PMI_FIELD_NUMBER: _builtins.int
     item_index: _builtins.int
     completion_index: _builtins.int
     request_id: _builtins.str
@@ -344,6 +383,22 @@ class ScoreResult(_message.Message):
     trailing whitespace to its front (text input only).
     """
     scored_completion: _builtins.str
+    conditional_logprob_per_token: _builtins.float
+    """Normalized conditionals (README, "Scoring rules"; docs/research.md):
+    conditional_logprob divided by the completion tokens it sums, by the
+    characters (Unicode code points) of scored_completion (lm-eval's
+    acc_norm) and by its UTF-8 bytes (lm-eval's acc_bytes). Unset when the
+    divisor is 0: an empty completion, a completion whose only token went
+    unscored, and per char / per byte of a completion given as token ids.
+    """
+    conditional_logprob_per_char: _builtins.float
+    conditional_logprob_per_byte: _builtins.float
+    unconditional_logprob: _builtins.float
+    """With ScoreOptions.pmi: log Pr(y | empty context), the same completion
+    tokens scored after the model's prefix token alone, and
+    pmi = conditional_logprob - unconditional_logprob (Holtzman et al. 2021).
+    """
+    pmi: _builtins.float
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenDetail]: ...
     def __init__(
@@ -365,12 +420,36 @@ class ScoreResult(_message.Message):
         scored_prompt: _builtins.str = ...,
         scored_completion: _builtins.str = ...,
         tokens: _abc.Iterable[Global___TokenDetail] | None = ...,
+        conditional_logprob_per_token: _builtins.float | None = ...,
+        conditional_logprob_per_char: _builtins.float | None = ...,
+        conditional_logprob_per_byte: _builtins.float | None = ...,
+        unconditional_logprob: _builtins.float | None = ...,
+        pmi: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "pmi", b"pmi", "unconditional_logprob", b"unconditional_logprob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bos_added", b"bos_added", "completion_index", b"completion_index", "completion_tokens", b"completion_tokens", "conditional_logprob", b"conditional_logprob", "first_token_scored", b"first_token_scored", "greedy", b"greedy", "item_index", b"item_index", "joint_logprob", b"joint_logprob", "marginal_logprob", b"marginal_logprob", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "request_index", b"request_index", "scored_completion", b"scored_completion", "scored_prompt", b"scored_prompt", "tokens", b"tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "bos_added", b"bos_added", "completion_index", b"completion_index", "completion_tokens", b"completion_tokens", "conditional_logprob", b"conditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "first_token_scored", b"first_token_scored", "greedy", b"greedy", "item_index", b"item_index", "joint_logprob", b"joint_logprob", "marginal_logprob", b"marginal_logprob", "pmi", b"pmi", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "request_index", b"request_index", "scored_completion", b"scored_completion", "scored_prompt", b"scored_prompt", "tokens", b"tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens", "unconditional_logprob", b"unconditional_logprob"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__conditional_logprob_per_byte: _TypeAlias = _typing.Literal["conditional_logprob_per_byte"]  # noqa: Y015
+    _WhichOneofArgType__conditional_logprob_per_byte: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte"]  # noqa: Y015
+    _WhichOneofReturnType__conditional_logprob_per_char: _TypeAlias = _typing.Literal["conditional_logprob_per_char"]  # noqa: Y015
+    _WhichOneofArgType__conditional_logprob_per_char: _TypeAlias = _typing.Literal["_conditional_logprob_per_char", b"_conditional_logprob_per_char"]  # noqa: Y015
+    _WhichOneofReturnType__conditional_logprob_per_token: _TypeAlias = _typing.Literal["conditional_logprob_per_token"]  # noqa: Y015
+    _WhichOneofArgType__conditional_logprob_per_token: _TypeAlias = _typing.Literal["_conditional_logprob_per_token", b"_conditional_logprob_per_token"]  # noqa: Y015
+    _WhichOneofReturnType__pmi: _TypeAlias = _typing.Literal["pmi"]  # noqa: Y015
+    _WhichOneofArgType__pmi: _TypeAlias = _typing.Literal["_pmi", b"_pmi"]  # noqa: Y015
+    _WhichOneofReturnType__unconditional_logprob: _TypeAlias = _typing.Literal["unconditional_logprob"]  # noqa: Y015
+    _WhichOneofArgType__unconditional_logprob: _TypeAlias = _typing.Literal["_unconditional_logprob", b"_unconditional_logprob"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conditional_logprob_per_byte) -> _WhichOneofReturnType__conditional_logprob_per_byte | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conditional_logprob_per_char) -> _WhichOneofReturnType__conditional_logprob_per_char | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conditional_logprob_per_token) -> _WhichOneofReturnType__conditional_logprob_per_token | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pmi) -> _WhichOneofReturnType__pmi | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unconditional_logprob) -> _WhichOneofReturnType__unconditional_logprob | None: ...
 
 Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
 
@@ -457,7 +536,9 @@ class RollingRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Served model name; empty means the server's model. Other names: NOT_FOUND."""
+    """Served model name (ModelInfo.name); empty means the server's first
+    model. Other names: NOT_FOUND.
+    """
     request_id: _builtins.str
     """Echoed in every result."""
     @_builtins.property
@@ -539,6 +620,28 @@ Global___RollingResult: _TypeAlias = RollingResult  # noqa: Y015
 class GetModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Served model name (ModelInfo.name); empty means the server's first
+    model. Other names: NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
     def __init__(
         self,
     ) -> None: ...
@@ -548,7 +651,29 @@ class GetModelInfoRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """In the order `lmscore serve --model` gave them; the first is the default."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
@@ -570,6 +695,10 @@ class ModelInfo(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     BOS_BY_DEFAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The name requests select this model by (their `model` field): NAME of
+    `lmscore serve --model NAME=DIR`, else the export directory's name. The
+    export's own name is in manifest_json.
+    """
     architecture: _builtins.str
     vocab_size: _builtins.int
     bos_token_id: _builtins.int

@@ -54,6 +54,11 @@ class ScorerStub:
                 request_serializer=lmscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=lmscore_dot_v1_dot_scoring__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/lmscore.v1.Scorer/ListModels',
+                request_serializer=lmscore_dot_v1_dot_scoring__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=lmscore_dot_v1_dot_scoring__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ScorerServicer:
@@ -89,7 +94,16 @@ class ScorerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What is being served: model, tokenizer facts, limits, export figures.
+        """What is being served: model, tokenizer facts, limits, export figures, of
+        the model GetModelInfoRequest.model names (empty: the first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model this server serves, in the order it was started with (the
+        first is the one a request with an empty `model` goes to).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +131,11 @@ def add_ScorerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=lmscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.FromString,
                     response_serializer=lmscore_dot_v1_dot_scoring__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=lmscore_dot_v1_dot_scoring__pb2.ListModelsRequest.FromString,
+                    response_serializer=lmscore_dot_v1_dot_scoring__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +246,33 @@ class Scorer:
             '/lmscore.v1.Scorer/GetModelInfo',
             lmscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
             lmscore_dot_v1_dot_scoring__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmscore.v1.Scorer/ListModels',
+            lmscore_dot_v1_dot_scoring__pb2.ListModelsRequest.SerializeToString,
+            lmscore_dot_v1_dot_scoring__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

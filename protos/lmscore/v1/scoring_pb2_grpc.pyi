@@ -58,7 +58,13 @@ class ScorerStub:
     One RollingResult per text, streamed as each text completes.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.GetModelInfoRequest, _scoring_pb2.ModelInfo]
-    """What is being served: model, tokenizer facts, limits, export figures."""
+    """What is being served: model, tokenizer facts, limits, export figures, of
+    the model GetModelInfoRequest.model names (empty: the first).
+    """
+    ListModels: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ListModelsRequest, _scoring_pb2.ListModelsResponse]
+    """Every model this server serves, in the order it was started with (the
+    first is the one a request with an empty `model` goes to).
+    """
 
 @_typing.type_check_only
 class ScorerAsyncStub(ScorerStub):
@@ -81,7 +87,13 @@ class ScorerAsyncStub(ScorerStub):
     One RollingResult per text, streamed as each text completes.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_scoring_pb2.GetModelInfoRequest, _scoring_pb2.ModelInfo]  # type: ignore[assignment]
-    """What is being served: model, tokenizer facts, limits, export figures."""
+    """What is being served: model, tokenizer facts, limits, export figures, of
+    the model GetModelInfoRequest.model names (empty: the first).
+    """
+    ListModels: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ListModelsRequest, _scoring_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every model this server serves, in the order it was started with (the
+    first is the one a request with an empty `model` goes to).
+    """
 
 class ScorerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -125,6 +137,18 @@ class ScorerServicer(metaclass=_abc_1.ABCMeta):
         request: _scoring_pb2.GetModelInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scoring_pb2.ModelInfo, _abc.Awaitable[_scoring_pb2.ModelInfo]]:
-        """What is being served: model, tokenizer facts, limits, export figures."""
+        """What is being served: model, tokenizer facts, limits, export figures, of
+        the model GetModelInfoRequest.model names (empty: the first).
+        """
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _scoring_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scoring_pb2.ListModelsResponse, _abc.Awaitable[_scoring_pb2.ListModelsResponse]]:
+        """Every model this server serves, in the order it was started with (the
+        first is the one a request with an empty `model` goes to).
+        """
 
 def add_ScorerServicer_to_server(servicer: ScorerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

