@@ -122,3 +122,32 @@ def natural_pairs(count_per_text: int = 4) -> list[tuple[str, str]]:
             else:
                 pairs.append((prompt, " " + completion))
     return pairs
+
+
+def assert_equals_reference(result, expected: Reference, tolerance: float) -> None:
+    """A ScoreResult's split, joint, marginal, conditional and greedy flag against the
+    reference."""
+    import pytest
+
+    assert result.prompt_tokens == len(expected.prompt_ids)
+    assert result.completion_tokens == len(expected.completion_ids)
+    assert result.joint_logprob == pytest.approx(expected.joint, abs=tolerance)
+    assert result.marginal_logprob == pytest.approx(expected.marginal, abs=tolerance)
+    assert result.conditional_logprob == pytest.approx(expected.conditional, abs=tolerance)
+    assert result.greedy == expected.greedy
+
+
+def assert_token_details_equal(tokens, expected: Reference, tolerance: float) -> None:
+    """Token details after the first (log-prob, rank, top-k ids) against the reference."""
+    import pytest
+
+    for token, logprob, rank, top in zip(
+        tokens[1:],
+        expected.token_logprobs[1:],
+        expected.token_ranks[1:],
+        expected.top_ids[1:],
+        strict=True,
+    ):
+        assert token.logprob == pytest.approx(logprob, abs=tolerance)
+        assert token.rank == rank
+        assert [t.id for t in token.top] == top

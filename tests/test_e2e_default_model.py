@@ -16,7 +16,14 @@ import pytest
 from conftest import running_server
 from lmscore.client import Item, RollingOptions, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
-from reference import NATURAL_TEXTS, natural_pairs, reference_score, sequence_logprobs
+from reference import (
+    NATURAL_TEXTS,
+    assert_equals_reference,
+    assert_token_details_equal,
+    natural_pairs,
+    reference_score,
+    sequence_logprobs,
+)
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
@@ -60,12 +67,7 @@ def test_default_model_scores_equal_pytorch(default_server, torch_default) -> No
     for (prompt, completion), result, other in zip(expected_pairs, results, separate, strict=True):
         expected = reference_score(model, tokenizer, prompt, completion, bos_id=None)
         assert not result.bos_added
-        assert result.prompt_tokens == len(expected.prompt_ids)
-        assert result.completion_tokens == len(expected.completion_ids)
-        assert result.joint_logprob == pytest.approx(expected.joint, abs=TOLERANCE)
-        assert result.marginal_logprob == pytest.approx(expected.marginal, abs=TOLERANCE)
-        assert result.conditional_logprob == pytest.approx(expected.conditional, abs=TOLERANCE)
-        assert result.greedy == expected.greedy
+        assert_equals_reference(result, expected, TOLERANCE)
         greedy_seen.add(result.greedy)
         assert other.marginal_logprob == pytest.approx(result.marginal_logprob, abs=1e-4)
         assert other.conditional_logprob == pytest.approx(result.conditional_logprob, abs=1e-4)
@@ -85,16 +87,7 @@ def test_default_model_token_details_equal_pytorch(default_server, torch_default
         )
     assert result.bos_added
     expected = reference_score(model, tokenizer, prompt, completion, bos_id=1, top_k=3)
-    for token, logprob, rank, top in zip(
-        result.tokens[1:],
-        expected.token_logprobs[1:],
-        expected.token_ranks[1:],
-        expected.top_ids[1:],
-        strict=True,
-    ):
-        assert token.logprob == pytest.approx(logprob, abs=TOLERANCE)
-        assert token.rank == rank
-        assert [t.id for t in token.top] == top
+    assert_token_details_equal(result.tokens, expected, TOLERANCE)
 
 
 def test_default_model_rolling_equals_pytorch_windows(default_server, torch_default) -> None:

@@ -22,7 +22,12 @@ from lmscore.client import Item, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
 from lmscore.export.paths import lmscore_home
 from lmscore.export.source import GEMMA_NAME
-from reference import natural_pairs, reference_score
+from reference import (
+    assert_equals_reference,
+    assert_token_details_equal,
+    natural_pairs,
+    reference_score,
+)
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
@@ -79,22 +84,8 @@ def test_gemma_scores_equal_pytorch(gemma_server: ServerProcess, torch_gemma) ->
     for (prompt, completion), result in zip(expected_pairs, results, strict=True):
         expected = reference_score(model, tokenizer, prompt, completion, bos_id=GEMMA_BOS)
         assert result.bos_added
-        assert result.prompt_tokens == len(expected.prompt_ids)
-        assert result.completion_tokens == len(expected.completion_ids)
-        assert result.joint_logprob == pytest.approx(expected.joint, abs=TOLERANCE)
-        assert result.marginal_logprob == pytest.approx(expected.marginal, abs=TOLERANCE)
-        assert result.conditional_logprob == pytest.approx(expected.conditional, abs=TOLERANCE)
-        assert result.greedy == expected.greedy
+        assert_equals_reference(result, expected, TOLERANCE)
     paris, berlin = results[len(pairs)], results[len(pairs) + 1]
     assert paris.conditional_logprob > berlin.conditional_logprob
     expected = reference_score(model, tokenizer, *pairs[0], bos_id=GEMMA_BOS, top_k=2)
-    for token, logprob, rank, top in zip(
-        details.tokens[1:],
-        expected.token_logprobs[1:],
-        expected.token_ranks[1:],
-        expected.top_ids[1:],
-        strict=True,
-    ):
-        assert token.logprob == pytest.approx(logprob, abs=1e-4)
-        assert token.rank == rank
-        assert [t.id for t in token.top] == top
+    assert_token_details_equal(details.tokens, expected, 1e-4)

