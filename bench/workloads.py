@@ -20,6 +20,9 @@ class Workloads:
     choice: ItemInput  # one 256-token prompt, 8 completions of 16 tokens
     short_pair: ItemInput  # 16-token prompt, 4-token completion
     held_out: list[ItemInput]  # deviation checks of the quantized variant
+    # A 5-shot task: a 600-token preamble shared by 64 questions of 40 tokens, each with 4
+    # choices of 5 tokens, one question per request (as lm-eval sends them).
+    few_shot: list[ItemInput]
 
 
 def _windows(ids: list[int], count: int, length: int, start: int = 0) -> list[list[int]]:
@@ -41,4 +44,15 @@ def build_workloads(tokenizer: TextTokenizer) -> Workloads:
         choice=ItemInput(prompt, completions),
         short_pair=ItemInput(gpl[4000:4016], [gpl[4016:4020]]),
         held_out=held_out,
+        few_shot=few_shot_items(gpl),
     )
+
+
+def few_shot_items(ids: list[int]) -> list[ItemInput]:
+    """From GPL-3's ~7,600 tokens (any of the shipped tokenizers): tokens 4100-7400."""
+    preamble = ids[4100:4700]
+    questions = _windows(ids, 64, 40, start=4700)
+    choices = _windows(ids, 4, 5, start=7300)
+    if len(choices[-1]) < 5:
+        raise ValueError(f"the few-shot workload needs 7,320 tokens of text, got {len(ids)}")
+    return [ItemInput(preamble + question, choices) for question in questions]

@@ -29,7 +29,7 @@ from lmscore.client.types import (
     ScoreOptions,
     ScoreRequest,
 )
-from lmscore.v1.results import RollingResult, ScoreResult, Token, TopToken
+from lmscore.v1.results import RollingResult, ScoreResult, Token, TopToken, Word
 
 __all__ = [
     "AsyncScoringClient",
@@ -52,4 +52,5 @@ __all__ = [
     "TlsOptions",
     "Token",
     "TopToken",
+    "Word",
 ]

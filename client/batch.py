@@ -163,6 +163,8 @@ _NOT_IN_LINES = {"item_index", "request_id", "request_index", "bos_added"}
 _NOT_IN_LINES |= {"scored_prompt", "tokens"}
 # Fields only a request with pmi fills: left out of the line without it.
 _PMI_FIELDS = ("unconditional_logprob", "pmi")
+# Lists only a request with words / prompt_words fills: left out when empty.
+_WORD_FIELDS = ("words", "prompt_words")
 # Log-probs in nats that --unit bits gives again in bits, as NAME_bits = NAME / ln 2.
 BITS_FIELDS = (
     "joint_logprob",
@@ -194,9 +196,18 @@ def result_record(
         if values[name] is None:
             del values[name]
     record.update((k, v) for k, v in values.items() if k not in _NOT_IN_LINES)
+    # Words only where asked; prompt words index the scored prompt, which then comes along.
+    for name in _WORD_FIELDS:
+        if not record[name]:
+            del record[name]
+    if "prompt_words" in record:
+        record["scored_prompt"] = result.scored_prompt
     bits = unit == "bits"
     if bits:
         record.update((f"{k}_bits", to_bits(record[k])) for k in BITS_FIELDS if k in record)
+        for word in (w for name in _WORD_FIELDS for w in record.get(name, ())):
+            word["logprob_bits"] = to_bits(word["logprob"])
+            word["logprob_uncorrected_bits"] = to_bits(word["logprob_uncorrected"])
     if token_details:
         record["tokens"] = values["tokens"]
         if bits:

@@ -26,7 +26,7 @@ from lmscore.client.convert import MARGINAL_MODES
 from lmscore.client.errors import ScoringError
 from lmscore.client.sync import ScoringClient
 from lmscore.client.types import ScoreOptions
-from lmscore.v1.results import ScoreResult
+from lmscore.v1.results import ScoreResult, Word
 
 # `lmscore score --help` ends with the batch mode's rules.
 EPILOG = BATCH_HELP
@@ -99,6 +99,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pmi = log P(y|x) - log P(y|empty context)",
     )
     parser.add_argument(
+        "--words",
+        action="store_true",
+        help="per-word log-probs of each completion, beginning-of-word corrected "
+        '(docs/research.md); JSON lines get "words"',
+    )
+    parser.add_argument(
+        "--prompt-words",
+        action="store_true",
+        help='per-word log-probs of the prompt too; JSON lines get "prompt_words"',
+    )
+    parser.add_argument(
         "--unit",
         choices=UNITS,
         default="nats",
@@ -136,15 +147,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _number(unit: str, nats: float | None) -> str:
+    value = to_bits(nats) if unit == "bits" else nats
+    return "-" if value is None else f"{value:.4f}"
+
+
 def format_table(prompt: str, results: Sequence[ScoreResult], unit: str = "nats") -> str:
     """One row per completion; in bits (log base 2) with `unit` "bits"; a PMI column when
     the results have one."""
     log = "log2" if unit == "bits" else "log"
     pmi = any(r.pmi is not None for r in results)
-
-    def number(nats: float | None) -> str:
-        value = to_bits(nats) if unit == "bits" else nats
-        return "-" if value is None else f"{value:.4f}"
 
     header = (
         "completion",
@@ -158,23 +170,48 @@ def format_table(prompt: str, results: Sequence[ScoreResult], unit: str = "nats"
     rows = [
         (
             json.dumps(r.scored_completion, ensure_ascii=False),
-            number(r.conditional_logprob),
-            number(r.joint_logprob),
-            number(r.marginal_logprob),
-            *([number(r.pmi)] if pmi else []),
+            _number(unit, r.conditional_logprob),
+            _number(unit, r.joint_logprob),
+            _number(unit, r.marginal_logprob),
+            *([_number(unit, r.pmi)] if pmi else []),
             "yes" if r.greedy else "no",
             f"{r.prompt_tokens}+{r.completion_tokens}",
         )
         for r in results
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"prompt: {json.dumps(prompt, ensure_ascii=False)}"]
-    for row in [header, *rows]:
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(
+        [f"prompt: {json.dumps(prompt, ensure_ascii=False)}", *_aligned([header, *rows])]
+    )
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Table rows as lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            [row[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        )
+        for row in rows
+    ]
+
+
+def format_words(label: str, words: Sequence[Word], unit: str = "nats") -> str:
+    """One row per word: its text, its [start, end) and both log-probs."""
+    log = "log2" if unit == "bits" else "log"
+
+    header = ("word", "start", "end", f"{log} P(w|before)", "uncorrected")
+    rows = [
+        (
+            json.dumps(w.text, ensure_ascii=False),
+            str(w.start),
+            str(w.end),
+            _number(unit, w.logprob),
+            _number(unit, w.logprob_uncorrected),
+        )
+        for w in words
+    ]
+    return "\n".join([label, *_aligned([header, *rows])])
 
 
 def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -199,6 +236,8 @@ def score_options(args: argparse.Namespace) -> ScoreOptions:
         truncate_prompt_left=args.truncate_prompt_left,
         add_bos=args.bos,
         pmi=args.pmi,
+        words=args.words,
+        prompt_words=args.prompt_words,
         model=args.model,
     )
 
@@ -265,6 +304,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmscore score: {exc}", file=sys.stderr)
         return 1
     print(format_table(args.prompt, results, args.unit))
+    if args.prompt_words and results:
+        label = f"words of the prompt {json.dumps(results[0].scored_prompt, ensure_ascii=False)}:"
+        print(format_words(label, results[0].prompt_words, args.unit))
+    if args.words:
+        for result in results:
+            label = f"words of {json.dumps(result.scored_completion, ensure_ascii=False)}:"
+            print(format_words(label, result.words, args.unit))
     if args.token_details:
         for result in results:
             tokens = result_record(result, 0, None, True, args.unit)["tokens"]

@@ -18,7 +18,15 @@ from lmscore.client.types import (
     TokenInput,
 )
 from lmscore.v1 import scoring_pb2 as pb
-from lmscore.v1.results import MarginalMode, RollingResult, ScoreResult, Segment, Token, TopToken
+from lmscore.v1.results import (
+    MarginalMode,
+    RollingResult,
+    ScoreResult,
+    Segment,
+    Token,
+    TopToken,
+    Word,
+)
 
 MARGINAL_MODES = typing.get_args(MarginalMode)
 
@@ -51,6 +59,8 @@ def request_to_pb(request: ScoreRequest) -> pb.ScoreRequest:
             marginal_mode=pb.MarginalMode.Value(f"MARGINAL_MODE_{options.marginal_mode.upper()}"),
             truncate_prompt_left=options.truncate_prompt_left,
             pmi=options.pmi,
+            words=options.words,
+            prompt_words=options.prompt_words,
         ),
     )
     if options.add_bos is not None:
@@ -94,6 +104,8 @@ def _token_from_pb(message: pb.TokenDetail) -> Token:
 def result_from_pb(message: pb.ScoreResult) -> ScoreResult:
     values = _fields_of(ScoreResult, message)
     values["tokens"] = tuple(_token_from_pb(t) for t in message.tokens)
+    values["words"] = tuple(Word(**_fields_of(Word, w)) for w in message.words)
+    values["prompt_words"] = tuple(Word(**_fields_of(Word, w)) for w in message.prompt_words)
     return ScoreResult(**values)
 
 
@@ -119,6 +131,8 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
             mean_abs_deviation=message.quantization.mean_abs_deviation,
             max_abs_deviation=message.quantization.max_abs_deviation,
             held_out_tokens=message.quantization.held_out_tokens,
+            kl_divergence=message.quantization.kl_divergence,
+            top1_agreement=message.quantization.top1_agreement,
         )
         if message.HasField("quantization")
         else None,

@@ -32,6 +32,10 @@ class ScoreOptions:
     # Also score each completion after the empty context (the model's BOS, else EOS):
     # ScoreResult.unconditional_logprob and pmi.
     pmi: bool = False
+    # ScoreResult.words: the completion's words, beginning-of-word corrected
+    # (docs/research.md); prompt_words: the prompt's too. Text input only.
+    words: bool = False
+    prompt_words: bool = False
     # The served model to score with (a ModelInfo.name of list_models()); empty: the
     # server's first model.
     model: str = ""
@@ -70,6 +74,10 @@ class QuantizationInfo:
     mean_abs_deviation: float
     max_abs_deviation: float
     held_out_tokens: int
+    # Mean KL(float32 || quantized) per held-out token (nats); share of positions whose most
+    # likely token agrees. 0 for variants exported before these were measured.
+    kl_divergence: float = 0.0
+    top1_agreement: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

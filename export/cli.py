@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         metavar="RECIPE",
         help="also write a quantized variant NAME-RECIPE beside OUTPUT, with its speed-up and "
-        "deviation measured against float32; recipes: q4-exact, int8-dynamic",
+        "deviation measured against float32; recipes: q4-exact, int8-dynamic, int8",
     )
     parser.add_argument(
         "--dtype",
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         f"quantized ({args.quantize}) to {target} ({_size(target)}): "
         f"{q['speedup']:.2f}x the float32 throughput, "
         f"mean |delta log p| {q['mean_abs_deviation']:.4f} nats/token "
-        f"(max {q['max_abs_deviation']:.3f}) over {q['held_out_tokens']} held-out tokens"
+        f"(max {q['max_abs_deviation']:.3f}), KL {q['kl_divergence']:.4f} nats/token, "
+        f"top-1 agreement {q['top1_agreement']:.1%} over {q['held_out_tokens']} held-out tokens"
     )
     return 0
 

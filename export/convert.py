@@ -46,6 +46,7 @@ from lmscore.export.past_tile import write_past_tile
 from lmscore.export.source import ModelSource, resolve_source
 from lmscore.export.tied import share_tied_embeddings
 from lmscore.export.validate import VALIDATION_TEXT, validate_export
+from lmscore.export.words import word_start_mask, write_word_starts
 
 EXPORT_TASK = "text-generation-with-past"
 
@@ -138,9 +139,14 @@ def export_model(
         bar.update()
 
         bar.set_description("adding the scoring head; saving tokenizer and config")
-        add_scoring_head(work_dir / ONNX_NAME, _output_width(model))
-        write_past_tile(work_dir)
         tokenizer.save_pretrained(str(work_dir))  # type: ignore[attr-defined]
+        width = _output_width(model)
+        word_starts = word_start_mask(
+            work_dir / TOKENIZER_NAME, width, _first_id(config.eos_token_id)
+        )
+        write_word_starts(work_dir, word_starts)
+        add_scoring_head(work_dir / ONNX_NAME, width, word_starts)
+        write_past_tile(work_dir)
         config.save_pretrained(str(work_dir))
         if not (work_dir / TOKENIZER_NAME).is_file() or not (work_dir / ONNX_NAME).is_file():
             raise ExportError(f"the export did not write {ONNX_NAME} and {TOKENIZER_NAME}")

@@ -5,7 +5,10 @@ Added inputs:  target_ids [batch, seq] int64 (the token each position is scored 
                any valid id where nothing is scored), top_k [1] int64 (0 for none).
 Added outputs: target_logprobs [batch, seq] float32 = log_softmax(logits)[target],
                target_ranks [batch, seq] int64 = 1 + #{v : logits[v] > logits[target]},
-               top_logprobs / top_ids [batch, seq, top_k], most likely first.
+               top_logprobs / top_ids [batch, seq, top_k], most likely first;
+               with a word-start mask (lmscore.export.words),
+               word_start_logprobs [batch, seq] float32 = log sum of p(v) over the
+               tokens v that begin a word (or are EOS), for word scores.
 The logits output is removed, so they never leave ONNX Runtime.
 
 log p = logit - logsumexp(logits), in float32 whatever the model dtype, with the
@@ -21,17 +24,25 @@ computation in numpy, and the tests hold the two to each other.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HEAD_OUTPUTS = ("target_logprobs", "target_ranks", "top_logprobs", "top_ids")
+WORD_START_OUTPUT = "word_start_logprobs"
 HEAD_INPUTS = ("target_ids", "top_k")
 SUM_BLOCK = 256
 
 
-def add_scoring_head(onnx_path: Path, vocab_size: int | None = None) -> None:
+def add_scoring_head(
+    onnx_path: Path, vocab_size: int | None = None, word_start_mask: np.ndarray | None = None
+) -> None:
     """Rewrite the model at `onnx_path` in place with the scoring head.
 
     `vocab_size` (the output layer's width) is needed where the graph's logits do not
-    declare it (shape inference stops at contrib ops such as fused attention)."""
+    declare it (shape inference stops at contrib ops such as fused attention).
+    `word_start_mask` (bool [vocab]): also output word_start_logprobs."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -123,6 +134,32 @@ def add_scoring_head(onnx_path: Path, vocab_size: int | None = None) -> None:
         ),
         node("Sub", ["lmscore_top_logits", "lmscore_lse"], ["top_logprobs"]),
     ]
+    word_outputs = []
+    if word_start_mask is not None:
+        if word_start_mask.shape != (vocab,):
+            raise ValueError(f"word-start mask {word_start_mask.shape}, vocabulary {vocab}")
+        # The same two-level sum as the normalizer, over the word-start tokens only.
+        padded = np.zeros(vocab + padding, np.float32)
+        padded[:vocab] = word_start_mask
+        graph.initializer.append(
+            numpy_helper.from_array(padded.reshape(-1, SUM_BLOCK), "lmscore_word_start_mask")
+        )
+        nodes += [
+            node("Mul", ["lmscore_exp_blocks", "lmscore_word_start_mask"], ["lmscore_ws_exp"]),
+            node(
+                "ReduceSum",
+                ["lmscore_ws_exp", "lmscore_last_axis"],
+                ["lmscore_ws_block_sums"],
+                keepdims=0,
+            ),
+            node("ReduceSum", ["lmscore_ws_block_sums", "lmscore_last_axis"], ["lmscore_ws_sum"]),
+            node("Log", ["lmscore_ws_sum"], ["lmscore_ws_log_sum"]),
+            node("Sub", ["lmscore_ws_log_sum", "lmscore_log_sum"], ["lmscore_ws_lp"]),
+            node("Squeeze", ["lmscore_ws_lp", "lmscore_last_axis"], [WORD_START_OUTPUT]),
+        ]
+        word_outputs.append(
+            helper.make_tensor_value_info(WORD_START_OUTPUT, TensorProto.FLOAT, [batch, seq])
+        )
     graph.node.extend(nodes)
     kept = [o for o in graph.output if o.name != "logits"]
     del graph.output[:]
@@ -132,6 +169,7 @@ def add_scoring_head(onnx_path: Path, vocab_size: int | None = None) -> None:
             helper.make_tensor_value_info("target_ranks", TensorProto.INT64, [batch, seq]),
             helper.make_tensor_value_info("top_logprobs", TensorProto.FLOAT, [batch, seq, "top_k"]),
             helper.make_tensor_value_info("top_ids", TensorProto.INT64, [batch, seq, "top_k"]),
+            *word_outputs,
             *kept,
         ]
     )

@@ -20,8 +20,9 @@ CONFIG_NAME = "config.json"
 # (lmscore.export.past_tile); exports made before it repeat on the host.
 PAST_TILE_NAME = "past_tile.onnx"
 # Bumped when the layout of an exported directory changes incompatibly, or its content
-# (5: tokenizers of GGUF sources rebuilt faithfully, lmscore.export.gguf_tokenizer).
-FORMAT_VERSION = 5
+# (5: tokenizers of GGUF sources rebuilt faithfully, lmscore.export.gguf_tokenizer;
+# 6: the head's word_start_logprobs and word_starts.npy, lmscore.export.words).
+FORMAT_VERSION = 6
 
 
 class ManifestError(ValueError):

@@ -1,7 +1,8 @@
 """Quantization recipes for the exported graph (see docs/quantization.md for every one tried).
 
 Each recipe rewrites the linear layers (MatMul nodes with a constant weight) of
-a float32 export; the scoring head and everything else stay float32.
+a float32 export; the scoring head and everything else stay float32. A recipe may
+return what it measured on the way (recorded in the manifest's `quantization`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from lmscore.export.external_data import load_graph, save_model, tensor_array
 class Recipe:
     dtype: str
     description: str
-    apply: Callable[[Path, Path], None]
+    apply: Callable[[Path, Path], dict[str, Any] | None]
 
 
 def _weight_matmuls(model, excluded: tuple[str, ...] = ()) -> list[str]:  # model: onnx.ModelProto
@@ -117,6 +119,12 @@ def _int8_dynamic(source: Path, target: Path) -> None:
         save_model(load_graph(Path(tmp) / "q.onnx"), target, weights_dir=Path(tmp))
 
 
+def _int8(source: Path, target: Path) -> dict[str, Any]:
+    from lmscore.export.int8 import quantize_int8
+
+    return quantize_int8(source, target)
+
+
 RECIPES: dict[str, Recipe] = {
     "q4-exact": Recipe(
         "q4 weights (MatMulNBits, block 32) + float32",
@@ -130,10 +138,18 @@ RECIPES: dict[str, Recipe] = {
         "(the lm_head is the embedding's transpose and stays float32)",
         _int8_dynamic,
     ),
+    "int8": Recipe(
+        "int8 (per-channel weights, chosen MatMuls) + float32",
+        "int8 MatMuls chosen by measured sensitivity on calibration text (GPL-2, LGPL-2.1) "
+        "within a deviation budget; 7-bit per-channel weights, uint8 activations with dynamic, "
+        "smoothed or static scales as measured per kind of layer (lmscore.export.int8)",
+        _int8,
+    ),
 }
 
 
-def apply_recipe(source: Path, target: Path, recipe: str) -> None:
+def apply_recipe(source: Path, target: Path, recipe: str) -> dict[str, Any]:
+    """Write `recipe`'s graph for `source` to `target`; what it measured on the way."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
-    RECIPES[recipe].apply(source, target)
+    return RECIPES[recipe].apply(source, target) or {}

@@ -5,7 +5,10 @@ input; the output is a sibling directory `NAME-RECIPE` whose manifest records
 the recipe, and what was measured against float32 on this machine, side by
 side in one process: the throughput ratio on 8 x 128 tokens of GPL-3 text and
 the deviation |log p_quantized - log p_float32| per token on held-out text
-(Apache-2.0 and MPL-2.0, never used for calibration). The recipes and the
+(Apache-2.0 and MPL-2.0, never used for calibration), with the KL divergence
+KL(p_float32 || p_quantized) over the whole vocabulary and how often the two
+agree on the most likely next token, from the logits of both graphs (a copy of
+each graph, in memory, that also returns its `logits`). The recipes and the
 whole trade-off table are in docs/quantization.md.
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmscore.export.external_data import load_graph
 from lmscore.export.graph_io import model_feeds
 from lmscore.export.manifest import (
     ONNX_DATA_NAME,
@@ -44,6 +48,8 @@ class QuantizationFigures:
     quantized_tokens_per_s: float
     mean_abs_deviation: float
     max_abs_deviation: float
+    kl_divergence: float  # mean over held-out tokens of KL(p_float32 || p_quantized), nats
+    top1_agreement: float  # fraction of held-out positions with the same most likely token
     held_out_tokens: int
 
 
@@ -61,18 +67,61 @@ def _session(path: Path):  # -> onnxruntime.InferenceSession
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _logprobs(session, batch: np.ndarray) -> np.ndarray:
+def _logits_session(path: Path):  # -> onnxruntime.InferenceSession
+    """The graph at `path` with the head's input, the logits, as an output too."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = load_graph(path)
+    if not any("logits" in node.output for node in model.graph.node):
+        raise ValueError(f"{path} computes no 'logits' tensor")
+    model.graph.output.append(helper.make_empty_tensor_value_info("logits"))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(path.parent)
+    )
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _logprobs(session, batch: np.ndarray, outputs: tuple[str, ...] = ("target_logprobs",)):
     targets = np.zeros_like(batch)
     targets[:, :-1] = batch[:, 1:]
     feeds = model_feeds(session.get_inputs(), batch, np.ones_like(batch), target_ids=targets)
-    (logprobs,) = session.run(["target_logprobs"], feeds)
-    return logprobs[:, :-1]
+    values = session.run(list(outputs), feeds)
+    return values[0][:, :-1] if len(outputs) == 1 else [v[:, :-1] for v in values]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    wide = logits.astype(np.float64)
+    wide -= wide.max(axis=-1, keepdims=True)
+    return wide - np.log(np.exp(wide).sum(axis=-1, keepdims=True))
+
+
+def compare(
+    fp32_session, quantized_session, batch: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per scored position: |delta log p| of the target, KL(p_float32 || p_quantized) over
+    the vocabulary, and whether the most likely tokens agree (sessions from _logits_session)."""
+    outputs = ("target_logprobs", "logits")
+    fp32_lp, fp32_logits = _logprobs(fp32_session, batch, outputs)
+    quantized_lp, quantized_logits = _logprobs(quantized_session, batch, outputs)
+    kl, agree = [], []
+    for row in range(batch.shape[0]):  # one row at a time: [seq, vocab] float64 each
+        p, q = _log_softmax(fp32_logits[row]), _log_softmax(quantized_logits[row])
+        kl.append((np.exp(p) * (p - q)).sum(axis=-1))
+        agree.append(p.argmax(axis=-1) == q.argmax(axis=-1))
+    deviation = np.abs(quantized_lp.astype(np.float64) - fp32_lp).ravel()
+    return deviation, np.concatenate(kl), np.concatenate(agree)
 
 
 def measure(
     fp32_dir: Path, quantized_dir: Path, bos: int | None, max_context: int, repeats: int = 5
 ) -> QuantizationFigures:
-    """Throughput ratio (interleaved runs, median) and per-token deviation on held-out text."""
+    """Throughput ratio (interleaved runs, median); per-token deviation, KL divergence and
+    top-1 agreement on held-out text."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(fp32_dir / TOKENIZER_NAME))
@@ -81,13 +130,14 @@ def measure(
         return tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids
 
     length = min(128, max_context - 1)
+    sessions = [_logits_session(d / ONNX_NAME) for d in (fp32_dir, quantized_dir)]
+    batches = [_windows(encode(path), bos, 8, length) for path in HELD_OUT_TEXTS]
+    held_out = [compare(*sessions, batch) for batch in batches]
+    del sessions
+    deviation, kl, agree = (np.concatenate(parts) for parts in zip(*held_out, strict=True))
+
     fp32 = _session(fp32_dir / ONNX_NAME)
     quantized = _session(quantized_dir / ONNX_NAME)
-    deviations = []
-    for path in HELD_OUT_TEXTS:
-        batch = _windows(encode(path), bos, 8, length)
-        deviations.append(np.abs(_logprobs(quantized, batch) - _logprobs(fp32, batch)).ravel())
-    deviation = np.concatenate(deviations).astype(np.float64)
 
     batch = _windows(encode(SPEED_TEXT), bos, 8, length)
     times: dict[str, list[float]] = {"fp32": [], "quantized": []}
@@ -111,6 +161,8 @@ def measure(
         quantized_tokens_per_s=quantized_rate,
         mean_abs_deviation=float(deviation.mean()),
         max_abs_deviation=float(deviation.max()),
+        kl_divergence=float(kl.mean()),
+        top1_agreement=float(agree.mean()),
         held_out_tokens=int(deviation.size),
     )
 
@@ -128,14 +180,14 @@ def quantize_export(fp32_dir: Path, output_dir: Path, recipe: str = DEFAULT_RECI
         # Everything but the graph and its weights, which the recipe writes.
         skipped = shutil.ignore_patterns(ONNX_NAME, ONNX_DATA_NAME, "*.json~")
         shutil.copytree(fp32_dir, work_dir, ignore=skipped)
-        apply_recipe(fp32_dir / ONNX_NAME, work_dir / ONNX_NAME, recipe)
+        details = apply_recipe(fp32_dir / ONNX_NAME, work_dir / ONNX_NAME, recipe)
         figures = measure(fp32_dir, work_dir, manifest.bos_token_id, manifest.max_context)
         quantized = dataclasses.replace(
             manifest,
             name=f"{manifest.name}-{recipe}",
             dtype=RECIPES[recipe].dtype,
             export_seconds=round(manifest.export_seconds + time.perf_counter() - started, 2),
-            quantization={"recipe": recipe, **dataclasses.asdict(figures)},
+            quantization={"recipe": recipe, **dataclasses.asdict(figures), **details},
             weights_file=weights_file_in(work_dir),
         )
         quantized.write(work_dir)

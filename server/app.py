@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
+from lmscore.export.words import read_word_starts
 from lmscore.server import metrics
 from lmscore.server.config import ModelSource, ServerConfig
 from lmscore.server.engine import ScoringEngine
@@ -59,7 +60,9 @@ def load_model(
     source = source or config.models[0]
     manifest = Manifest.read(source.directory)
     runtime = OnnxCausalLM(source.directory, config.runtime)
-    tokenizer = TextTokenizer(source.directory / TOKENIZER_NAME)
+    # Word scores need both halves of the export: the head's sums and the mask behind them.
+    word_starts = read_word_starts(source.directory) if runtime.word_starts else None
+    tokenizer = TextTokenizer(source.directory / TOKENIZER_NAME, word_starts)
     facts = ModelFacts(
         max_context=manifest.max_context,
         vocab_size=manifest.vocab_size,
@@ -95,6 +98,9 @@ def load_model(
                 mean_abs_deviation=q["mean_abs_deviation"],
                 max_abs_deviation=q["max_abs_deviation"],
                 held_out_tokens=q["held_out_tokens"],
+                # Recorded by exports since these figures came; older ones leave them 0.
+                kl_divergence=q.get("kl_divergence", 0.0),
+                top1_agreement=q.get("top1_agreement", 0.0),
             )
         )
     return LoadedModel(manifest, runtime, engine, info)

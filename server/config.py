@@ -53,6 +53,16 @@ class RuntimeOptions:
             "keep ONNX Runtime's CPU memory arena (a little faster; memory never shrinks)"
         ),
     )
+    # ONNX Runtime pre-packs each weight matrix into the layout its GEMM reads fastest, a
+    # copy beside the mapped file: on the 2-core AVX2 machine 12-19 % faster on the batch,
+    # RSS 711 -> 1,309 MB on the default model (docs/benchmarks.md, session settings).
+    low_memory: bool = field(
+        default=False,
+        metadata=flag(
+            "run the weights from the mapped file as they are, without ONNX Runtime's "
+            "pre-packed copies: about the model's size less memory, 10-20%% slower"
+        ),
+    )
     ort_cache_dir: Path | None = field(
         default=None,
         metadata=flag(
@@ -104,6 +114,15 @@ class EngineSettings:
             "reuse a shared prompt's pass only when it saves at least N tokens, "
             "(completions - 1) x prompt tokens; shorter prompts batch better as full passes",
             metavar="N",
+        ),
+    )
+    prefix_cache_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=flag(
+            "bytes of prompt key/value caches kept across requests (least recently used out) "
+            "so that a later prompt starting with the same tokens runs only the rest; exact "
+            "(0: off)",
+            metavar="BYTES",
         ),
     )
     # Measured on the 2-core CPU, default model: 128 and 256 run the 8 x 128-token batch and

@@ -39,17 +39,20 @@ from lmscore.server.batching import DynamicBatcher, pack_by_length
 from lmscore.server.config import EngineSettings
 from lmscore.server.memory import MIN_TRIM_INTERVAL, release_free_memory
 from lmscore.server.planning import PlannedCompletion, PrefixGroup, ScoringPlan
+from lmscore.server.prefix_cache import PrefixCache
 from lmscore.server.requests import Overloaded
 from lmscore.server.scoring import (
     BatchScores,
     PositionScores,
     SequenceLayout,
+    WordSpan,
     normalize,
+    score_word,
     sum_sequence,
     sum_unconditional,
 )
 from lmscore.server.tokenization import TextTokenizer
-from lmscore.v1.results import ScoreResult, Token, TopToken
+from lmscore.v1.results import ScoreResult, Token, TopToken, Word
 
 # A model's key/value cache by past input name, in whatever form the model keeps it (host
 # arrays, or values on its device); the engine only hands it back.
@@ -149,6 +152,7 @@ class PlanRunner:
         )
         self.tokenizer = tokenizer
         self.settings = settings
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, name=name)
         # Model runs, and those that were one chunk of a wider batch.
         self.model_runs = 0
         self.chunk_runs = 0
@@ -244,12 +248,7 @@ class PlanRunner:
         past: KeyValueCache | None = None
         prefix_scores = PositionScores.empty(top_k)
         if past_len > 0:
-            ids = np.asarray([group.prefix[:-1]], dtype=np.int64)
-            targets = np.asarray([group.prefix[1:]], dtype=np.int64)
-            scores, past = yield from self._passes(
-                ids, np.ones_like(ids), targets, top_k, return_present=True
-            )
-            prefix_scores = scores.row(0, past_len)
+            past, prefix_scores = yield from self._prefix_pass(group.prefix, top_k)
         # Each continuation: the prompt's last token, then the completion.
         continuations = [plan.sequences[m][past_len:] for m in group.members]
         runs = [i for i, c in enumerate(continuations) if len(c) >= 2]
@@ -280,6 +279,34 @@ class PlanRunner:
                 results[group.members[i]] = PositionScores.concat([prefix_scores, own])
         return results
 
+    def _prefix_pass(
+        self, prefix: tuple[int, ...], top_k: int
+    ) -> Steps[tuple[KeyValueCache, PositionScores]]:
+        """The pass over prefix[:-1] scoring prefix[1:]: its key/value cache and scores. The
+        part the prefix cache holds (lmscore.server.prefix_cache) is not run again."""
+        cache = self.prefix_cache
+        tokens = np.asarray(prefix, dtype=np.int64)
+        positions = len(prefix) - 1
+        hit = cache.lookup(tokens, top_k) if cache.enabled else None
+        start = hit.length if hit is not None else 0
+        if start == positions and hit is not None:
+            return hit.past, hit.scores
+        ids = tokens[None, start:-1]
+        scores, present = yield from self._passes(
+            ids,
+            np.ones((1, positions), dtype=np.int64),
+            tokens[None, start + 1 :],
+            top_k,
+            hit.past if hit is not None else None,
+            return_present=True,
+        )
+        assert present is not None
+        own = scores.row(0, positions - start)
+        prefix_scores = PositionScores.concat([hit.scores, own]) if hit is not None else own
+        if cache.enabled:
+            cache.store(tokens, present, prefix_scores)
+        return present, prefix_scores
+
     def result(
         self, plan: ScoringPlan, completion: PlannedCompletion, scored: dict[int, PositionScores]
     ) -> ScoreResult:
@@ -296,6 +323,8 @@ class PlanRunner:
             unconditional = sum_unconditional(layout, scored[completion.unconditional])
             pmi = sums.conditional - unconditional
         tokens: tuple[Token, ...] = ()
+        words = tuple(_word(span, scores) for span in completion.words)
+        prompt_words = tuple(_word(span, scores) for span in completion.prompt_words)
         if plan.options.token_details:
             tokens = self._tokens(
                 plan.sequences[completion.joint], layout, scores, completion.offsets
@@ -320,6 +349,8 @@ class PlanRunner:
             conditional_logprob_per_byte=normalized.per_byte,
             unconditional_logprob=unconditional,
             pmi=pmi,
+            words=words,
+            prompt_words=prompt_words,
         )
 
     def _tokens(
@@ -422,3 +453,16 @@ class PlanRunner:
         finally:
             for future in waiting:
                 future.cancel()
+
+
+def _word(span: WordSpan, scores: PositionScores) -> Word:
+    score = score_word(span, scores)
+    return Word(
+        span.text,
+        span.start,
+        span.end,
+        score.logprob,
+        score.logprob_uncorrected,
+        span.token_start,
+        span.token_end,
+    )

@@ -73,3 +73,18 @@ MODEL = Info("lmscore_model", "the served models", BY_MODEL)
 def serve_metrics(host: str, port: int) -> None:
     """Expose /metrics over HTTP on a daemon thread."""
     start_http_server(port, addr=host)
+
+
+PREFIX_CACHE_LOOKUPS = Counter(
+    "lmscore_prefix_cache_lookups_total",
+    "prompt passes that looked in the cross-request prefix cache, by result (hit, miss)",
+    [*BY_MODEL, "result"],
+)
+PREFIX_CACHE_HIT_TOKENS = Counter(
+    "lmscore_prefix_cache_hit_tokens_total",
+    "prompt positions served from the prefix cache instead of a model run",
+    BY_MODEL,
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "lmscore_prefix_cache_bytes", "bytes held by the prefix cache (keys, values, scores)", BY_MODEL
+)

@@ -30,7 +30,7 @@ from lmscore.server.requests import (
     TokenInput,
 )
 from lmscore.server.rolling import rolling_windows
-from lmscore.server.scoring import SequenceLayout
+from lmscore.server.scoring import SequenceLayout, WordSpan, split_words
 from lmscore.server.tokenization import EncodedPair, Offsets, TextTokenizer
 
 
@@ -50,6 +50,9 @@ class PlannedCompletion:
     unconditional: int | None = None
     # With token details: each joint token's span in its segment's text (None: BOS, ids).
     offsets: tuple[tuple[int, int] | None, ...] | None = None
+    # With the words / prompt_words options: where each word of the segment is.
+    words: tuple[WordSpan, ...] = ()
+    prompt_words: tuple[WordSpan, ...] = ()
 
 
 @dataclasses.dataclass
@@ -94,6 +97,7 @@ RESULT_BYTES = 124
 PMI_BYTES = 18
 TOKEN_BYTES = 38
 TOP_TOKEN_BYTES = 24
+WORD_BYTES = 40  # and its text
 ROLLING_RESULT_BYTES = 64
 ROLLING_TOKEN_BYTES = 12
 
@@ -112,6 +116,7 @@ def response_bytes(plan: ScoringPlan, request_id: str) -> int:
         + _utf8_len(c.scored_prompt)
         + _utf8_len(c.scored_completion)
         + per_token * c.layout.length
+        + sum(WORD_BYTES + _utf8_len(w.text) for w in c.words + c.prompt_words)
         for c in plan.completions
     )
 
@@ -192,6 +197,13 @@ class Planner:
             raise InvalidInput(
                 "options.pmi", "the model has neither BOS nor EOS to stand for the empty context"
             )
+        for name in ("words", "prompt_words"):
+            if getattr(options, name) and self.tokenizer.word_starts is None:
+                raise InvalidInput(
+                    f"options.{name}",
+                    "this model's export has no word-start mask (it predates word scores); "
+                    "export it again with `lmscore export`",
+                )
         wanted = self.facts.bos_by_default if options.add_bos is None else options.add_bos
         return [bos] if bos is not None and wanted else []
 
@@ -298,7 +310,20 @@ class Planner:
                 )
             for completion_index, completion in enumerate(item.completions):
                 field = f"items[{item_index}].completions[{completion_index}]"
-                pair = self._encode(item.prompt, completion, field, options.token_details)
+                if options.words and not isinstance(completion, str | None):
+                    raise InvalidInput(
+                        f"{field}.token_ids",
+                        "options.words needs the completion as text: words are spans of "
+                        "characters, which token ids do not have",
+                    )
+                if options.prompt_words and not isinstance(item.prompt, str | None):
+                    raise InvalidInput(
+                        f"items[{item_index}].prompt_token_ids",
+                        "options.prompt_words needs the prompt as text: words are spans of "
+                        "characters, which token ids do not have",
+                    )
+                with_offsets = options.token_details or options.words or options.prompt_words
+                pair = self._encode(item.prompt, completion, field, with_offsets)
                 prompt_ids, completion_ids = pair.prompt_ids, pair.completion_ids
                 length = len(bos) + len(prompt_ids) + len(completion_ids)
                 truncated = 0
@@ -329,6 +354,20 @@ class Planner:
                         + _spans(prompt_spans[truncated:] if prompt_spans else None, prompt_ids)
                         + _spans(pair.completion_offsets, completion_ids)
                     )
+                words: tuple[WordSpan, ...] = ()
+                prompt_words: tuple[WordSpan, ...] = ()
+                if options.words:
+                    words = self._words(
+                        completion_ids,
+                        pair.completion_offsets,
+                        pair.scored_completion,
+                        layout.completion_start,
+                    )
+                if options.prompt_words:
+                    prompt_offsets = pair.prompt_offsets or []
+                    prompt_words = self._words(
+                        prompt_ids, prompt_offsets[truncated:], pair.scored_prompt, len(bos)
+                    )
                 # The unconditional sequence of PMI: [prefix token] + tokens(y).
                 request_tokens += layout.length + (1 + len(completion_ids)) * options.pmi
                 if request_tokens > settings.max_tokens_per_request:
@@ -357,6 +396,8 @@ class Planner:
                         completion_is_text=isinstance(completion, str),
                         unconditional=unconditional,
                         offsets=spans,
+                        words=words,
+                        prompt_words=prompt_words,
                     )
                 )
         sequences = list(sequence_index)
@@ -372,6 +413,15 @@ class Planner:
         )
         return plan
 
+    def _words(
+        self, ids: list[int], offsets: Offsets | None, text: str, first_index: int
+    ) -> tuple[WordSpan, ...]:
+        """The words of one segment's tokens (lmscore.server.scoring.split_words)."""
+        if offsets is None:
+            raise ValueError("words need the token offsets")
+        starts, blank = self.tokenizer.word_start_flags(ids)
+        return tuple(split_words(starts, blank, offsets, text, first_index))
+
     def _prefix_groups(
         self,
         prefixes: dict[int, tuple[int, ...]],
@@ -382,6 +432,10 @@ class Planner:
         min_prefix_reuse_tokens, in same-pass mode (separate-pass mode stays the
         definition verbatim: full passes only)."""
         if not settings.prefix_reuse or options.marginal_mode == "separate_pass":
+            return []
+        if options.words or options.prompt_words:
+            # A word's correction needs B after the last token, which only a full pass
+            # (every token an input) computes.
             return []
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for joint, prefix in prefixes.items():

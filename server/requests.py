@@ -69,6 +69,9 @@ class PlanOptions:
     # Also score each completion after the model's prefix token alone (BOS, else EOS):
     # unconditional log-prob and PMI.
     pmi: bool = False
+    # Per-word scores of the completion, and of the prompt (text input only).
+    words: bool = False
+    prompt_words: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from lmscore.export.graph_io import (
     past_name_for,
     tiled_name,
 )
-from lmscore.export.head import HEAD_OUTPUTS
+from lmscore.export.head import HEAD_OUTPUTS, WORD_START_OUTPUT
 from lmscore.export.manifest import ONNX_DATA_NAME, ONNX_NAME, PAST_TILE_NAME, ManifestError
 from lmscore.server.config import RuntimeOptions
 from lmscore.server.scoring import BatchScores
@@ -69,8 +69,9 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     # One run at a time per session (the engine serialises them), so no inter-op pool.
     session.inter_op_num_threads = 1
     session.enable_cpu_mem_arena = options.cpu_arena
-    # Pre-packed weight copies cost ~300 MB on the default model and no measurable speed.
-    session.add_session_config_entry("session.disable_prepacking", "1")
+    # Pre-packed weight copies: faster GEMMs for about the model's size in memory.
+    if options.low_memory:
+        session.add_session_config_entry("session.disable_prepacking", "1")
     return session
 
 
@@ -215,6 +216,8 @@ class OnnxCausalLM:
                 f"{model_dir} lacks the scoring head outputs {missing}; export again"
             )
         self._present = [name for name in outputs if name.startswith(PRESENT_PREFIX)]
+        # Exports since word scores sum the word-start tokens' probability in the head.
+        self.word_starts = WORD_START_OUTPUT in outputs
         self.io_binding = options.io_binding
         self._bind_device = (
             ("cuda", int(self.session.get_provider_options()[CUDA].get("device_id", 0)))
@@ -257,6 +260,8 @@ class OnnxCausalLM:
         left on the device under IO binding.
         """
         wanted = ["target_logprobs", "target_ranks"]
+        if self.word_starts:
+            wanted.append(WORD_START_OUTPUT)
         if top_k > 0:
             wanted += ["top_logprobs", "top_ids"]
         if past is None:
@@ -286,6 +291,7 @@ class OnnxCausalLM:
             ranks=values["target_ranks"],
             top_logprobs=values.get("top_logprobs", np.zeros((batch, seq, 0), np.float32)),
             top_ids=values.get("top_ids", np.zeros((batch, seq, 0), np.int64)),
+            word_start_logprobs=values.get(WORD_START_OUTPUT),
         )
         present = (
             {past_name_for(name): values[name] for name in self._present}

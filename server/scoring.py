@@ -36,6 +36,17 @@ returns follows (the README states the same):
   tokens scored after the model's prefix token alone (BOS, else EOS: lm-eval's
   HFLM prefix_token_id), leaving out a first token the conditional left out;
   pmi = conditional - unconditional.
+* Words (Pimentel & Meister 2024): a token whose text starts with whitespace
+  (GPT-2's Ġ, SentencePiece's ▁, a newline) begins a word; a word is such a
+  token and the tokens after it up to the next one, whitespace-only tokens
+  joining the word after them, and a segment's first token opens a word
+  whatever it is. B(p) = the probability that the token after position p
+  begins a word or is EOS (the scoring head's word_start_logprobs). A word of
+  tokens [a, b) has logprob = sum of their log-probs + log B(b - 1)
+  - log B(a - 1), the last term only when token a begins a word (at the start
+  of the text, or inside a word the prompt began, nothing is divided out).
+  Over a completion's words the corrections telescope: their sum is
+  conditional + log B(last) - [first token begins a word] log B(before it).
 
 How tokens(x) and tokens(y) are formed from text is in lmscore.server.tokenization.
 """
@@ -58,26 +69,34 @@ class BatchScores:
     ranks: np.ndarray  # int64 [batch, seq]
     top_logprobs: np.ndarray  # float32 [batch, seq, top_k]
     top_ids: np.ndarray  # int64 [batch, seq, top_k]
+    # float32 [batch, seq]: log B at each position (the next token begins a word or is
+    # EOS); None from a model without it.
+    word_start_logprobs: np.ndarray | None = None
 
     @classmethod
     def concat(cls, parts: list[BatchScores]) -> BatchScores:
         """Runs over consecutive chunks of the same rows, joined along the sequence."""
         if len(parts) == 1:
             return parts[0]
+        starts = [p.word_start_logprobs for p in parts]
         return cls(
             np.concatenate([p.logprobs for p in parts], axis=1),
             np.concatenate([p.ranks for p in parts], axis=1),
             np.concatenate([p.top_logprobs for p in parts], axis=1),
             np.concatenate([p.top_ids for p in parts], axis=1),
+            None if any(w is None for w in starts) else np.concatenate(starts, axis=1),  # type: ignore[arg-type]
         )
 
     def row(self, row: int, length: int) -> PositionScores:
-        """The first `length` positions of one row."""
+        """The first `length` positions of one row; word starts at `length + 1` positions
+        when the run had them (the position after the row's last scored token)."""
+        starts = self.word_start_logprobs
         return PositionScores(
             self.logprobs[row, :length],
             self.ranks[row, :length],
             self.top_ids[row, :length],
             self.top_logprobs[row, :length],
+            None if starts is None or starts.shape[1] <= length else starts[row, : length + 1],
         )
 
 
@@ -121,6 +140,9 @@ class PositionScores:
     ranks: np.ndarray  # int64 [n-1]
     top_ids: np.ndarray  # int64 [n-1, k]
     top_logprobs: np.ndarray  # float32 [n-1, k]
+    # float32 [n]: entry p is log B(p), the next token after tokens 0..p begins a word or
+    # is EOS; None where a run did not reach the position after the last token.
+    word_start_logprobs: np.ndarray | None = None
 
     @classmethod
     def empty(cls, top_k: int = 0) -> PositionScores:
@@ -144,6 +166,8 @@ class PositionScores:
 
     @classmethod
     def concat(cls, parts: list[PositionScores]) -> PositionScores:
+        """A prefix's scores then its continuation's (prefix reuse, which scores no word
+        starts: those plans run full passes)."""
         return cls(
             np.concatenate([p.logprobs for p in parts]),
             np.concatenate([p.ranks for p in parts]),
@@ -152,10 +176,17 @@ class PositionScores:
         )
 
 
-def score_positions(logits: np.ndarray, targets: np.ndarray, top_k: int = 0) -> PositionScores:
-    """Log-prob, rank and top-k of ``targets[t]`` under ``logits[t]`` (shape [t, vocab]).
+def score_positions(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    top_k: int = 0,
+    word_start_mask: np.ndarray | None = None,
+) -> PositionScores:
+    """Log-prob, rank and top-k of ``targets[t]`` under ``logits[t]`` (shape [t, vocab]);
+    with `word_start_mask` (bool [vocab]), log B at every given position.
 
-    The caller passes the logits of positions 0..n-2 and the tokens 1..n-1.
+    The caller passes the logits of positions 0..n-2 and the tokens 1..n-1 (and, for word
+    starts, the logits of every position, their last target any id).
     """
     if logits.ndim != 2 or targets.shape != (logits.shape[0],):
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} do not match")
@@ -177,7 +208,12 @@ def score_positions(logits: np.ndarray, targets: np.ndarray, top_k: int = 0) -> 
     else:
         top_ids = np.zeros((logits.shape[0], 0), np.int64)
         top_logprobs = np.zeros((logits.shape[0], 0), np.float32)
-    return PositionScores(logprobs, ranks, top_ids, top_logprobs)
+    word_starts = None
+    if word_start_mask is not None:
+        masked = np.exp(logits - row_max)[:, word_start_mask].sum(axis=-1, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            word_starts = (np.log(masked) + row_max[:, 0] - log_normalizer[:, 0]).astype(np.float32)
+    return PositionScores(logprobs, ranks, top_ids, top_logprobs, word_starts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,3 +283,80 @@ def sum_unconditional(layout: SequenceLayout, scores: PositionScores) -> float:
         raise ValueError(f"{len(scores)} scored positions for {layout.completion_len} tokens")
     skip = layout.completion_len - layout.scored_completion_tokens
     return _fsum(scores.logprobs[skip:])
+
+
+@dataclasses.dataclass(frozen=True)
+class WordSpan:
+    """Where a word is: its tokens [token_start, token_end) in the joint sequence, its
+    characters [start, end) in its segment's text, and whether its first token begins a
+    word (then its start's B is divided out)."""
+
+    text: str
+    start: int
+    end: int
+    token_start: int
+    token_end: int
+    opens_with_word_start: bool
+
+
+def split_words(
+    word_start: list[bool],
+    blank: list[bool],
+    offsets: list[tuple[int, int]],
+    text: str,
+    first_index: int,
+) -> list[WordSpan]:
+    """The words of one segment's tokens (the rule in the module docstring).
+
+    Per token of the segment: whether it begins a word, whether it is whitespace only, and
+    its [start, end) in `text`; `first_index` is the segment's first token in the joint
+    sequence."""
+    groups: list[list[int]] = []
+    for i in range(len(word_start)):
+        # A word-start token opens a new word unless the word so far is only whitespace.
+        if not groups or (word_start[i] and not all(blank[j] for j in groups[-1])):
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    words = []
+    for group in groups:
+        start, end = offsets[group[0]][0], max(offsets[j][1] for j in group)
+        # The word's characters without whitespace around them (an empty word where a
+        # whitespace-only run ends, as trailing whitespace is).
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if start == end:
+            start = end = max(offsets[j][1] for j in group)
+        words.append(
+            WordSpan(
+                text[start:end],
+                start,
+                end,
+                first_index + group[0],
+                first_index + group[-1] + 1,
+                word_start[group[0]],
+            )
+        )
+    return words
+
+
+@dataclasses.dataclass(frozen=True)
+class WordScore:
+    logprob: float | None
+    logprob_uncorrected: float | None
+
+
+def score_word(span: WordSpan, scores: PositionScores) -> WordScore:
+    """The beginning-of-word corrected log-prob of one word of a scored sequence."""
+    if span.token_start == 0:  # its first token opens the sequence: never scored
+        return WordScore(None, None)
+    starts = scores.word_start_logprobs
+    if starts is None or len(starts) != len(scores) + 1:
+        raise ValueError("word scores need the word-start log-probs of every position")
+    uncorrected = _fsum(scores.logprobs[span.token_start - 1 : span.token_end - 1])
+    corrected = uncorrected + float(starts[span.token_end - 1])
+    if span.opens_with_word_start:
+        corrected -= float(starts[span.token_start - 1])
+    return WordScore(corrected, uncorrected)

@@ -41,7 +41,7 @@ from lmscore.server.requests import (
 )
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1 import scoring_pb2_grpc
-from lmscore.v1.results import MarginalMode, RollingResult, ScoreResult, Token
+from lmscore.v1.results import MarginalMode, RollingResult, ScoreResult, Token, Word
 
 Planned = TypeVar("Planned")
 # Requests up to this size are planned on the event loop: tokenizing a few kilobytes takes
@@ -97,7 +97,14 @@ def _options_of(options: pb.ScoreOptions) -> PlanOptions:
         truncate_prompt_left=options.truncate_prompt_left,
         add_bos=options.add_bos if options.HasField("add_bos") else None,
         pmi=options.pmi,
+        words=options.words,
+        prompt_words=options.prompt_words,
     )
+
+
+def _word_message(word: Word) -> pb.Word:
+    """A Word as its message; None stays unset."""
+    return pb.Word(**{k: v for k, v in dataclasses.asdict(word).items() if v is not None})
 
 
 def _token_message(token: Token) -> pb.TokenDetail:
@@ -124,6 +131,8 @@ def _result_message(result: ScoreResult, request: pb.ScoreRequest, index: int) -
     values = {name: value for name, value in values.items() if value is not None}
     values.update(
         tokens=[_token_message(t) for t in result.tokens],
+        words=[_word_message(w) for w in result.words],
+        prompt_words=[_word_message(w) for w in result.prompt_words],
         request_id=request.request_id,
         request_index=index,
     )

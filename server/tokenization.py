@@ -32,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 from tokenizers import Tokenizer
 
 # Texts longer than this go through encode_batch, which releases the GIL while it works
@@ -64,9 +65,13 @@ def move_trailing_whitespace(prompt: str, completion: str) -> tuple[str, str]:
 
 
 class TextTokenizer:
-    """The exported tokenizer.json, loaded with the `tokenizers` library (no transformers)."""
+    """The exported tokenizer.json, loaded with the `tokenizers` library (no transformers).
 
-    def __init__(self, path: Path) -> None:
+    `word_starts`: the export's mask of the ids that begin a word (lmscore.export.words);
+    None where the model cannot score words."""
+
+    def __init__(self, path: Path, word_starts: np.ndarray | None = None) -> None:
+        self.word_starts = word_starts
         self._tokenizer = Tokenizer.from_file(str(path))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
@@ -142,6 +147,15 @@ class TextTokenizer:
         special = self._tokenizer.encode("a", add_special_tokens=True).ids
         before = special[: special.index(plain[0])] if plain and plain[0] in special else []
         return bos_token_id in before
+
+    def word_start_flags(self, ids: list[int]) -> tuple[list[bool], list[bool]]:
+        """Per token: whether it begins a word, and whether it is whitespace only."""
+        mask = self.word_starts
+        if mask is None:
+            raise ValueError("the tokenizer has no word-start mask")
+        starts = [bool(mask[i]) if i < len(mask) else False for i in ids]
+        blank = [not self.decode_token(i).strip() for i in ids]
+        return starts, blank
 
     def _decode_token(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)

@@ -151,3 +151,148 @@ def assert_token_details_equal(tokens, expected: Reference, tolerance: float) ->
         assert token.logprob == pytest.approx(logprob, abs=tolerance)
         assert token.rank == rank
         assert [t.id for t in token.top] == top
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted (written out here, not taken from the code
+    under test)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in table.items()}
+
+
+def piece_starts_word(piece: str, style: str) -> bool:
+    """Whether a vocabulary piece's text starts with whitespace, read from the piece itself:
+    `style` "byte-level" (GPT-2's characters for bytes) or "sentencepiece" ("▁", <0xNN>)."""
+    if style == "byte-level":
+        table = _byte_level_decoder()
+        if not piece or piece[0] not in table:
+            return False
+        data = bytes(table[c] for c in piece if c in table)
+        return data.decode("utf-8", errors="replace")[:1].isspace()
+    if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+        return chr(int(piece[3:5], 16)).isspace()
+    return piece.replace("\u2581", " ")[:1].isspace()
+
+
+def word_start_ids(hf_tokenizer, style: str, eos_id: int | None, width: int) -> np.ndarray:
+    """The ids whose piece begins a word, and EOS (special tokens otherwise not)."""
+    special = set(hf_tokenizer.all_special_ids)
+    pieces = hf_tokenizer.convert_ids_to_tokens(list(range(len(hf_tokenizer))))
+    mask = np.zeros(width, dtype=bool)
+    for token, piece in enumerate(pieces[:width]):
+        mask[token] = token not in special and piece_starts_word(piece, style)
+    if eos_id is not None:
+        mask[eos_id] = True
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceWord:
+    text: str
+    start: int
+    end: int
+    logprob: float | None
+    logprob_uncorrected: float | None
+    token_start: int
+    token_end: int
+
+
+def _offsets(hf_tokenizer, text: str) -> list[tuple[int, int]]:
+    encoded = hf_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [tuple(span) for span in encoded["offset_mapping"]]
+
+
+def _group_by_words(text: str, spans: list[tuple[int, int]]) -> list[tuple[str, int, int, list]]:
+    """Tokens grouped by the whitespace-separated words of `text` they overlap; tokens that
+    overlap none (whitespace) join the next word, trailing ones an empty word at the end."""
+    words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    groups: list[tuple[str, int, int, list]] = [(w, s, e, []) for w, s, e in words]
+    pending: list[int] = []
+    for k, (start, end) in enumerate(spans):
+        hits = [i for i, (_, s, e) in enumerate(words) if s < end and start < e]
+        assert len(hits) <= 1, f"token {k} spans several words of {text!r}"
+        if not hits:
+            pending.append(k)
+            continue
+        tokens = groups[hits[0]][3]
+        tokens.extend(pending)
+        pending = []
+        tokens.append(k)
+    if pending:
+        end = max(e for _, e in (spans[k] for k in pending))
+        groups.append(("", end, end, pending))
+    return [g for g in groups if g[3]]
+
+
+def reference_words(
+    model,
+    hf_tokenizer,
+    style: str,
+    prompt: str,
+    completion: str,
+    bos_id: int | None,
+    eos_id: int | None,
+) -> tuple[list[ReferenceWord], list[ReferenceWord]]:
+    """(completion words, prompt words) by the beginning-of-word corrected formula
+    (Pimentel & Meister 2024), from one float64 PyTorch pass over every position."""
+    import torch
+
+    scored_prompt = prompt.rstrip()
+    scored_completion = prompt[len(scored_prompt) :] + completion
+    prompt_ids, completion_ids = split_pair(hf_tokenizer, prompt, completion)
+    whole = encode(hf_tokenizer, scored_prompt + scored_completion)
+    if completion_ids and whole[: len(prompt_ids)] == prompt_ids:
+        shift = len(scored_prompt)
+        completion_spans = [
+            (max(s - shift, 0), max(e - shift, 0))
+            for s, e in _offsets(hf_tokenizer, scored_prompt + scored_completion)[len(prompt_ids) :]
+        ]
+    else:
+        completion_spans = _offsets(hf_tokenizer, scored_completion)
+    bos = [] if bos_id is None else [bos_id]
+    ids = bos + prompt_ids + completion_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    logsoftmax = torch.log_softmax(logits, dim=-1)
+    mask = torch.from_numpy(word_start_ids(hf_tokenizer, style, eos_id, logits.shape[-1]))
+    after = torch.logsumexp(logsoftmax[:, mask], dim=-1).numpy()  # log B at each position
+    token_lp = [None] + [float(logsoftmax[j - 1, ids[j]]) for j in range(1, len(ids))]
+
+    def words_of(text: str, spans: list[tuple[int, int]], first: int) -> list[ReferenceWord]:
+        found = []
+        for word, start, end, tokens in _group_by_words(text, spans):
+            a, b = first + tokens[0], first + tokens[-1] + 1
+            if a == 0:
+                found.append(ReferenceWord(word, start, end, None, None, a, b))
+                continue
+            uncorrected = float(sum(token_lp[a:b]))
+            corrected = uncorrected + after[b - 1] - (after[a - 1] if mask[ids[a]] else 0.0)
+            found.append(ReferenceWord(word, start, end, float(corrected), uncorrected, a, b))
+        return found
+
+    prompt_spans = _offsets(hf_tokenizer, scored_prompt) if prompt_ids else []
+    return (
+        words_of(scored_completion, completion_spans, len(bos) + len(prompt_ids)),
+        words_of(scored_prompt, prompt_spans, len(bos)),
+    )
+
+
+def assert_words_equal(words, expected: list[ReferenceWord], tolerance: float) -> None:
+    import pytest
+
+    assert [(w.text, w.start, w.end) for w in words] == [(w.text, w.start, w.end) for w in expected]
+    assert [(w.token_start, w.token_end) for w in words] == [
+        (w.token_start, w.token_end) for w in expected
+    ]
+    for word, want in zip(words, expected, strict=True):
+        for name in ("logprob", "logprob_uncorrected"):
+            got, value = getattr(word, name), getattr(want, name)
+            assert (got is None) == (value is None), (word, want)
+            if value is not None:
+                assert got == pytest.approx(value, abs=tolerance), (name, word, want)

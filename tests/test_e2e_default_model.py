@@ -158,3 +158,35 @@ def test_default_model_pmi_normalized_scores_and_offsets_equal_pytorch(
     emoji = [t for t in results[-1].tokens if t.segment.value == "prompt" and "\ufffd" in t.text]
     assert len(emoji) > 1
     assert all(results[-1].scored_prompt[t.start : t.end].strip() == "🤖" for t in emoji)
+
+
+# Garden-path sentences (docs/research.md's worked example) and natural text with digits,
+# punctuation and newlines.
+WORD_PAIRS = [
+    ("The old man the", " boat."),
+    ("The horse raced past the barn", " fell."),
+    ("Copyright (C) 2007 Free Software Foundation,", " Inc. <https://fsf.org/>\n\n  Everyone"),
+]
+
+
+def test_default_model_words_equal_pytorch(default_server, torch_default) -> None:
+    """Per-word scores with the beginning-of-word correction against PyTorch (float64 over
+    the whole vocabulary, the word-start set read from the vocabulary pieces) within 1e-4."""
+    from reference import assert_words_equal, reference_words
+
+    model, tokenizer = torch_default
+    pairs = WORD_PAIRS + natural_pairs(1)
+    with ScoringClient(default_server.address, timeout=300) as client:
+        results = client.score(
+            [Item(p, [c]) for p, c in pairs], ScoreOptions(words=True, prompt_words=True)
+        )
+    for (prompt, completion), result in zip(pairs, results, strict=True):
+        words, prompt_words = reference_words(
+            model, tokenizer, "byte-level", prompt, completion, bos_id=None, eos_id=2
+        )
+        assert_words_equal(result.words, words, 1e-4)
+        assert_words_equal(result.prompt_words, prompt_words, 1e-4)
+        assert [w.text for w in result.words] == result.scored_completion.split()
+    # The garden path: "man" as a verb is a surprise the correction does not hide.
+    [old_man, _, _, *_] = results
+    assert old_man.prompt_words[2].text == "man"

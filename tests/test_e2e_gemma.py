@@ -89,3 +89,27 @@ def test_gemma_scores_equal_pytorch(gemma_server: ServerProcess, torch_gemma) ->
     assert paris.conditional_logprob > berlin.conditional_logprob
     expected = reference_score(model, tokenizer, *pairs[0], bos_id=GEMMA_BOS, top_k=2)
     assert_token_details_equal(details.tokens, expected, 1e-4)
+
+
+def test_gemma_words_equal_pytorch(gemma_server: ServerProcess, torch_gemma) -> None:
+    """A real SentencePiece vocabulary ("▁", byte pieces, newline pieces): words against
+    PyTorch within 1e-4, the word-start set read from the pieces."""
+    from reference import assert_words_equal, reference_words
+
+    model, tokenizer = torch_gemma
+    pairs = [
+        ("The old man the", " boat."),
+        ("The horse raced past the barn", " fell."),
+        ("Copyright (C) 2007 Free Software Foundation,", " Inc.\n\nEveryone is permitted"),
+    ]
+    with ScoringClient(gemma_server.address, timeout=600) as client:
+        results = client.score(
+            [Item(p, [c]) for p, c in pairs], ScoreOptions(words=True, prompt_words=True)
+        )
+    for (prompt, completion), result in zip(pairs, results, strict=True):
+        words, prompt_words = reference_words(
+            model, tokenizer, "sentencepiece", prompt, completion, GEMMA_BOS, eos_id=1
+        )
+        assert_words_equal(result.words, words, 1e-4)
+        assert_words_equal(result.prompt_words, prompt_words, 1e-4)
+        assert [w.text for w in result.words] == result.scored_completion.split()

@@ -29,13 +29,16 @@ VOCAB = 512
 
 class FakeCausalModel:
     """A causal stand-in for the ONNX model: logits[t] = sum over s <= t of
-    E[ids[s]] * 0.5 ** (t - s). Its "key/value cache" is the past ids themselves."""
+    E[ids[s]] * 0.5 ** (t - s). Its "key/value cache" is the past ids themselves, shaped
+    [batch, 1, sequence, 1] as a real cache's [batch, heads, sequence, head_dim]."""
 
     def __init__(self) -> None:
         self.embeddings = np.random.default_rng(1).normal(size=(VOCAB, VOCAB)).astype(np.float32)
         self.calls: list[tuple[int, ...]] = []
         # Seconds per run, as a real model takes (the abandonment test needs runs to take time).
         self.delay = 0.0
+        # Set: runs also return log B, the word-start tokens' probability, at every position.
+        self.word_start_mask: np.ndarray | None = None
 
     def score(
         self,
@@ -53,12 +56,13 @@ class FakeCausalModel:
         past_ids = (
             np.zeros((batch, 0), np.int64)
             if past is None
-            else np.repeat(past["ids"], past_repeats, axis=0)
+            else np.repeat(past["ids"][:, 0, :, 0], past_repeats, axis=0)
         )
         logprobs = np.zeros((batch, new), np.float32)
         ranks = np.zeros((batch, new), np.int64)
         top_ids = np.zeros((batch, new, top_k), np.int64)
         top_logprobs = np.zeros((batch, new, top_k), np.float32)
+        word_starts = np.zeros((batch, new), np.float32)
         for b in range(batch):
             state = np.zeros(VOCAB, np.float32)
             for token in past_ids[b]:
@@ -67,11 +71,27 @@ class FakeCausalModel:
             for t in range(new):
                 state = state * 0.5 + self.embeddings[input_ids[b, t]]
                 logits[t] = state
-            scores = score_positions(logits, target_ids[b], top_k)
+            scores = score_positions(logits, target_ids[b], top_k, self.word_start_mask)
             logprobs[b], ranks[b] = scores.logprobs, scores.ranks
             top_ids[b], top_logprobs[b] = scores.top_ids, scores.top_logprobs
-        present = {"ids": np.concatenate([past_ids, input_ids], axis=1)} if return_present else None
-        return BatchScores(logprobs, ranks, top_logprobs, top_ids), present
+            if scores.word_start_logprobs is not None:
+                word_starts[b] = scores.word_start_logprobs
+        # Shaped as a real key/value tensor, [batch, heads, sequence, head_dim].
+        ids = np.concatenate([past_ids, input_ids], axis=1)
+        present = {"ids": ids[:, None, :, None]} if return_present else None
+        masked = self.word_start_mask is not None
+        return BatchScores(
+            logprobs, ranks, top_logprobs, top_ids, word_starts if masked else None
+        ), present
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """float64 logits at every position of a whole sequence, computed afresh."""
+        state = np.zeros(VOCAB, np.float64)
+        rows = []
+        for token in ids:
+            state = state * 0.5 + self.embeddings[token]
+            rows.append(state.copy())
+        return np.asarray(rows)
 
 
 @pytest.fixture(scope="module")

@@ -147,15 +147,11 @@ def test_quantized_variant_records_what_it_measured(
     assert info.quantization.mean_abs_deviation == figures["mean_abs_deviation"]
 
 
-@pytest.mark.parametrize("vocab", [512, 49152, 50257])
-def test_scoring_head_log_softmax_is_unbiased(tmp_path: Path, vocab: int) -> None:
-    """On a bare logits graph: the head's log-probs against float64 over a realistic spread of
-    logits (a long tail of tiny probabilities, which a one-accumulator float32 sum drops), with
-    vocabularies that do and do not fill whole summation blocks."""
+def logits_only_graph(path: Path, vocab: int) -> Path:
+    """A graph whose `logits` output is its input `raw` ([batch, sequence, vocab]), beside an
+    unused `input_ids`: the scoring head on logits the test chooses."""
     import onnx
     from onnx import TensorProto, helper
-
-    from lmscore.export.head import add_scoring_head
 
     shape = ["batch", "sequence"]
     graph = helper.make_graph(
@@ -167,8 +163,18 @@ def test_scoring_head_log_softmax_is_unbiased(tmp_path: Path, vocab: int) -> Non
         ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*shape, vocab])],
     )
-    path = tmp_path / "head.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("vocab", [512, 49152, 50257])
+def test_scoring_head_log_softmax_is_unbiased(tmp_path: Path, vocab: int) -> None:
+    """On a bare logits graph: the head's log-probs against float64 over a realistic spread of
+    logits (a long tail of tiny probabilities, which a one-accumulator float32 sum drops), with
+    vocabularies that do and do not fill whole summation blocks."""
+    from lmscore.export.head import add_scoring_head
+
+    path = logits_only_graph(tmp_path / "head.onnx", vocab)
     add_scoring_head(path)
 
     rng = np.random.default_rng(vocab)

@@ -27,7 +27,7 @@ PACKAGES = {
 }
 # The engine: requests -> plan -> runs -> results. The servicer and the runtime are its edges.
 ENGINE = ["requests", "planning", "execution", "engine", "scoring", "rolling", "batching"]
-ENGINE += ["tokenization", "config"]
+ENGINE += ["tokenization", "config", "prefix_cache"]
 
 
 def imported_modules(path: Path) -> set[str]:

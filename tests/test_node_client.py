@@ -96,6 +96,16 @@ def assert_same_results(node_results: list[dict[str, Any]], python_results: list
             assert [t["id"] for t in node_token["top"]] == [t["id"] for t in token["top"]]
             for node_top, top in zip(node_token["top"], token["top"], strict=True):
                 assert abs(node_top["logprob"] - top["logprob"]) <= TOLERANCE
+        for name in ("words", "prompt_words"):
+            assert len(node[name]) == len(expected[name])
+            for node_word, word in zip(node[name], expected[name], strict=True):
+                for field in ("text", "start", "end", "token_start", "token_end"):
+                    assert node_word[field] == word[field], (field, node_word, word)
+                for field in ("logprob", "logprob_uncorrected"):
+                    if word[field] is None:
+                        assert node_word[field] is None
+                    else:
+                        assert abs(node_word[field] - word[field]) <= TOLERANCE
 
 
 def test_demo_pair_and_multiple_choice_equal_python(tiny_server: ServerProcess) -> None:
@@ -122,6 +132,7 @@ def test_given_pairs_with_token_details_equal_python(tiny_server: ServerProcess)
         *("--prompt", "the", "--completion", "re"),
         *("--prompt", "Le robot 🤖 ", "--completion", "dit 中文 é", "--completion", ""),
         *("--top-k", "3", "--marginal-mode", "separate_pass", "--pmi"),
+        *("--words", "--prompt-words"),
     )
     items = [
         Item(None, ["Everyone is permitted to copy"]),
@@ -130,10 +141,18 @@ def test_given_pairs_with_token_details_equal_python(tiny_server: ServerProcess)
         Item("Le robot 🤖 ", ["dit 中文 é", ""]),
     ]
     assert [Item(item["prompt"], item["completions"]) for item in document["items"]] == items
-    options = ScoreOptions(token_details=True, top_k=3, marginal_mode="separate_pass", pmi=True)
+    options = ScoreOptions(
+        token_details=True,
+        top_k=3,
+        marginal_mode="separate_pass",
+        pmi=True,
+        words=True,
+        prompt_words=True,
+    )
     with ScoringClient(tiny_server.address, timeout=60) as client:
         python_results = client.score(items, options)
     assert all(len(r["tokens"][-1]["top"]) == 3 for r in document["results"])
+    assert any(len(r["words"]) > 1 for r in document["results"])
     assert_same_results(document["results"], python_results)
 
 

@@ -40,6 +40,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         (results.ScoreResult, pb.ScoreResult),
         (results.Token, pb.TokenDetail),
         (results.TopToken, pb.TopToken),
+        (results.Word, pb.Word),
         (results.RollingResult, pb.RollingResult),
     ],
 )

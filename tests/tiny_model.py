@@ -7,6 +7,7 @@ model directory, which the tests export through lmscore's own export code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 LICENSES = Path("/usr/share/common-licenses")
 TRAINING_TEXTS = ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1"]
@@ -41,13 +42,38 @@ def build_tokenizer(adds_bos: bool = True):  # -> transformers.PreTrainedTokeniz
     )
 
 
-def save_tiny_model(directory: Path, config_class: str, seed: int, **config: object) -> Path:
+def build_metaspace_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """BPE over SentencePiece-style pieces: every space becomes "▁" and opens a piece, a
+    "▁" put before the text (Llama-2's dummy prefix); BOS added. Words start at "▁"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=["<unk>", BOS, EOS], show_progress=False
+    )
+    tokenizer.train([str(LICENSES / name) for name in TRAINING_TEXTS], trainer)
+    bos = (BOS, tokenizer.token_to_id(BOS))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[bos]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token="<unk>"
+    )
+
+
+def save_tiny_model(
+    directory: Path, config_class: str, seed: int, tokenizer: Any = None, **config: object
+) -> Path:
     """A randomly initialised model of `config_class` (2 layers of 64, GQA 4/2, peaked
-    enough that argmax varies) and the tiny tokenizer, saved as a Hugging Face directory."""
+    enough that argmax varies) and the tiny tokenizer (or `tokenizer`), saved as a Hugging
+    Face directory."""
     import torch
     import transformers
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     settings = {
         "vocab_size": VOCAB_SIZE,
         "hidden_size": 64,

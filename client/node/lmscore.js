@@ -69,6 +69,8 @@ function toScoreOptions(options) {
     marginal_mode: MARGINAL_MODES[options.marginalMode || 'same_pass'],
     truncate_prompt_left: Boolean(options.truncatePromptLeft),
     pmi: Boolean(options.pmi),
+    words: Boolean(options.words),
+    prompt_words: Boolean(options.promptWords),
   };
   // `add_bos` is proto3 optional: leave it unset for the server's default.
   if (options.addBos !== undefined) message.add_bos = options.addBos;
@@ -89,6 +91,7 @@ const OPTIONAL_RESULT_FIELDS = [
   'pmi',
 ];
 const OPTIONAL_TOKEN_FIELDS = ['logprob', 'start', 'end'];
+const OPTIONAL_WORD_FIELDS = ['logprob', 'logprob_uncorrected'];
 
 // proto-loader marks a set proto3-optional field with a synthetic oneof key (_logprob) and
 // gives an unset one its default (0); give unset ones as null, as the Python client's None.
@@ -105,6 +108,12 @@ function withNulls(message, names) {
 // str indices), not UTF-16 units: slice Array.from(text), not the string itself.
 function cleanToken(token) {
   return withNulls(token, OPTIONAL_TOKEN_FIELDS);
+}
+
+// A word's `start` and `end` count code points too (of scored_completion, or of
+// scored_prompt for prompt_words).
+function cleanWord(word) {
+  return withNulls(word, OPTIONAL_WORD_FIELDS);
 }
 
 class ScorerClient {
@@ -173,7 +182,7 @@ class ScorerClient {
    * as they are computed; they are collected and returned in input order
    * (item_index, then completion_index).
    * options: {tokenDetails, topK, marginalMode: 'same_pass' | 'separate_pass',
-   *           truncatePromptLeft, addBos, pmi, model, requestId, timeoutMs}
+   *           truncatePromptLeft, addBos, pmi, words, promptWords, model, requestId, timeoutMs}
    * Optional result fields the server leaves unset (pmi without the option, a normalized
    * score without a divisor) are null.
    */
@@ -191,6 +200,8 @@ class ScorerClient {
         results.push({
           ...withNulls(result, OPTIONAL_RESULT_FIELDS),
           tokens: tokens.map(cleanToken),
+          words: (result.words || []).map(cleanWord),
+          prompt_words: (result.prompt_words || []).map(cleanWord),
         });
       });
       // A failed call emits 'error' before any 'end'; the promise keeps the first outcome.

@@ -11,9 +11,12 @@ const USAGE = `usage: node score.js [--server HOST:PORT] [--model NAME]
                      [--prompt TEXT --completion TEXT...]...
                      [--token-details] [--top-k K] [--timeout SECONDS]
                      [--marginal-mode same_pass|separate_pass] [--pmi]
+                     [--words] [--prompt-words]
 
   --model picks one of the models the server serves (default: its first).
   --pmi also scores each completion after the empty context (results' pmi).
+  --words / --prompt-words: per-word log-probs, beginning-of-word corrected
+  (results' words / prompt_words).
 
   --prompt starts an item; each --completion after it is one of its completions
   (a --completion before any --prompt scores against the empty prompt).
@@ -76,6 +79,12 @@ function parseArgs(argv) {
         break;
       case '--pmi':
         args.options.pmi = true;
+        break;
+      case '--words':
+        args.options.words = true;
+        break;
+      case '--prompt-words':
+        args.options.promptWords = true;
         break;
       case '--timeout':
         args.timeoutMs = number() * 1000;

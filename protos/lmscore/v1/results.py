@@ -51,6 +51,24 @@ class Token:
 
 
 @dataclasses.dataclass(frozen=True)
+class Word:
+    """One word of a scored text, beginning-of-word corrected (the proto's Word)."""
+
+    # The word without the whitespace before it ("" for trailing whitespace).
+    text: str
+    # [start, end) of text in code points of the segment's scored text.
+    start: int
+    end: int
+    # log Pr(word | before), beginning-of-word corrected, and its tokens' sum alone; None
+    # when its first token is the unscored first token of the sequence.
+    logprob: float | None
+    logprob_uncorrected: float | None
+    # Its tokens [token_start, token_end) in the joint sequence (ScoreResult.tokens).
+    token_start: int
+    token_end: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ScoreResult:
     """One (item, completion): log Pr([x, y]), log Pr(x), log Pr(y | x) and how it was split."""
 
@@ -76,6 +94,9 @@ class ScoreResult:
     # With the pmi option: log Pr(y | the model's prefix token) and conditional minus it.
     unconditional_logprob: float | None = None
     pmi: float | None = None
+    # With the words option: the words of scored_completion (and of scored_prompt).
+    words: tuple[Word, ...] = ()
+    prompt_words: tuple[Word, ...] = ()
     # Set by the transport: the request's id, and its position on a ScoreStream.
     request_id: str = ""
     request_index: int = 0

@@ -164,6 +164,8 @@ class ScoreOptions(_message.Message):
     TRUNCATE_PROMPT_LEFT_FIELD_NUMBER: _builtins.int
     ADD_BOS_FIELD_NUMBER: _builtins.int
     PMI_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    PROMPT_WORDS_FIELD_NUMBER: _builtins.int
     token_details: _builtins.bool
     """Return one TokenDetail per token of the joint sequence."""
     top_k: _builtins.int
@@ -188,6 +190,16 @@ class ScoreOptions(_message.Message):
     HFLM prefix_token_id), whatever add_bos says. INVALID_ARGUMENT when the
     model has neither.
     """
+    words: _builtins.bool
+    """Return ScoreResult.words: the completion split into words, each scored
+    with the beginning-of-word correction (docs/research.md). Text
+    completions only: a completion given as token_ids is INVALID_ARGUMENT.
+    """
+    prompt_words: _builtins.bool
+    """Return ScoreResult.prompt_words, the prompt's words scored the same way
+    (with or without words); a prompt given as prompt_token_ids is
+    INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -197,10 +209,12 @@ class ScoreOptions(_message.Message):
         truncate_prompt_left: _builtins.bool = ...,
         add_bos: _builtins.bool | None = ...,
         pmi: _builtins.bool = ...,
+        words: _builtins.bool = ...,
+        prompt_words: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos", "marginal_mode", b"marginal_mode", "pmi", b"pmi", "token_details", b"token_details", "top_k", b"top_k", "truncate_prompt_left", b"truncate_prompt_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos", "marginal_mode", b"marginal_mode", "pmi", b"pmi", "prompt_words", b"prompt_words", "token_details", b"token_details", "top_k", b"top_k", "truncate_prompt_left", b"truncate_prompt_left", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_bos: _TypeAlias = _typing.Literal["add_bos"]  # noqa: Y015
     _WhichOneofArgType__add_bos: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos"]  # noqa: Y015
@@ -359,6 +373,8 @@ class ScoreResult(_message.Message):
     CONDITIONAL_LOGPROB_PER_BYTE_FIELD_NUMBER: _builtins.int
     UNCONDITIONAL_LOGPROB_FIELD_NUMBER: _builtins.int
     PMI_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    PROMPT_WORDS_FIELD_NUMBER: _builtins.int
     item_index: _builtins.int
     completion_index: _builtins.int
     request_id: _builtins.str
@@ -401,6 +417,14 @@ class ScoreResult(_message.Message):
     pmi: _builtins.float
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenDetail]: ...
+    @_builtins.property
+    def words(self) -> _containers.RepeatedCompositeFieldContainer[Global___Word]:
+        """With ScoreOptions.words: the words of scored_completion, in order."""
+
+    @_builtins.property
+    def prompt_words(self) -> _containers.RepeatedCompositeFieldContainer[Global___Word]:
+        """With ScoreOptions.prompt_words: the words of scored_prompt."""
+
     def __init__(
         self,
         *,
@@ -425,10 +449,12 @@ class ScoreResult(_message.Message):
         conditional_logprob_per_byte: _builtins.float | None = ...,
         unconditional_logprob: _builtins.float | None = ...,
         pmi: _builtins.float | None = ...,
+        words: _abc.Iterable[Global___Word] | None = ...,
+        prompt_words: _abc.Iterable[Global___Word] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "pmi", b"pmi", "unconditional_logprob", b"unconditional_logprob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "bos_added", b"bos_added", "completion_index", b"completion_index", "completion_tokens", b"completion_tokens", "conditional_logprob", b"conditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "first_token_scored", b"first_token_scored", "greedy", b"greedy", "item_index", b"item_index", "joint_logprob", b"joint_logprob", "marginal_logprob", b"marginal_logprob", "pmi", b"pmi", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "request_index", b"request_index", "scored_completion", b"scored_completion", "scored_prompt", b"scored_prompt", "tokens", b"tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens", "unconditional_logprob", b"unconditional_logprob"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "bos_added", b"bos_added", "completion_index", b"completion_index", "completion_tokens", b"completion_tokens", "conditional_logprob", b"conditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "first_token_scored", b"first_token_scored", "greedy", b"greedy", "item_index", b"item_index", "joint_logprob", b"joint_logprob", "marginal_logprob", b"marginal_logprob", "pmi", b"pmi", "prompt_tokens", b"prompt_tokens", "prompt_words", b"prompt_words", "request_id", b"request_id", "request_index", b"request_index", "scored_completion", b"scored_completion", "scored_prompt", b"scored_prompt", "tokens", b"tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens", "unconditional_logprob", b"unconditional_logprob", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__conditional_logprob_per_byte: _TypeAlias = _typing.Literal["conditional_logprob_per_byte"]  # noqa: Y015
     _WhichOneofArgType__conditional_logprob_per_byte: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte"]  # noqa: Y015
@@ -452,6 +478,71 @@ class ScoreResult(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__unconditional_logprob) -> _WhichOneofReturnType__unconditional_logprob | None: ...
 
 Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
+
+@_typing.final
+class Word(_message.Message):
+    """A word: a beginning-of-word token (its text starts with whitespace: GPT-2's
+    "\\u0120", SentencePiece's "\\u2581") and the tokens after it up to the next
+    one; whitespace-only tokens join the word after them. A segment's first
+    token opens a word whatever it is. See docs/research.md.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    LOGPROB_UNCORRECTED_FIELD_NUMBER: _builtins.int
+    TOKEN_START_FIELD_NUMBER: _builtins.int
+    TOKEN_END_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The word's text: its characters in the segment's text (scored_completion
+    or scored_prompt) without the whitespace before it; empty for a
+    whitespace-only word (trailing whitespace).
+    """
+    start: _builtins.int
+    """[start, end) of text in the segment's text, in Unicode code points."""
+    end: _builtins.int
+    logprob: _builtins.float
+    """log Pr(word | everything before it), beginning-of-word corrected
+    (Pimentel & Meister 2024): the sum of its tokens' log-probs, plus the log
+    of the probability that the next token begins a word (or is EOS) after
+    it, minus the same at its start when its first token begins a word.
+    Unset when its first token is the unscored first token of the sequence.
+    """
+    logprob_uncorrected: _builtins.float
+    """The sum of its tokens' log-probs alone; unset as logprob."""
+    token_start: _builtins.int
+    """[token_start, token_end): its tokens, as indices into the joint sequence
+    ([BOS] + prompt + completion tokens; ScoreResult.tokens).
+    """
+    token_end: _builtins.int
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        logprob: _builtins.float | None = ...,
+        logprob_uncorrected: _builtins.float | None = ...,
+        token_start: _builtins.int = ...,
+        token_end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_logprob_uncorrected", b"_logprob_uncorrected", "logprob", b"logprob", "logprob_uncorrected", b"logprob_uncorrected"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_logprob_uncorrected", b"_logprob_uncorrected", "end", b"end", "logprob", b"logprob", "logprob_uncorrected", b"logprob_uncorrected", "start", b"start", "text", b"text", "token_end", b"token_end", "token_start", b"token_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__logprob: _TypeAlias = _typing.Literal["logprob"]  # noqa: Y015
+    _WhichOneofArgType__logprob: _TypeAlias = _typing.Literal["_logprob", b"_logprob"]  # noqa: Y015
+    _WhichOneofReturnType__logprob_uncorrected: _TypeAlias = _typing.Literal["logprob_uncorrected"]  # noqa: Y015
+    _WhichOneofArgType__logprob_uncorrected: _TypeAlias = _typing.Literal["_logprob_uncorrected", b"_logprob_uncorrected"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob) -> _WhichOneofReturnType__logprob | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob_uncorrected) -> _WhichOneofReturnType__logprob_uncorrected | None: ...
+
+Global___Word: _TypeAlias = Word  # noqa: Y015
 
 @_typing.final
 class RollingText(_message.Message):
@@ -764,6 +855,8 @@ class QuantizationInfo(_message.Message):
     MEAN_ABS_DEVIATION_FIELD_NUMBER: _builtins.int
     MAX_ABS_DEVIATION_FIELD_NUMBER: _builtins.int
     HELD_OUT_TOKENS_FIELD_NUMBER: _builtins.int
+    KL_DIVERGENCE_FIELD_NUMBER: _builtins.int
+    TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
     recipe: _builtins.str
     speedup: _builtins.float
     """Tokens scored per second, quantized / float32, side by side on this machine."""
@@ -771,6 +864,11 @@ class QuantizationInfo(_message.Message):
     """Mean and max |log p_quantized - log p_float32| per token, in nats."""
     max_abs_deviation: _builtins.float
     held_out_tokens: _builtins.int
+    kl_divergence: _builtins.float
+    """Mean KL(float32 || quantized) per held-out token, in nats, and the share of
+    held-out positions whose most likely token is the same in both models.
+    """
+    top1_agreement: _builtins.float
     def __init__(
         self,
         *,
@@ -779,10 +877,12 @@ class QuantizationInfo(_message.Message):
         mean_abs_deviation: _builtins.float = ...,
         max_abs_deviation: _builtins.float = ...,
         held_out_tokens: _builtins.int = ...,
+        kl_divergence: _builtins.float = ...,
+        top1_agreement: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_out_tokens", b"held_out_tokens", "max_abs_deviation", b"max_abs_deviation", "mean_abs_deviation", b"mean_abs_deviation", "recipe", b"recipe", "speedup", b"speedup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_out_tokens", b"held_out_tokens", "kl_divergence", b"kl_divergence", "max_abs_deviation", b"max_abs_deviation", "mean_abs_deviation", b"mean_abs_deviation", "recipe", b"recipe", "speedup", b"speedup", "top1_agreement", b"top1_agreement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
