@@ -141,9 +141,7 @@ def export_model(
         bar.set_description("adding the scoring head; saving tokenizer and config")
         tokenizer.save_pretrained(str(work_dir))  # type: ignore[attr-defined]
         width = _output_width(model)
-        word_starts = word_start_mask(
-            work_dir / TOKENIZER_NAME, width, _first_id(config.eos_token_id)
-        )
+        word_starts = word_start_mask(work_dir / TOKENIZER_NAME, width, config.eos_token_id)
         write_word_starts(work_dir, word_starts)
         add_scoring_head(work_dir / ONNX_NAME, width, word_starts)
         write_past_tile(work_dir)

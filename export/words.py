@@ -2,8 +2,9 @@
 
 A token begins a word when its text, read after a letter, starts with whitespace:
 GPT-2's byte-level "Ġ" and "Ċ", SentencePiece's "▁", a byte-fallback <0x0A>.
-EOS counts too, since the end of the text ends a word (Pimentel & Meister 2024,
-"How to compute the probability of a word"). Other special tokens do not.
+EOS counts too (every EOS id of the config), since the end of the text ends a word
+(Pimentel & Meister 2024, "How to compute the probability of a word"). Other special
+tokens do not.
 
 The export computes the mask once from the exported tokenizer.json: the scoring
 head sums the probability of these tokens at every position (lmscore.export.head),
@@ -13,6 +14,7 @@ and WORD_STARTS_NAME keeps the mask for the server to split words by. Needs only
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,11 @@ import numpy as np
 WORD_STARTS_NAME = "word_starts.npy"
 
 
-def word_start_mask(tokenizer_path: Path, width: int, eos_token_id: int | None) -> np.ndarray:
-    """bool [width]: which ids begin a word (ids the tokenizer does not know: none)."""
+def word_start_mask(
+    tokenizer_path: Path, width: int, eos_token_ids: int | Sequence[int] | None
+) -> np.ndarray:
+    """bool [width]: which ids begin a word (ids the tokenizer does not know: none); every
+    EOS id of the model's config counts (Gemma's <eos> and <end_of_turn>, say)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -35,8 +40,11 @@ def word_start_mask(tokenizer_path: Path, width: int, eos_token_id: int | None) 
     )
     mask = np.zeros(width, dtype=bool)
     mask[:known] = [text[lead : lead + 1].isspace() for text in texts]
-    if eos_token_id is not None and 0 <= eos_token_id < width:
-        mask[eos_token_id] = True
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    for eos in eos_token_ids or ():
+        if 0 <= eos < width:
+            mask[eos] = True
     return mask
 
 

@@ -119,9 +119,10 @@ class EngineSettings:
     prefix_cache_bytes: int = field(
         default=256 * 1024 * 1024,
         metadata=flag(
-            "bytes of prompt key/value caches kept across requests (least recently used out) "
-            "so that a later prompt starting with the same tokens runs only the rest; exact "
-            "(0: off)",
+            "bytes of prompt key/value caches kept across requests, per served model (least "
+            "recently used out), so that a later prompt starting with at least "
+            "--min-prefix-reuse-tokens of the same tokens runs only the rest; scores equal "
+            "to float32 rounding (0: off)",
             metavar="BYTES",
         ),
     )

@@ -152,7 +152,10 @@ class PlanRunner:
         )
         self.tokenizer = tokenizer
         self.settings = settings
-        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, name=name)
+        # A hit shorter than a reuse worth making splits a pass for nothing.
+        self.prefix_cache = PrefixCache(
+            settings.prefix_cache_bytes, settings.min_prefix_reuse_tokens, name=name
+        )
         # Model runs, and those that were one chunk of a wider batch.
         self.model_runs = 0
         self.chunk_runs = 0

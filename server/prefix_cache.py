@@ -117,11 +117,13 @@ class PrefixCache:
         positions = len(tokens) - 1
         if positions < 1:
             return
-        host = {name: _host_array(value) for name, value in past.items()}
-        arrays = [*host.values(), scores.logprobs, scores.ranks, scores.top_ids]
+        views = {name: _host_view(value) for name, value in past.items()}
+        arrays = [*(v for v, _ in views.values()), scores.logprobs, scores.ranks, scores.top_ids]
         nbytes = sum(a.nbytes for a in arrays) + scores.top_logprobs.nbytes + tokens.nbytes
         if nbytes > self.max_bytes:
             return
+        # Copied only when kept, and only what ONNX Runtime still owns.
+        host = {name: v if owned else v.copy() for name, (v, owned) in views.items()}
         if any(v.shape[0] != 1 or v.shape[SEQUENCE_AXIS] != positions for v in host.values()):
             raise ValueError("a prefix cache entry is one sequence's cache of all its inputs")
         if len(scores) != positions:
@@ -150,7 +152,11 @@ def _is_prefix(shorter: np.ndarray, longer: np.ndarray) -> bool:
     return len(shorter) <= len(longer) and bool((longer[: len(shorter)] == shorter).all())
 
 
-def _host_array(value: Any) -> np.ndarray:
-    """A copy on the host: an OrtValue's buffer belongs to ONNX Runtime's run."""
-    array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-    return np.array(array, copy=True)
+def _host_view(value: Any) -> tuple[np.ndarray, bool]:
+    """A key/value tensor as a host array, and whether that array is ours: a numpy output
+    is; a CPU OrtValue's array is a view of a buffer ONNX Runtime owns (copy to keep it);
+    a device OrtValue comes back as a fresh host copy."""
+    if isinstance(value, np.ndarray):
+        return value, True
+    on_cpu = str(value.device_name()).lower() == "cpu"
+    return value.numpy(), not on_cpu

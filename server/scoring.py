@@ -43,8 +43,9 @@ returns follows (the README states the same):
   whatever it is. B(p) = the probability that the token after position p
   begins a word or is EOS (the scoring head's word_start_logprobs). A word of
   tokens [a, b) has logprob = sum of their log-probs + log B(b - 1)
-  - log B(a - 1), the last term only when token a begins a word (at the start
-  of the text, or inside a word the prompt began, nothing is divided out).
+  - log B(a - 1), the last term only when token a begins a word (a text that
+  starts without whitespace, or a completion inside a word the prompt began,
+  has nothing divided out).
   Over a completion's words the corrections telescope: their sum is
   conditional + log B(last) - [first token begins a word] log B(before it).
 

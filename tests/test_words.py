@@ -72,7 +72,9 @@ def test_head_sums_word_start_probability_as_float64(tmp_path: Path) -> None:
     wide = logits.astype(np.float64)
     total = np.log(np.exp(wide).sum(-1))
     expected = np.log(np.exp(wide[..., mask]).sum(-1)) - total
-    assert np.abs(word_starts - expected).max() < 5e-6
+    error = word_starts - expected
+    assert np.abs(error).max() < 5e-6
+    assert abs(error.mean()) < 5e-7  # no drift from the dropped tail of tiny terms
     # The numpy twin of the head (the fake model's and the tests' scorer) agrees.
     twin = score_positions(logits[0], targets[0], word_start_mask=mask).word_start_logprobs
     assert twin is not None
