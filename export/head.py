@@ -32,7 +32,18 @@ if TYPE_CHECKING:
 HEAD_OUTPUTS = ("target_logprobs", "target_ranks", "top_logprobs", "top_ids")
 WORD_START_OUTPUT = "word_start_logprobs"
 HEAD_INPUTS = ("target_ids", "top_k")
+# Every tensor and node the head adds is named with this prefix.
+HEAD_PREFIX = "lmscore_"
 SUM_BLOCK = 256
+
+
+def is_head_node(node) -> bool:  # node: onnx.NodeProto
+    """Whether a node is the scoring head's (its outputs or its name are lmscore's), not the
+    model's: quantization and float16 passes rewrite the model's linear layers only."""
+    return node.name.startswith(HEAD_PREFIX) or any(
+        o.startswith(HEAD_PREFIX) or o in HEAD_OUTPUTS or o == WORD_START_OUTPUT
+        for o in node.output
+    )
 
 
 def add_scoring_head(
@@ -139,16 +150,22 @@ def add_scoring_head(
         if word_start_mask.shape != (vocab,):
             raise ValueError(f"word-start mask {word_start_mask.shape}, vocabulary {vocab}")
         # sum over the word-start tokens of exp(logit - max), as a product with the 0/1 mask:
-        # no [batch, seq, vocab] tensor beyond the exps the normalizer already holds.
-        # ONNX Runtime's GEMM accumulates along the vocabulary in blocks (held to 5e-6 of
-        # float64 by tests/test_words.py).
+        # no [batch, seq, vocab] tensor beyond the exps the normalizer already holds. ONNX
+        # Runtime's GEMM accumulates along the vocabulary in blocks (held to 5e-6 of float64,
+        # no drift, by tests/test_words.py; an Einsum drifted). The node is named as the
+        # head's, so that passes over the model's linear layers leave it (is_head_node).
         graph.initializer.append(
             numpy_helper.from_array(
                 word_start_mask.astype(np.float32).reshape(vocab, 1), "lmscore_word_start_mask"
             )
         )
         nodes += [
-            node("MatMul", ["lmscore_exp", "lmscore_word_start_mask"], ["lmscore_ws_sum"]),
+            node(
+                "MatMul",
+                ["lmscore_exp", "lmscore_word_start_mask"],
+                ["lmscore_ws_sum"],
+                name="lmscore_word_start_sum",
+            ),
             node("Log", ["lmscore_ws_sum"], ["lmscore_ws_log_sum"]),
             node("Sub", ["lmscore_ws_log_sum", "lmscore_log_sum"], ["lmscore_ws_lp"]),
             node("Squeeze", ["lmscore_ws_lp", "lmscore_last_axis"], [WORD_START_OUTPUT]),

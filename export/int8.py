@@ -35,6 +35,7 @@ import numpy as np
 
 from lmscore.export.external_data import load_graph, save_model, tensor_array
 from lmscore.export.graph_io import model_feeds
+from lmscore.export.head import is_head_node
 
 LICENSES = Path("/usr/share/common-licenses")
 CALIBRATION_TEXTS = [LICENSES / "GPL-2", LICENSES / "LGPL-2.1"]
@@ -102,7 +103,7 @@ def candidates(model) -> list[Candidate]:  # model: onnx.ModelProto
     constants = {t.name: t for t in model.graph.initializer}
     found = []
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in constants:
+        if node.op_type != "MatMul" or node.input[1] not in constants or is_head_node(node):
             continue
         dims = constants[node.input[1]].dims
         if len(dims) != 2:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from lmscore.export.external_data import load_graph, save_model, tensor_array
+from lmscore.export.head import is_head_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ def _weight_matmuls(model, excluded: tuple[str, ...] = ()) -> list[str]:  # mode
         for n in model.graph.node
         if n.op_type == "MatMul"
         and n.input[1] in constants
+        and not is_head_node(n)
         and not any(x in n.name for x in excluded)
     ]
 

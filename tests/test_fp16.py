@@ -23,7 +23,7 @@ from test_io_binding import scores_with_io_binding_equal_plain
 from conftest import LMSCORE, running_server
 from lmscore.export.graph_io import model_feeds
 from lmscore.export.half import MAX_VALIDATION_DIFF, convert_to_float16, float32_nodes
-from lmscore.export.head import HEAD_INPUTS, HEAD_OUTPUTS, add_scoring_head
+from lmscore.export.head import HEAD_INPUTS, HEAD_OUTPUTS, add_scoring_head, is_head_node
 from lmscore.export.manifest import FORMAT_VERSION, Manifest
 from lmscore.export.validate import VALIDATION_TEXT
 from reference import reference_score
@@ -109,7 +109,13 @@ def test_graph_is_float16_around_a_float32_head(fp16_export: Path) -> None:
     types.update({t.name: t.data_type for t in graph.initializer})
     initializers = {t.name: t for t in graph.initializer}
 
-    weights = [i for n in graph.node if n.op_type == "MatMul" for i in n.input if i in initializers]
+    weights = [
+        i
+        for n in graph.node
+        if n.op_type == "MatMul" and not is_head_node(n)
+        for i in n.input
+        if i in initializers
+    ]
     assert weights and all(initializers[w].data_type == TensorProto.FLOAT16 for w in weights)
     embeddings = [n.input[0] for n in graph.node if n.op_type == "Gather"]
     assert any(types.get(e) == TensorProto.FLOAT16 for e in embeddings if e in initializers)
