@@ -94,7 +94,12 @@ def checks(results: dict[str, Any]) -> list[Check]:
     else:
         out.append(Check("quantized / fp32 ORT", None, ">= 1.5 at <= 0.1 nats", None))
     if grpc:
-        overhead = grpc["short_pair_p50_ms"] - results["ort"]["short_pair_p50_ms"]
+        paired = grpc.get("short_pair_paired")
+        overhead = (
+            paired["overhead_p50_ms"]
+            if paired
+            else grpc["short_pair_p50_ms"] - results["ort"]["short_pair_p50_ms"]
+        )
         model_mb = results["model_file_bytes"] / 2**20
         rss_mb = grpc["rss_bytes"] / 2**20
         low_mb = grpc["low_memory"]["rss_bytes"] / 2**20 if "low_memory" in grpc else None
@@ -168,6 +173,15 @@ def table(results: dict[str, Any]) -> str:
         lines += [
             f"| short pair p50 / p99 gRPC (ms) | {grpc['short_pair_p50_ms']:.1f} / "
             f"{grpc['short_pair_p99_ms']:.1f} |",
+            *(
+                [
+                    f"| short pair alternating with in-process after a pause: p50 in-process / "
+                    f"gRPC, median overhead (ms) | {paired['in_process_p50_ms']:.1f} / "
+                    f"{paired['grpc_p50_ms']:.1f}, {paired['overhead_p50_ms']:.2f} |"
+                ]
+                if (paired := grpc.get("short_pair_paired"))
+                else []
+            ),
             f"| {grpc['concurrent_batched']['clients']} clients, cross-request batching "
             "(pairs/s) | "
             f"{grpc['concurrent_batched']['pairs_per_s']:.1f} |",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ from lmscore.bench.workloads import Workloads, build_workloads
 from lmscore.client import Item, ScoringClient
 from lmscore.export.manifest import Manifest, model_bytes
 from lmscore.server.app import load_model
+from lmscore.server.batching import IDLE_DELAY_S
 from lmscore.server.config import ServerConfig
 from lmscore.server.engine import ScoringEngine
 from lmscore.server.requests import ItemInput, PlanOptions
@@ -99,8 +101,11 @@ class ServerUnderTest:
         self.cold_start_s = time.perf_counter() - began
 
     def rss_bytes(self) -> int:
+        """The server's RSS once idle past its heap trim (lmscore.server.batching.IDLE_DELAY_S):
+        what it holds between bursts."""
         import psutil
 
+        time.sleep(IDLE_DELAY_S + 0.5)
         return int(psutil.Process(self.process.pid).memory_info().rss)
 
     def peak_rss_bytes(self) -> int:
@@ -195,8 +200,11 @@ def measure_few_shot(engine: ScoringEngine, work: Workloads) -> dict[str, Any]:
     }
 
 
-def measure_pytorch(source: str, work: Workloads, bos: int | None, repeats: int) -> dict[str, Any]:
-    """What lm-eval's HFLM does: one forward pass, log_softmax, gather the targets."""
+def pytorch_runs(
+    source: str, work: Workloads, bos: int | None
+) -> tuple[Callable[[], float], Callable[[], float]]:
+    """What lm-eval's HFLM does (one forward pass, log_softmax, gather the targets) on the
+    batch and on the short pair."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -218,23 +226,102 @@ def measure_pytorch(source: str, work: Workloads, bos: int | None, repeats: int)
     # The short pair as HFLM scores it: one pass over [BOS] + prompt + completion.
     pair = work.short_pair
     pair_ids = torch.tensor([prefix + list(pair.prompt) + list(pair.completions[0])])  # type: ignore[arg-type]
-    latencies = timed(lambda: run(pair_ids), 50, warmup=5)
+    return run, functools.partial(run, pair_ids)
+
+
+def measure_pytorch(
+    runs: tuple[Callable[[], float], Callable[[], float]], work: Workloads, repeats: int
+) -> dict[str, Any]:
+    run_batch, run_pair = runs
+    latencies = timed(run_pair, 50, warmup=5)
     return {
-        "batch": timed(run, repeats).summary(work.batch_tokens),
+        "batch": timed(run_batch, repeats).summary(work.batch_tokens),
         "short_pair_p50_ms": 1000 * percentile(latencies.seconds, 50),
     }
 
 
+def measure_side_by_side(
+    paths: dict[str, Callable[[], object]], repeats: int, units: float
+) -> dict[str, dict[str, float]]:
+    """Each path in turn, the order rotated every round: the machine's drift over a run
+    (10-20 % here between phases minutes apart) falls on every path alike, so their ratios
+    hold. Each turn runs its path twice and times the second run: the first after a switch
+    from another process or library ran 0.3-1.5 s slower here (caches, page faults), which
+    a server under steady load does not pay."""
+    names = list(paths)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            paths[name]()
+            began = time.perf_counter()
+            paths[name]()
+            seconds[name].append(time.perf_counter() - began)
+    return {name: Timing(seconds[name]).summary(units) for name in names}
+
+
+# Before each call of the paired short-pair measurement: the other path's ONNX Runtime
+# threads, which spin for a while after a run, have stopped, so neither path's call runs
+# against the other's spinning threads on the same cores.
+PAIR_PAUSE_S = 0.05
+
+
+def measure_short_pair(
+    engine: ScoringEngine, client: ScoringClient, work: Workloads, calls: int = 50
+) -> dict[str, float]:
+    """The short pair in-process and through gRPC, alternately, after a pause each: the
+    overhead is the median of the per-pair differences, so that the machine's drift over a
+    run (10 ms either way on a ~90 ms call here) falls on both sides alike."""
+    pair = [_as_client_item(work.short_pair)]
+    options = PlanOptions()
+    in_process: list[float] = []
+    through_grpc: list[float] = []
+    for call in range(calls + 5):  # the first 5 warm up
+        time.sleep(PAIR_PAUSE_S)
+        began = time.perf_counter()
+        _in_process(engine, [work.short_pair], options)
+        local = time.perf_counter() - began
+        time.sleep(PAIR_PAUSE_S)
+        began = time.perf_counter()
+        client.score(pair)
+        remote = time.perf_counter() - began
+        if call >= 5:
+            in_process.append(local)
+            through_grpc.append(remote)
+    differences = [r - local for r, local in zip(through_grpc, in_process, strict=True)]
+    return {
+        "calls": calls,
+        "in_process_p50_ms": 1000 * percentile(in_process, 50),
+        "grpc_p50_ms": 1000 * percentile(through_grpc, 50),
+        "grpc_p99_ms": 1000 * percentile(through_grpc, 99),
+        "overhead_p50_ms": 1000 * percentile(differences, 50),
+    }
+
+
 def measure_grpc(
-    model_dir: Path, work: Workloads, repeats: int, concurrency: int
+    model_dir: Path,
+    work: Workloads,
+    repeats: int,
+    concurrency: int,
+    engine: ScoringEngine | None = None,
+    pytorch_batch: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
+    """`engine`: the same model in-process, and `pytorch_batch`, PyTorch's batch run: with
+    them, the batch runs side by side with gRPC's and the short pair is measured paired."""
     # The prefix cache off: the multiple-choice figure is reuse within one request, as the
     # in-process one (the few-shot workload measures the cache).
     server = ServerUnderTest(model_dir, "--prefix-cache-bytes", "0")
     try:
         with ScoringClient(server.address, timeout=600) as client:
             batch_items = [_as_client_item(i) for i in work.batch]
-            batch = timed(lambda: client.score(batch_items), repeats)
+            paths: dict[str, Callable[[], object]] = {
+                "grpc": functools.partial(client.score, batch_items)
+            }
+            if engine is not None:
+                paths["ort"] = functools.partial(_in_process, engine, work.batch, PlanOptions())
+            if pytorch_batch is not None:
+                paths["pytorch"] = pytorch_batch
+            side_by_side = measure_side_by_side(paths, repeats, work.batch_tokens)
             choice = timed(lambda: client.score([_as_client_item(work.choice)]), repeats)
             pair = [_as_client_item(work.short_pair)]
             latencies = timed(lambda: client.score(pair), 50, warmup=5)
@@ -242,12 +329,16 @@ def measure_grpc(
             "cold_start_s": server.cold_start_s,
             "rss_bytes": server.rss_bytes(),
             "peak_rss_bytes": server.peak_rss_bytes(),
-            "batch": batch.summary(work.batch_tokens),
+            "batch": side_by_side["grpc"],
+            "batch_side_by_side": side_by_side,
             "choice_prefix_reuse": choice.summary(),
             "short_pair_p50_ms": 1000 * percentile(latencies.seconds, 50),
             "short_pair_p99_ms": 1000 * percentile(latencies.seconds, 99),
             "concurrent_batched": measure_concurrency(server.address, work, concurrency),
         }
+        if engine is not None:
+            with ScoringClient(server.address, timeout=600) as client:
+                result["short_pair_paired"] = measure_short_pair(engine, client, work)
     finally:
         server.close()
     unbatched = ServerUnderTest(model_dir, "--no-cross-request-batching")
@@ -348,10 +439,20 @@ def run_bench(
             "deviation": token_deviation(loaded.engine, quantized.engine, work.held_out),
         }
         quantized.engine.close()
-    loaded.engine.close()
+    torch_runs = None
     if include_pytorch:
         print("measuring PyTorch eager ...", file=sys.stderr)
-        results["pytorch"] = measure_pytorch(source, work, manifest.bos_token_id, repeats)
-    print("measuring gRPC end to end ...", file=sys.stderr)
-    results["grpc"] = measure_grpc(model_dir, work, repeats, concurrency)
+        torch_runs = pytorch_runs(source, work, manifest.bos_token_id)
+        results["pytorch"] = measure_pytorch(torch_runs, work, repeats)
+    print("measuring gRPC end to end, the batch beside the other paths ...", file=sys.stderr)
+    results["grpc"] = measure_grpc(
+        model_dir, work, repeats, concurrency, loaded.engine, torch_runs and torch_runs[0]
+    )
+    loaded.engine.close()
+    # The batch figures of the report: the side-by-side ones (each path's alone phase, minutes
+    # apart from the others, stays in its section as batch_alone).
+    for path, summary in results["grpc"]["batch_side_by_side"].items():
+        if path != "grpc":
+            results[path]["batch_alone"] = results[path]["batch"]
+            results[path]["batch"] = summary
     return results

@@ -86,10 +86,11 @@ class EngineSettings:
         default=1536, metadata=flag("padded tokens per model run (batch size x longest sequence)")
     )
     max_queue_delay_ms: float = field(
-        default=2.0,
+        default=0.0,
         metadata=flag(
             "dynamic batching: how long queued sequences wait for others to share a model "
-            "run, unless --max-batch-tokens are already waiting",
+            "run, unless --max-batch-tokens are already waiting (0: none; what queued "
+            "during the previous run shares the next one anyway)",
         ),
     )
     cross_request_batching: bool = field(

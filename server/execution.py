@@ -37,7 +37,7 @@ import numpy as np
 from lmscore.server import metrics
 from lmscore.server.batching import DynamicBatcher, pack_by_length
 from lmscore.server.config import EngineSettings
-from lmscore.server.memory import MIN_TRIM_INTERVAL, release_free_memory
+from lmscore.server.memory import MIN_TRIM_INTERVAL, release_after_burst, release_free_memory
 from lmscore.server.planning import PlannedCompletion, PrefixGroup, ScoringPlan
 from lmscore.server.prefix_cache import PrefixCache
 from lmscore.server.requests import Overloaded
@@ -169,7 +169,7 @@ class PlanRunner:
             settings.max_queue_delay_ms / 1000,
             settings.cross_request_batching,
             settings.prefill_chunk_tokens,
-            on_idle=release_free_memory,
+            on_idle=release_after_burst,
             name=name,
         )
 

@@ -1,0 +1,62 @@
+"""Going idle hands a burst's freed memory back to the system, but keeps a short request's."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from lmscore.server import memory
+
+pytestmark = pytest.mark.skipif(
+    memory._LIBC is None or memory.resident_bytes() is None, reason="needs glibc and /proc"
+)
+
+MIB = 2**20
+
+
+def _burst(total: int, piece: int = 64 * 1024) -> bytes:
+    """Allocate and touch `total` bytes in heap-sized pieces, then free them all but a last
+    piece above them, which is returned: as a model run's buffers are freed with the
+    longer-lived allocations above them, so free() alone cannot shrink the heap."""
+    pieces = [b"x" * piece for _ in range(total // piece)]
+    above = b"y" * piece
+    del pieces
+    gc.collect()
+    return above
+
+
+def test_idle_trim_keeps_a_short_requests_buffers_and_returns_a_burst() -> None:
+    kept = [_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB)]
+    assert memory.release_after_burst()  # the resting size: RSS just after it
+    kept.append(_burst(16 * MIB))  # what a short pair leaves free (~20 MB on SmolLM2)
+    before = memory.resident_bytes()
+    assert not memory.release_after_burst()
+    assert memory.resident_bytes() >= before - 4 * MIB  # nothing was handed back
+
+    kept.append(_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB))
+    grown = memory.resident_bytes()
+    assert grown - before > memory.IDLE_TRIM_GROWTH_BYTES // 2
+    assert memory.release_after_burst()
+    assert memory.resident_bytes() < grown - memory.IDLE_TRIM_GROWTH_BYTES // 2
+
+
+def test_a_trim_is_skipped_within_its_interval() -> None:
+    assert memory.release_free_memory()
+    assert not memory.release_free_memory(min_interval=3600)
+
+
+def test_a_trim_between_chunks_does_not_raise_the_resting_size() -> None:
+    """A long run's caches are alive at its trims between chunks and freed at its end: going
+    idle afterwards must still hand them back."""
+    kept = [_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB)]
+    assert memory.release_after_burst()
+    piece = 64 * 1024
+    caches = [b"c" * piece for _ in range((memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB) // piece)]
+    kept.append(b"y" * piece)  # allocated after the caches: the heap cannot shrink from the top
+    memory.release_free_memory()  # between two chunks, the caches alive
+    del caches
+    gc.collect()
+    grown = memory.resident_bytes()
+    assert memory.release_after_burst()
+    assert memory.resident_bytes() < grown - memory.IDLE_TRIM_GROWTH_BYTES // 2
