@@ -1,15 +1,19 @@
 """The `int8` recipe: int8 MatMuls chosen by their measured effect on the scores.
 
 Each weight MatMul (a MatMul with a constant weight: the linear layers, and the output layer
-where it is not the tied embedding) has an int8 form: weights symmetric per output channel on
-7 bits (±63; without VNNI, ONNX Runtime's AVX2 u8 x s8 kernel sums pairs of products in int16,
-which full-range int8 weights overflow), activations quantized to uint8 per tensor, with one
-of three activation scalings (VARIANTS): dynamic (a scale per run, DynamicQuantizeMatMul),
-dynamic after SmoothQuant (x / s into the weights as s * W, s_j = max|x_j|^a / max|W_j|^(1-a)),
-or static after SmoothQuant (QuantizeLinear with the calibration range, MatMulIntegerToFloat).
+where it is not the tied embedding) has an int8 form: weights symmetric per output channel,
+rounded by GPTQ (each input row's rounding error spread over the rows not yet rounded,
+weighted by the inputs' second moments on fitting text), on 8 bits where the CPU has an int8
+dot product (VNNI, AMX) and 7 bits elsewhere (±63: AVX2's u8 x s8 kernel sums pairs of products
+in int16, which full-range weights overflow); activations quantized to uint8 with one of five
+scalings (VARIANTS): per tensor, dynamic (a scale per run, DynamicQuantizeMatMul), dynamic
+after SmoothQuant (x / s into the weights as s * W, s_j = max|x_j|^a / max|W_j|^(1-a)), static
+after SmoothQuant (QuantizeLinear with the fitting text's range, MatMulIntegerToFloat); or per
+token (a scale per row, MatMulIntegerToFloat), plain or after SmoothQuant.
 
-What to quantize is measured, not guessed, on calibration text (CALIBRATION_TEXTS: never the
-speed or held-out text of lmscore.export.quantize), in one *gated* graph: every candidate
+Two texts, neither the speed nor the held-out text of lmscore.export.quantize: the fitting
+text (FIT_TEXTS) gives each candidate's input range and second moments; the calibration text
+(CALIBRATION_TEXTS) is what deviations are measured on, in one *gated* graph: every candidate
 computes both its float32 and its int8 output, and a boolean input per candidate picks which
 one flows on, so any set of int8 MatMuls costs one run of one session, computed exactly as
 the final graph computes it. Deviation = mean |log p_int8 - log p_float32| per token.
@@ -33,19 +37,30 @@ from typing import Any
 
 import numpy as np
 
+from lmscore.export.cpu import INT8_DOT_PRODUCT_FLAGS, REQUIRES_KEY, has_int8_dot_product
 from lmscore.export.external_data import load_graph, save_model, tensor_array
 from lmscore.export.graph_io import model_feeds
 from lmscore.export.head import is_head_node
 
 LICENSES = Path("/usr/share/common-licenses")
-CALIBRATION_TEXTS = [LICENSES / "GPL-2", LICENSES / "LGPL-2.1"]
+# Fitting text: each candidate's input range (per channel) and second moments (GPTQ).
+FIT_TEXTS = [LICENSES / "GPL-2", LICENSES / "LGPL-2.1", LICENSES / "GFDL-1.3"]
+FIT_WINDOWS = 16  # per text, where the text is that long
+# Calibration text: the deviations the search ranks and selects by; disjoint from the fitting
+# text, so that GPTQ's fit to its own inputs does not flatter the measurement.
+CALIBRATION_TEXTS = [LICENSES / "CC0-1.0", LICENSES / "Artistic"]
 CALIBRATION_WINDOWS = 2  # per text
 CALIBRATION_LENGTH = 96  # tokens per window (less where the context is shorter)
-# Mean |delta log p| per calibration token allowed; held-out text, not calibrated on, comes
-# out somewhat worse (docs/quantization.md), and the target there is 0.1.
-BUDGET = 0.05
-GROUPS_PER_KIND = 3
-WEIGHT_LEVELS = 63  # 7-bit symmetric weights: no int16 overflow in AVX2's u8 x s8 kernel
+# Mean |delta log p| per calibration token allowed. The calibration text is not fitted on, so
+# held-out text comes out close to it (0.075 held-out at 0.084 calibration on SmolLM2,
+# docs/quantization.md); the target there is 0.1.
+BUDGET = 0.085
+GROUPS_PER_KIND = 6  # blocks of 5 layers in a 30-layer model
+# Symmetric weight levels: 8 bits where the CPU has an int8 dot product (VNNI, AMX); 7 bits
+# elsewhere, as AVX2's u8 x s8 kernel sums pairs of products in int16, which 8-bit weights
+# overflow (255 * 127 * 2 > 32767). The variant records what it needs (REQUIRES_KEY).
+WEIGHT_LEVELS_VNNI = 127
+WEIGHT_LEVELS_AVX2 = 63
 GATE = "lmscore_int8_gate"
 
 
@@ -54,12 +69,16 @@ class Variant:
     name: str
     smoothing: float  # SmoothQuant's alpha; 0: none
     static: bool  # static activation range from calibration, else a range per run
+    per_token: bool = False  # a scale per token (row) rather than one per run
 
 
 VARIANTS = (
     Variant("dynamic", 0.0, False),
     Variant("dynamic-smoothed", 0.5, False),
     Variant("static-smoothed", 0.5, True),
+    Variant("per-token", 0.0, False, True),
+    Variant("per-token-smoothed", 0.5, False, True),
+    Variant("per-token-smoothed-0.75", 0.75, False, True),
 )
 
 
@@ -72,6 +91,7 @@ class Candidate:
     weight: str
     output: str
     elements: int
+    transposed: bool = False  # the constant is W^T (a tied output layer reading the embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,21 +113,43 @@ class Group:
 class ChannelRange:
     low: np.ndarray  # per input channel, over the calibration tokens
     high: np.ndarray
+    gram: np.ndarray | None = None  # X^T X over the calibration tokens (float64), for GPTQ
 
     @property
     def absmax(self) -> np.ndarray:
         return np.maximum(np.abs(self.low), np.abs(self.high))
 
 
+def _attribute(node, name: str, default: float) -> float:
+    from onnx import helper
+
+    found = [a for a in node.attribute if a.name == name]
+    return helper.get_attribute_value(found[0]) if found else default
+
+
+def _weight_operand(node, constants) -> bool | None:
+    """None where the node is no x @ W with a constant 2-D W; else whether the constant is
+    W^T (a FusedMatMul with transB, as the output layer tied to the embedding is)."""
+    if node.input[1] not in constants or len(constants[node.input[1]].dims) != 2:
+        return None
+    if node.op_type == "MatMul":
+        return False
+    plain = all(_attribute(node, name, 0) == 0 for name in ("transA", "transBatchA", "transBatchB"))
+    if node.op_type == "FusedMatMul" and plain and _attribute(node, "alpha", 1.0) == 1.0:
+        return bool(_attribute(node, "transB", 0))
+    return None
+
+
 def candidates(model) -> list[Candidate]:  # model: onnx.ModelProto
     constants = {t.name: t for t in model.graph.initializer}
     found = []
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in constants or is_head_node(node):
+        if node.op_type not in ("MatMul", "FusedMatMul") or is_head_node(node):
+            continue
+        transposed = _weight_operand(node, constants)
+        if transposed is None:
             continue
         dims = constants[node.input[1]].dims
-        if len(dims) != 2:
-            continue
         match = re.search(r"layers\.(\d+)", node.name)
         kind = re.sub(r"^/?(model/)?(layers\.\d+/)?", "", node.name).removesuffix("/MatMul")
         found.append(
@@ -119,6 +161,7 @@ def candidates(model) -> list[Candidate]:  # model: onnx.ModelProto
                 node.input[1],
                 node.output[0],
                 int(dims[0]) * int(dims[1]),
+                transposed,
             )
         )
     return found
@@ -144,8 +187,10 @@ def quantized_nodes(
     channels: ChannelRange,
     variant: Variant,
     output: str,
+    levels: int,
 ) -> tuple[list[Any], list[Any]]:
-    """(nodes, initializers) computing `output` from the candidate's input in int8."""
+    """(nodes, initializers) computing `output` from the candidate's input in int8, weights
+    rounded by GPTQ where the fitting text's second moments are known."""
     from onnx import helper, numpy_helper
 
     prefix = f"{candidate.node}/int8"
@@ -164,13 +209,20 @@ def quantized_nodes(
         tensors.append(numpy_helper.from_array(shrink.astype(np.float32), f"{prefix}/smooth"))
         nodes.append(helper.make_node("Mul", [x, f"{prefix}/smooth"], [f"{prefix}/x"]))
         x = f"{prefix}/x"
-    scale = np.abs(w).max(axis=0) / WEIGHT_LEVELS
+    scale = np.abs(w).max(axis=0) / levels
     scale = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(w / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+    if channels.gram is not None:
+        gram = channels.gram * np.outer(shrink, shrink)  # the second moments of x / s
+        q = gptq(w, scale, gram, levels)
+    else:
+        q = np.clip(np.rint(w / scale), -levels, levels).astype(np.int8)
     tensors += [
         numpy_helper.from_array(q, f"{prefix}/w"),
         numpy_helper.from_array(scale.astype(np.float32), f"{prefix}/w_scale"),
     ]
+    if variant.per_token:
+        per_token, constants = per_token_nodes(prefix, x, *w.shape, output)
+        return nodes + per_token, tensors + constants
     if not variant.static:
         nodes.append(
             helper.make_node(
@@ -203,6 +255,96 @@ def quantized_nodes(
     return nodes, tensors
 
 
+def gptq(
+    w: np.ndarray,
+    scale: np.ndarray,
+    gram: np.ndarray,
+    levels: int,
+    damping: float = 0.01,
+    block: int = 128,
+) -> np.ndarray:
+    """Integer weights q (int8, like w: [K, N]) for x @ (q * scale), rounded one input row at a
+    time with the error of each row spread over the rows not yet rounded, weighted by the
+    inputs' second moments `gram` = X^T X (GPTQ, Frantar et al. 2022), so that the error of
+    the *output* on calibration inputs, not of the weights, is what is small."""
+    k, _ = w.shape
+    work = np.array(w, dtype=np.float64)
+    hessian = np.array(gram, dtype=np.float64)
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    work[dead, :] = 0.0
+    hessian[np.diag_indices(k)] += damping * np.mean(np.diag(hessian))
+    inverse = np.linalg.inv(hessian)
+    upper = np.linalg.cholesky((inverse + inverse.T) / 2).T  # H^-1 = U^T U
+    q = np.zeros(w.shape, dtype=np.int8)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        part = work[start:stop]
+        errors = np.zeros_like(part)
+        local = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            row = part[i]
+            rounded = np.clip(np.rint(row / scale), -levels, levels)
+            q[start + i] = rounded
+            error = (row - rounded * scale) / local[i, i]
+            part[i:] -= np.outer(local[i, i:], error)
+            errors[i] = error
+        work[stop:] -= upper[start:stop, stop:].T @ errors
+    return q
+
+
+def per_token_nodes(
+    prefix: str, x: str, k: int, n: int, output: str
+) -> tuple[list[Any], list[Any]]:
+    """`output` = x @ (w * w_scale) with x quantized symmetrically per token (row) to u8 around
+    128: one zero point for every row, so that MatMulIntegerToFloat takes the u8 x s8 path,
+    and the row's scale applied to the float result."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [
+        numpy_helper.from_array(np.array(value, dtype), f"{prefix}/{name}")
+        for name, value, dtype in (
+            ("rows", [-1, k], np.int64),
+            ("levels", 127.0, np.float32),
+            ("tiny", 1e-30, np.float32),
+            ("one", 1.0, np.float32),
+            ("x_zero", 128, np.uint8),
+            ("axis1", [1], np.int64),
+            ("columns", [n], np.int64),
+        )
+    ]
+    v = f"{prefix}/"
+    nodes = [
+        helper.make_node("Reshape", [x, v + "rows"], [v + "x2"]),
+        helper.make_node("Abs", [v + "x2"], [v + "abs"]),
+        helper.make_node("ReduceMax", [v + "abs", v + "axis1"], [v + "absmax"], keepdims=0),
+        helper.make_node("Max", [v + "absmax", v + "tiny"], [v + "absmax_nz"]),
+        helper.make_node("Div", [v + "absmax_nz", v + "levels"], [v + "x_scale"]),
+        helper.make_node("Shape", [v + "x_scale"], [v + "count"]),
+        helper.make_node(
+            "ConstantOfShape",
+            [v + "count"],
+            [v + "x_zeros"],
+            value=helper.make_tensor("zero", TensorProto.UINT8, [1], [128]),
+        ),
+        helper.make_node(
+            "QuantizeLinear", [v + "x2", v + "x_scale", v + "x_zeros"], [v + "xq"], axis=0
+        ),
+        helper.make_node(
+            "MatMulIntegerToFloat",
+            [v + "xq", v + "w", v + "one", v + "w_scale", v + "x_zero"],
+            [v + "y2"],
+            domain="com.microsoft",
+        ),
+        helper.make_node("Unsqueeze", [v + "x_scale", v + "axis1"], [v + "row_scale"]),
+        helper.make_node("Mul", [v + "y2", v + "row_scale"], [v + "y2_scaled"]),
+        helper.make_node("Shape", [x], [v + "lead"], end=-1),
+        helper.make_node("Concat", [v + "lead", v + "columns"], [v + "y_shape"], axis=0),
+        helper.make_node("Reshape", [v + "y2_scaled", v + "y_shape"], [output]),
+    ]
+    return nodes, constants
+
+
 def _with_contrib_opset(model) -> None:
     from onnx import helper
 
@@ -216,9 +358,11 @@ def rewrite(
     found: Sequence[Candidate],
     ranges: dict[str, ChannelRange],
     chosen: dict[int, Variant],
+    levels: int,
     gated: bool = False,
 ) -> None:
-    """Replace the candidates in `chosen` (index -> variant) by their int8 form, in place.
+    """Replace the candidates in `chosen` (index -> variant) by their int8 form, weights on
+    `levels` levels each side of 0, in place.
 
     `gated`: every chosen candidate keeps its float32 MatMul too, and input GATE (bool, one per
     chosen candidate in index order) picks which output flows on."""
@@ -236,8 +380,9 @@ def rewrite(
             continue
         c = found[index]
         weight = tensor_array(constants[c.weight], weights_dir)
+        weight = weight.T if c.transposed else weight
         target = f"{c.output}/int8" if gated else c.output
-        branch, tensors = quantized_nodes(c, weight, ranges[c.input], chosen[index], target)
+        branch, tensors = quantized_nodes(c, weight, ranges[c.input], chosen[index], target, levels)
         added += tensors
         if gated:
             node.output[0] = f"{c.output}/float32"
@@ -280,7 +425,13 @@ def session_from(model, weights_dir: Path):  # -> onnxruntime.InferenceSession
     )
 
 
-def calibration_batch(model_dir: Path, bos: int | None, max_context: int) -> np.ndarray:
+def calibration_batch(
+    model_dir: Path,
+    bos: int | None,
+    max_context: int,
+    texts: Sequence[Path] = tuple(CALIBRATION_TEXTS),
+    windows: int = CALIBRATION_WINDOWS,
+) -> np.ndarray:
     from tokenizers import Tokenizer
 
     from lmscore.export.manifest import TOKENIZER_NAME
@@ -289,10 +440,10 @@ def calibration_batch(model_dir: Path, bos: int | None, max_context: int) -> np.
     length = min(CALIBRATION_LENGTH, max_context - 1)
     prefix = [] if bos is None else [bos]
     rows = []
-    for path in CALIBRATION_TEXTS:
+    for path in texts:
         text = path.read_text(encoding="utf-8")
         ids = tokenizer.encode(text, add_special_tokens=False).ids
-        rows += [prefix + ids[i * length : (i + 1) * length] for i in range(CALIBRATION_WINDOWS)]
+        rows += [prefix + ids[i * length : (i + 1) * length] for i in range(windows)]
     return np.asarray([r for r in rows if len(r) == len(prefix) + length], dtype=np.int64)
 
 
@@ -307,20 +458,29 @@ def _run(session, batch: np.ndarray, names: Sequence[str], gates: np.ndarray | N
 
 
 def channel_ranges(
-    source: Path, found: Sequence[Candidate], batch: np.ndarray
+    source: Path, found: Sequence[Candidate], batch: np.ndarray, rows_per_run: int = 8
 ) -> dict[str, ChannelRange]:
-    """Per input channel min and max of each candidate's input over the calibration batch."""
+    """Per input channel min and max, and X^T X, of each candidate's input over `batch` (the
+    fitting text), a few rows per run so that the inputs of every layer never are in memory
+    at once for the whole batch."""
     from onnx import helper
 
     model = load_graph(source)
     names = list(dict.fromkeys(c.input for c in found))
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    values = _run(session_from(model, source.parent), batch, names)
-    ranges = {}
-    for name, value in zip(names, values, strict=True):
-        flat = value.reshape(-1, value.shape[-1])
-        ranges[name] = ChannelRange(flat.min(axis=0), flat.max(axis=0))
-    return ranges
+    session = session_from(model, source.parent)
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
+    gram: dict[str, np.ndarray] = {}
+    for start in range(0, len(batch), rows_per_run):
+        values = _run(session, batch[start : start + rows_per_run], names)
+        for name, value in zip(names, values, strict=True):
+            flat = value.reshape(-1, value.shape[-1])
+            wide = flat.astype(np.float64)
+            low[name] = np.minimum(low.get(name, np.inf), flat.min(axis=0))
+            high[name] = np.maximum(high.get(name, -np.inf), flat.max(axis=0))
+            gram[name] = gram.get(name, 0.0) + wide.T @ wide
+    return {name: ChannelRange(low[name], high[name], gram[name]) for name in names}
 
 
 class GatedGraph:
@@ -334,9 +494,10 @@ class GatedGraph:
         assignment: dict[int, Variant],
         batch: np.ndarray,
         reference: np.ndarray | None,
+        levels: int,
     ) -> None:
         model = load_graph(source)
-        rewrite(model, source.parent, found, ranges, assignment, gated=True)
+        rewrite(model, source.parent, found, ranges, assignment, levels, gated=True)
         self.session = session_from(model, source.parent)
         self.order = sorted(assignment)
         self.batch = batch
@@ -361,12 +522,18 @@ def search(
     max_context: int,
     budget: float = BUDGET,
     per_kind: int = GROUPS_PER_KIND,
+    int8_dot_product: bool | None = None,
 ) -> tuple[list[Candidate], dict[str, ChannelRange], dict[int, Variant], dict[str, Any]]:
     """(candidates, their input ranges, the chosen ones with their variant, what was
-    measured)."""
+    measured). `int8_dot_product`: whether the CPU the variant is for has one (default:
+    this one's), which decides the weights' levels."""
+    if int8_dot_product is None:
+        int8_dot_product = has_int8_dot_product()
+    levels = WEIGHT_LEVELS_VNNI if int8_dot_product else WEIGHT_LEVELS_AVX2
     found = candidates(load_graph(source))
     batch = calibration_batch(source.parent, bos, max_context)
-    ranges = channel_ranges(source, found, batch)
+    fitting = calibration_batch(source.parent, bos, max_context, FIT_TEXTS, FIT_WINDOWS)
+    ranges = channel_ranges(source, found, fitting)
     everything = range(len(found))
     kinds = list(dict.fromkeys(c.kind for c in found))
 
@@ -376,7 +543,7 @@ def search(
     runs = 0
     for variant in VARIANTS:
         every = dict.fromkeys(everything, variant)
-        graph = GatedGraph(source, found, ranges, every, batch, reference)
+        graph = GatedGraph(source, found, ranges, every, batch, reference, levels)
         reference = graph.reference
         by_variant[variant.name] = {
             kind: graph.deviation([i for i in everything if found[i].kind == kind])
@@ -388,7 +555,7 @@ def search(
     assignment = {i: scaling[found[i].kind] for i in everything}
 
     # 2. Sensitivity per group, 3. the longest cheap-first prefix within the budget.
-    graph = GatedGraph(source, found, ranges, assignment, batch, reference)
+    graph = GatedGraph(source, found, ranges, assignment, batch, reference, levels)
     all_groups = groups(found, per_kind)
     sensitivity = [graph.deviation(g.members) for g in all_groups]
     ranked = sorted(range(len(all_groups)), key=lambda g: sensitivity[g] / all_groups[g].elements)
@@ -414,6 +581,9 @@ def search(
     chosen = {i: assignment[i] for i in members(count)}
     kept = [all_groups[g].label for g in ranked[count:]]
     details = {
+        "weight_levels": levels,
+        # A variant with 8-bit weights gives wrong scores on a CPU without any of these.
+        REQUIRES_KEY: list(INT8_DOT_PRODUCT_FLAGS) if levels > WEIGHT_LEVELS_AVX2 else [],
         "quantized_matmuls": len(chosen),
         "weight_matmuls": len(found),
         "quantized_weight_fraction": sum(found[i].elements for i in chosen)
@@ -429,15 +599,22 @@ def search(
     return found, ranges, chosen, details
 
 
-def quantize_int8(source: Path, target: Path, budget: float = BUDGET) -> dict[str, Any]:
-    """Search on calibration text, then write the graph with the chosen MatMuls int8."""
+def quantize_int8(
+    source: Path, target: Path, budget: float = BUDGET, int8_dot_product: bool | None = None
+) -> dict[str, Any]:
+    """Search on calibration text, then write the graph with the chosen MatMuls int8, for a CPU
+    with an int8 dot product or not (default: as this one)."""
     from lmscore.export.manifest import Manifest
 
     manifest = Manifest.read(source.parent)
     found, ranges, chosen, details = search(
-        source, manifest.bos_token_id, manifest.max_context, budget
+        source,
+        manifest.bos_token_id,
+        manifest.max_context,
+        budget,
+        int8_dot_product=int8_dot_product,
     )
     model = load_graph(source)
-    rewrite(model, source.parent, found, ranges, chosen)
+    rewrite(model, source.parent, found, ranges, chosen, details["weight_levels"])
     save_model(model, target, weights_dir=source.parent)
     return details

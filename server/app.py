@@ -12,13 +12,15 @@ import logging
 import signal
 import time
 from concurrent.futures import Executor
+from pathlib import Path
 
 import grpc
 import onnxruntime
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lmscore.export.manifest import TOKENIZER_NAME, Manifest
+from lmscore.export.cpu import REQUIRES_KEY, cpu_flags
+from lmscore.export.manifest import TOKENIZER_NAME, Manifest, ManifestError
 from lmscore.export.words import read_word_starts
 from lmscore.server import metrics
 from lmscore.server.config import ModelSource, ServerConfig
@@ -49,6 +51,21 @@ class LoadedModel:
     info: scoring_pb2.ModelInfo
 
 
+def check_cpu(manifest: Manifest, directory: Path, flags: frozenset[str] | None = None) -> None:
+    """Refuse a quantized variant whose kernels give wrong scores on this CPU: 8-bit int8
+    weights overflow ONNX Runtime's u8 x s8 kernel where there is no int8 dot product."""
+    needed = (manifest.quantization or {}).get(REQUIRES_KEY) or []
+    flags = cpu_flags() if flags is None else flags
+    if needed and not flags & set(needed):
+        raise ManifestError(
+            f"{directory}: this {manifest.quantization['recipe']} variant was exported for a CPU"
+            f" with an int8 dot product ({' or '.join(needed)}), and this CPU has none: its"
+            " scores would be wrong here. Export the variant on this machine"
+            f" (`lmscore export --quantize {manifest.quantization['recipe']}`), which picks"
+            " weights this CPU computes exactly."
+        )
+
+
 def load_model(
     config: ServerConfig,
     source: ModelSource | None = None,
@@ -59,6 +76,7 @@ def load_model(
     engines (default: one of its own)."""
     source = source or config.models[0]
     manifest = Manifest.read(source.directory)
+    check_cpu(manifest, source.directory)
     runtime = OnnxCausalLM(source.directory, config.runtime)
     # Word scores need both halves of the export: the head's sums and the mask behind them.
     word_starts = read_word_starts(source.directory) if runtime.word_starts else None

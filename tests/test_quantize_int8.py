@@ -173,3 +173,97 @@ def test_int8_leaves_a_sensitive_matmul_float32(
     assert label in figures["float32_groups"]
     ops = {name: op for op, name in _graph_ops(tmp_path / "poisoned-int8")}
     assert ops[found[("mlp/down_proj", layer)].node] == "MatMul"
+
+
+def test_int8_weights_fit_the_cpu_they_were_exported_on(int8_variant: Path) -> None:
+    """8-bit weights only where the CPU has an int8 dot product (VNNI, AMX); 7 bits elsewhere,
+    where ONNX Runtime's u8 x s8 kernel adds pairs of products in int16."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lmscore.export.cpu import INT8_DOT_PRODUCT_FLAGS, REQUIRES_KEY, has_int8_dot_product
+
+    q = Manifest.read(int8_variant).quantization
+    assert q is not None
+    vnni = has_int8_dot_product()
+    assert q["weight_levels"] == (127 if vnni else 63)
+    assert q[REQUIRES_KEY] == (list(INT8_DOT_PRODUCT_FLAGS) if vnni else [])
+    model = onnx.load(str(int8_variant / ONNX_NAME))
+    weights = [
+        numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.name.endswith("/int8/w") and t.data_type == onnx.TensorProto.INT8
+    ]
+    assert len(weights) == q["quantized_matmuls"]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= q["weight_levels"]
+
+
+def test_server_refuses_an_8bit_variant_on_a_cpu_without_int8_dot_product(
+    int8_variant: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from lmscore.export.cpu import REQUIRES_KEY
+    from lmscore.export.manifest import ManifestError
+    from lmscore.server import app
+    from lmscore.server.config import ServerConfig
+
+    manifest = Manifest.read(int8_variant)
+    assert manifest.quantization is not None
+    copy = tmp_path / "int8-vnni"
+    shutil.copytree(int8_variant, copy)
+    needs = ["avx512_vnni", "avx_vnni", "amx_int8"]
+    dataclasses.replace(
+        manifest, quantization={**manifest.quantization, REQUIRES_KEY: needs}
+    ).write(copy)
+    monkeypatch.setattr(app, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    with pytest.raises(ManifestError, match="avx512_vnni or avx_vnni or amx_int8") as error:
+        app.load_model(ServerConfig(model_dir=copy))
+    assert "lmscore export --quantize int8" in str(error.value)
+    monkeypatch.setattr(app, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert app.load_model(ServerConfig(model_dir=copy)).info.quantization.recipe == "int8"
+
+
+def test_gptq_rounding_lowers_the_output_error_on_its_inputs() -> None:
+    """GPTQ against round-to-nearest on the same scale: the output error on correlated inputs
+    (what the fitting text gives) is smaller, and every weight stays on the grid."""
+    from lmscore.export.int8 import gptq
+
+    rng = np.random.default_rng(0)
+    k, n, tokens = 96, 40, 2000
+    mixing = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
+    x = rng.normal(size=(tokens, k)) @ mixing
+    w = rng.normal(size=(k, n))
+    scale = np.abs(w).max(axis=0) / 63
+    nearest = np.clip(np.rint(w / scale), -63, 63)
+    rounded = gptq(w, scale, x.T @ x, 63)
+    assert rounded.dtype == np.int8 and np.abs(rounded.astype(int)).max() <= 63
+
+    def output_error(q: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ (q * scale) - x @ w))
+
+    assert output_error(rounded) < 0.8 * output_error(nearest)
+
+
+def test_int8_for_a_cpu_without_int8_dot_product_keeps_7_bit_weights(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    """Exported for AVX2 (whatever this CPU has): weights within ±63, so that pairs of u8 x s8
+    products fit int16, and no CPU flag required."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lmscore.export.cpu import REQUIRES_KEY
+    from lmscore.export.int8 import quantize_int8
+
+    target = tmp_path / ONNX_NAME
+    details = quantize_int8(tiny_export / ONNX_NAME, target, int8_dot_product=False)
+    assert details["weight_levels"] == 63 and details[REQUIRES_KEY] == []
+    model = onnx.load(str(target))
+    weights = [
+        numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.name.endswith("/int8/w") and t.data_type == onnx.TensorProto.INT8
+    ]
+    assert len(weights) == details["quantized_matmuls"] > 0
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 63

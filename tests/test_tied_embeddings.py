@@ -190,3 +190,49 @@ def test_quantization_keeps_the_shared_output_layer_in_float32(
         assert float_matmuls and all("down_proj" in name for name in float_matmuls)
     else:
         assert float_matmuls == []
+
+
+def test_int8_quantizes_the_tied_output_layer_from_the_embedding(
+    tied_gemma3: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The `int8` recipe's candidates include the output layer that reads the embedding
+    transposed (FusedMatMul transB): its int8 form multiplies by the transposed matrix, the
+    embedding lookup keeps the float32 matrix, and the scores stay near float32's."""
+    from lmscore.export.cpu import has_int8_dot_product
+    from lmscore.export.graph_io import model_feeds
+    from lmscore.export.int8 import (
+        VARIANTS,
+        WEIGHT_LEVELS_AVX2,
+        WEIGHT_LEVELS_VNNI,
+        candidates,
+        channel_ranges,
+        rewrite,
+    )
+
+    _, export = tied_gemma3
+    model = load_graph(export / ONNX_NAME)
+    found = candidates(model)
+    [output_layer] = [c for c in found if c.transposed]
+    [embedding] = embedding_sized(model.graph)
+    assert output_layer.weight == embedding.name
+    assert output_layer.elements == VOCAB_SIZE * HIDDEN
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, VOCAB_SIZE, size=(4, 24))
+    ranges = channel_ranges(export / ONNX_NAME, found, ids)
+    per_token = next(v for v in VARIANTS if v.name == "per-token")
+    levels = WEIGHT_LEVELS_VNNI if has_int8_dot_product() else WEIGHT_LEVELS_AVX2
+    rewrite(model, export, found, ranges, {found.index(output_layer): per_token}, levels)
+    save_model(model, tmp_path / ONNX_NAME, weights_dir=export)
+    graph = load_graph(tmp_path / ONNX_NAME).graph
+    assert [n.op_type for n in graph.node if embedding.name in n.input] == ["Gather"]
+    assert output_layer.node not in {n.name for n in graph.node}
+
+    def target_logprobs(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        targets = np.roll(ids, -1, axis=1)
+        feeds = model_feeds(session.get_inputs(), ids, np.ones_like(ids), target_ids=targets)
+        return session.run(["target_logprobs"], feeds)[0][:, :-1]
+
+    deviation = np.abs(target_logprobs(tmp_path / ONNX_NAME) - target_logprobs(export / ONNX_NAME))
+    assert 0 < deviation.mean() < 0.05
