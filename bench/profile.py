@@ -24,8 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from lmscore.export.cpu import vector_flags
+
 GROUPS = ("GEMM", "attention", "vocabulary-wide scoring", "other")
-ORT_GEMMS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger"}
+ORT_GEMMS = {
+    "MatMul",
+    "FusedMatMul",
+    "Gemm",
+    "MatMulNBits",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+}
 ORT_ATTENTION = {"MultiHeadAttention", "GroupQueryAttention", "Attention"}
 TORCH_GEMMS = {"aten::mm", "aten::addmm", "aten::bmm"}
 TORCH_SCORING = {"aten::_log_softmax", "aten::gather"}
@@ -136,7 +146,7 @@ def profile_torch(source: str, ids: np.ndarray, runs: int) -> dict[str, float]:
 
 
 def table(ort_ms: dict[str, float], torch_ms: dict[str, float]) -> str:
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith("avx")})
+    flags = vector_flags()
     lines = [
         f"{os.cpu_count()} CPUs; CPU flags: {' '.join(flags)}",
         "| ms per run | ONNX Runtime | PyTorch eager | PyTorch / ONNX Runtime |",

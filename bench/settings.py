@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmscore.export.cpu import vector_flags
+
 SETTINGS = {
     "default (pre-packed)": ("--prepack",),
     "--low-memory": (),
@@ -33,6 +35,7 @@ def measure_one(model_dir: Path, prepack: bool, arena: bool) -> dict[str, float]
     from lmscore.bench.workloads import build_workloads
     from lmscore.server.app import load_model
     from lmscore.server.config import RuntimeOptions, ServerConfig
+    from lmscore.server.memory import resident_bytes
     from lmscore.server.requests import PlanOptions
 
     runtime = RuntimeOptions(low_memory=not prepack, cpu_arena=arena)
@@ -45,10 +48,9 @@ def measure_one(model_dir: Path, prepack: bool, arena: bool) -> dict[str, float]
         began = time.perf_counter()
         loaded.engine.score_sync(plan)
         times.append(time.perf_counter() - began)
-    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {
         "tokens_per_s": work.batch_tokens / statistics.median(times),
-        "rss_mb": resident / 2**20,
+        "rss_mb": (resident_bytes() or 0) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             command += ["--model", str(model_dir)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             figures[name].append(json.loads(output.strip().splitlines()[-1]))
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith("avx")})
+    flags = vector_flags()
     print(f"model {model_dir.name}; CPU flags: {' '.join(flags)}; {os.cpu_count()} CPUs")
     print("| setting | tokens/s (each round) | RSS after (MB) | peak RSS (MB) |")
     print("|---|---|---|---|")

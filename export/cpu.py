@@ -26,3 +26,10 @@ def cpu_flags() -> frozenset[str]:
 def has_int8_dot_product(flags: frozenset[str] | None = None) -> bool:
     flags = cpu_flags() if flags is None else flags
     return any(flag in flags for flag in INT8_DOT_PRODUCT_FLAGS)
+
+
+def vector_flags(flags: frozenset[str] | None = None) -> list[str]:
+    """The flags that decide which GEMM kernels run (AVX*, AMX*), sorted: printed beside
+    every benchmark figure."""
+    flags = cpu_flags() if flags is None else flags
+    return sorted(f for f in flags if f.startswith(("avx", "amx")))

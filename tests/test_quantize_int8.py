@@ -267,3 +267,14 @@ def test_int8_for_a_cpu_without_int8_dot_product_keeps_7_bit_weights(
     ]
     assert len(weights) == details["quantized_matmuls"] > 0
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 63
+
+
+def test_cpu_flags_that_decide_the_int8_kernels() -> None:
+    from lmscore.export.cpu import has_int8_dot_product, vector_flags
+
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    assert not has_int8_dot_product(avx2)
+    assert all(
+        has_int8_dot_product(avx2 | {flag}) for flag in ("avx512_vnni", "avx_vnni", "amx_int8")
+    )
+    assert vector_flags(avx2 | {"amx_int8", "avx512f"}) == ["amx_int8", "avx", "avx2", "avx512f"]
