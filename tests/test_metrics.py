@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) -> None:
+    def delta(name: str, **labels: str) -> float:
+        labels = {"model": "tiny-llama", **labels}  # every collector is labelled by model
+        return value(after, name, **labels) - value(before, name, **labels)
+
     port = free_port()
     with running_server(tiny_export, "--metrics-port", str(port)) as server:
         before = scrape_metrics(port)
@@ -32,11 +37,14 @@ def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) ->
             results = client.score([Item("The Program", [" is free", " is not"]), Item("", ["A"])])
             with pytest.raises(InvalidArgumentError):
                 client.score([Item("x", ["y"])], ScoreOptions(top_k=-1))
+        # The client has an aborted call's status as soon as the server sends it, before the
+        # server's interceptor counts the call: wait until both calls are counted.
         after = scrape_metrics(port)
-
-    def delta(name: str, **labels: str) -> float:
-        labels = {"model": "tiny-llama", **labels}  # every collector is labelled by model
-        return value(after, name, **labels) - value(before, name, **labels)
+        deadline = time.monotonic() + 10
+        while delta("lmscore_request_seconds_count", method=SCORE) < 2:
+            assert time.monotonic() < deadline, "the server did not count both calls"
+            time.sleep(0.05)
+            after = scrape_metrics(port)
 
     assert delta("lmscore_requests_total", method=SCORE, code="OK") == 1
     assert delta("lmscore_requests_total", method=SCORE, code="INVALID_ARGUMENT") == 1
