@@ -33,6 +33,7 @@ import grpc
 from lmscore.bench.runner import ServerUnderTest, percentile
 from lmscore.bench.workloads import LICENSES
 from lmscore.client import Item, ScoringClient
+from lmscore.export.cpu import vector_flags
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.export.paths import default_model_dir
 from lmscore.server.tokenization import TextTokenizer
@@ -43,14 +44,15 @@ DEADLINE_S = 5.0
 
 def cpu_description() -> str:
     """The CPU's model and the vector extensions that decide ORT's and PyTorch's kernels."""
-    model, flags = "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model == "unknown CPU":
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags)}"
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    return f"{model}, {os.cpu_count()} CPUs, {' '.join(vector_flags())}"
 
 
 @contextmanager

@@ -113,7 +113,7 @@ class Group:
 class ChannelRange:
     low: np.ndarray  # per input channel, over the calibration tokens
     high: np.ndarray
-    gram: np.ndarray | None = None  # X^T X over the calibration tokens (float64), for GPTQ
+    gram: np.ndarray  # X^T X over the fitting tokens (float64), for GPTQ
 
     @property
     def absmax(self) -> np.ndarray:
@@ -190,7 +190,7 @@ def quantized_nodes(
     levels: int,
 ) -> tuple[list[Any], list[Any]]:
     """(nodes, initializers) computing `output` from the candidate's input in int8, weights
-    rounded by GPTQ where the fitting text's second moments are known."""
+    rounded by GPTQ against the fitting text's second moments."""
     from onnx import helper, numpy_helper
 
     prefix = f"{candidate.node}/int8"
@@ -211,11 +211,8 @@ def quantized_nodes(
         x = f"{prefix}/x"
     scale = np.abs(w).max(axis=0) / levels
     scale = np.where(scale > 0, scale, 1.0)
-    if channels.gram is not None:
-        gram = channels.gram * np.outer(shrink, shrink)  # the second moments of x / s
-        q = gptq(w, scale, gram, levels)
-    else:
-        q = np.clip(np.rint(w / scale), -levels, levels).astype(np.int8)
+    gram = channels.gram * np.outer(shrink, shrink)  # the second moments of x / s
+    q = gptq(w, scale, gram, levels)
     tensors += [
         numpy_helper.from_array(q, f"{prefix}/w"),
         numpy_helper.from_array(scale.astype(np.float32), f"{prefix}/w_scale"),

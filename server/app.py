@@ -51,12 +51,11 @@ class LoadedModel:
     info: scoring_pb2.ModelInfo
 
 
-def check_cpu(manifest: Manifest, directory: Path, flags: frozenset[str] | None = None) -> None:
+def check_cpu(manifest: Manifest, directory: Path) -> None:
     """Refuse a quantized variant whose kernels give wrong scores on this CPU: 8-bit int8
     weights overflow ONNX Runtime's u8 x s8 kernel where there is no int8 dot product."""
     needed = (manifest.quantization or {}).get(REQUIRES_KEY) or []
-    flags = cpu_flags() if flags is None else flags
-    if needed and not flags & set(needed):
+    if needed and not cpu_flags() & set(needed):
         raise ManifestError(
             f"{directory}: this {manifest.quantization['recipe']} variant was exported for a CPU"
             f" with an int8 dot product ({' or '.join(needed)}), and this CPU has none: its"
