@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,21 @@ def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def scrape_metrics_until(
+    port: int, counted: Callable[[dict[tuple[str, tuple[tuple[str, str], ...]], float]], bool]
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A server's samples once `counted(samples)` holds (at most 10 s): the client has an
+    aborted call's status as soon as the server sends it, before the server's interceptor
+    counts the call, so a scrape right after the call can miss it."""
+    deadline = time.monotonic() + 10
+    samples = scrape_metrics(port)
+    while not counted(samples):
+        assert time.monotonic() < deadline, "the server did not count the calls in 10 s"
+        time.sleep(0.05)
+        samples = scrape_metrics(port)
+    return samples
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, running_server, scrape_metrics
+from conftest import free_port, running_server, scrape_metrics, scrape_metrics_until
 from lmscore.client import InvalidArgumentError, Item, ScoreOptions, ScoringClient
 
 SCORE = "/lmscore.v1.Scorer/Score"
@@ -37,14 +36,11 @@ def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) ->
             results = client.score([Item("The Program", [" is free", " is not"]), Item("", ["A"])])
             with pytest.raises(InvalidArgumentError):
                 client.score([Item("x", ["y"])], ScoreOptions(top_k=-1))
-        # The client has an aborted call's status as soon as the server sends it, before the
-        # server's interceptor counts the call: wait until both calls are counted.
-        after = scrape_metrics(port)
-        deadline = time.monotonic() + 10
-        while delta("lmscore_request_seconds_count", method=SCORE) < 2:
-            assert time.monotonic() < deadline, "the server did not count both calls"
-            time.sleep(0.05)
-            after = scrape_metrics(port)
+        calls = {"method": SCORE, "model": "tiny-llama"}
+        counted = value(before, "lmscore_request_seconds_count", **calls) + 2
+        after = scrape_metrics_until(
+            port, lambda s: value(s, "lmscore_request_seconds_count", **calls) >= counted
+        )
 
     assert delta("lmscore_requests_total", method=SCORE, code="OK") == 1
     assert delta("lmscore_requests_total", method=SCORE, code="INVALID_ARGUMENT") == 1

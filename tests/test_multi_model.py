@@ -17,7 +17,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import LMSCORE, ServerProcess, free_port, running_server, scrape_metrics
+from conftest import (
+    LMSCORE,
+    ServerProcess,
+    free_port,
+    running_server,
+    scrape_metrics,
+    scrape_metrics_until,
+)
 from lmscore.client import (
     AsyncScoringClient,
     Item,
@@ -165,7 +172,13 @@ def test_metrics_and_health_per_model(client, two_models, metrics_port: int) -> 
     client.score([Item("a", [" b"])])
     with pytest.raises(ModelNotFoundError):
         client.score([Item("a", [" b"])], ScoreOptions(model="unknown"))
-    after = scrape_metrics(metrics_port)
+    not_found = (
+        "lmscore_requests_total",
+        (("code", "NOT_FOUND"), ("method", f"/{SCORER}/Score"), ("model", "")),
+    )
+    after = scrape_metrics_until(
+        metrics_port, lambda s: s.get(not_found, 0) > before.get(not_found, 0)
+    )
 
     def delta(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
