@@ -238,6 +238,8 @@ def test_gptq_rounding_lowers_the_output_error_on_its_inputs() -> None:
     nearest = np.clip(np.rint(w / scale), -63, 63)
     rounded = gptq(w, scale, x.T @ x, 63)
     assert rounded.dtype == np.int8 and np.abs(rounded.astype(int)).max() <= 63
+    # Output channels are independent: rounding them a few at a time changes nothing.
+    assert np.array_equal(gptq(w, scale, x.T @ x, 63, columns=7), rounded)
 
     def output_error(q: np.ndarray) -> float:
         return float(np.linalg.norm(x @ (q * scale) - x @ w))
@@ -278,3 +280,23 @@ def test_cpu_flags_that_decide_the_int8_kernels() -> None:
         has_int8_dot_product(avx2 | {flag}) for flag in ("avx512_vnni", "avx_vnni", "amx_int8")
     )
     assert vector_flags(avx2 | {"amx_int8", "avx512f"}) == ["amx_int8", "avx", "avx2", "avx512f"]
+
+
+def test_int8_export_rounds_each_weight_once_per_smoothing(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTQ is most of an int8 export's time: the search and the final graph share one
+    rounding per (MatMul, smoothing), however many activation scalings reuse it."""
+    from lmscore.export import int8
+
+    calls: list[tuple[int, int]] = []
+    rounding = int8.gptq
+
+    def counted(w: np.ndarray, *args, **kwargs) -> np.ndarray:
+        calls.append(w.shape)
+        return rounding(w, *args, **kwargs)
+
+    monkeypatch.setattr(int8, "gptq", counted)
+    details = int8.quantize_int8(tiny_export / ONNX_NAME, tmp_path / ONNX_NAME)
+    smoothings = {v.smoothing for v in int8.VARIANTS}
+    assert len(calls) == details["weight_matmuls"] * len(smoothings)

@@ -204,6 +204,7 @@ def test_int8_quantizes_the_tied_output_layer_from_the_embedding(
         VARIANTS,
         WEIGHT_LEVELS_AVX2,
         WEIGHT_LEVELS_VNNI,
+        Roundings,
         candidates,
         channel_ranges,
         rewrite,
@@ -222,7 +223,8 @@ def test_int8_quantizes_the_tied_output_layer_from_the_embedding(
     ranges = channel_ranges(export / ONNX_NAME, found, ids)
     per_token = next(v for v in VARIANTS if v.name == "per-token")
     levels = WEIGHT_LEVELS_VNNI if has_int8_dot_product() else WEIGHT_LEVELS_AVX2
-    rewrite(model, export, found, ranges, {found.index(output_layer): per_token}, levels)
+    roundings = Roundings(export / ONNX_NAME, ranges, levels)
+    rewrite(model, found, {found.index(output_layer): per_token}, roundings)
     save_model(model, tmp_path / ONNX_NAME, weights_dir=export)
     graph = load_graph(tmp_path / ONNX_NAME).graph
     assert [n.op_type for n in graph.node if embedding.name in n.input] == ["Gather"]
