@@ -4,9 +4,10 @@
 
 Each setting runs in a process of its own (so that its memory is its own), in turn, for
 `--rounds` rounds: the engine in-process on the benchmark's 8 x 128-token batch, median
-tokens/s of 5 runs after a warm-up, RSS after the runs and peak RSS. The default of
-`lmscore serve` is pre-packed weights without the arena; `--low-memory` leaves the
-pre-packed copies out (docs/benchmarks.md, session settings).
+tokens/s of 5 runs after a warm-up, RSS after the runs, after going idle (what the model
+thread then hands back: the arena shrunk, the heap trimmed) and peak RSS. The default of
+`lmscore serve` is pre-packed weights with the arena; `--low-memory` leaves the pre-packed
+copies out, `--no-cpu-arena` the arena (docs/benchmarks.md, session settings).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from pathlib import Path
 from lmscore.export.cpu import vector_flags
 
 SETTINGS = {
-    "default (pre-packed)": ("--prepack",),
-    "--low-memory": (),
-    "pre-packed + --cpu-arena": ("--prepack", "--arena"),
-    "--low-memory + --cpu-arena": ("--arena",),
+    "default (pre-packed, arena)": ("--prepack", "--arena"),
+    "--low-memory": ("--arena",),
+    "--no-cpu-arena": ("--prepack",),
+    "--low-memory --no-cpu-arena": (),
 }
 
 
@@ -35,7 +36,7 @@ def measure_one(model_dir: Path, prepack: bool, arena: bool) -> dict[str, float]
     from lmscore.bench.workloads import build_workloads
     from lmscore.server.app import load_model
     from lmscore.server.config import RuntimeOptions, ServerConfig
-    from lmscore.server.memory import resident_bytes
+    from lmscore.server.memory import release_free_memory, resident_bytes
     from lmscore.server.requests import PlanOptions
 
     runtime = RuntimeOptions(low_memory=not prepack, cpu_arena=arena)
@@ -48,9 +49,13 @@ def measure_one(model_dir: Path, prepack: bool, arena: bool) -> dict[str, float]
         began = time.perf_counter()
         loaded.engine.score_sync(plan)
         times.append(time.perf_counter() - began)
+    rss = resident_bytes() or 0
+    loaded.engine.runner.model.shrink_arena()
+    release_free_memory()
     return {
         "tokens_per_s": work.batch_tokens / statistics.median(times),
-        "rss_mb": (resident_bytes() or 0) / 2**20,
+        "rss_mb": rss / 2**20,
+        "idle_rss_mb": (resident_bytes() or 0) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -78,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             figures[name].append(json.loads(output.strip().splitlines()[-1]))
     flags = vector_flags()
     print(f"model {model_dir.name}; CPU flags: {' '.join(flags)}; {os.cpu_count()} CPUs")
-    print("| setting | tokens/s (each round) | RSS after (MB) | peak RSS (MB) |")
-    print("|---|---|---|---|")
+    print("| setting | tokens/s (each round) | RSS after (MB) | idle RSS (MB) | peak RSS (MB) |")
+    print("|---|---|---|---|---|")
     for name, rounds in figures.items():
         rates = " / ".join(f"{r['tokens_per_s']:.0f}" for r in rounds)
         rss = statistics.median(r["rss_mb"] for r in rounds)
+        idle = statistics.median(r["idle_rss_mb"] for r in rounds)
         peak = statistics.median(r["peak_rss_mb"] for r in rounds)
-        print(f"| {name} | {rates} | {rss:.0f} | {peak:.0f} |")
+        print(f"| {name} | {rates} | {rss:.0f} | {idle:.0f} | {peak:.0f} |")
     return 0
 
 

@@ -62,9 +62,10 @@ def _windows(ids: list[int], bos: int | None, count: int, length: int) -> np.nda
 def _session(path: Path):  # -> onnxruntime.InferenceSession
     import onnxruntime as ort
 
-    # The server's defaults (lmscore.server.config), so that the speed-up is the server's:
-    # pre-packed weights, no CPU arena (with it, the two sessions' arenas held 15.7 GB after
-    # the interleaved runs on Gemma-3; the whole measurement now peaks at 6.1 GB).
+    # Pre-packed weights, as the server runs; no CPU arena: the server bounds a run's
+    # vocabulary-wide tensors and shrinks its one arena when idle, but these two sessions'
+    # arenas held 15.7 GB after the interleaved whole-batch runs on Gemma-3 (6.1 GB without).
+    # `lmscore bench` measures the variant again under the server's own settings.
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -45,12 +45,15 @@ class RuntimeOptions:
     intra_op_threads: int = field(
         default=0, metadata=flag("ONNX Runtime threads per run; 0 = one per physical core")
     )
-    # ORT's CPU arena keeps the peak of every batch shape forever (onnxruntime #11627);
-    # without it memory goes back after each run, for a few percent of speed.
+    # ORT's CPU arena keeps the peak of every batch shape (onnxruntime #11627) until it is
+    # shrunk, which the model thread does when it goes idle after a burst. Without it every
+    # run's large buffers are mapped afresh and fault in: 5-25 % slower on SmolLM2, 29 % on
+    # Gemma-3's 262k vocabulary (docs/benchmarks.md).
     cpu_arena: bool = field(
-        default=False,
+        default=True,
         metadata=flag(
-            "keep ONNX Runtime's CPU memory arena (a little faster; memory never shrinks)"
+            "ONNX Runtime's CPU memory arena, shrunk when the model goes idle after a burst "
+            "(off: buffers freed after every run, slower, large vocabularies most)"
         ),
     )
     # ONNX Runtime pre-packs each weight matrix into the layout its GEMM reads fastest, a

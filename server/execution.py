@@ -94,6 +94,8 @@ class TokenScorer(Protocol):
         return_present: bool = False,
     ) -> tuple[BatchScores, KeyValueCache | None]: ...
 
+    def shrink_arena(self) -> bool: ...
+
 
 class PlanProgress:
     """Which sequences of a plan are scored, and which completions each new batch completes."""
@@ -169,7 +171,7 @@ class PlanRunner:
             settings.max_queue_delay_ms / 1000,
             settings.cross_request_batching,
             settings.prefill_chunk_tokens,
-            on_idle=release_after_burst,
+            on_idle=functools.partial(release_after_burst, model.shrink_arena),
             name=name,
         )
 

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,17 @@ def release_free_memory(min_interval: float = 0.0) -> bool:
     return True
 
 
-def release_after_burst() -> bool:
+def release_after_burst(free_arenas: Callable[[], object] | None = None) -> bool:
     """What the model thread runs whenever it goes idle: a trim once RSS is
     IDLE_TRIM_GROWTH_BYTES above its resting size (trims between a long run's chunks do
-    not move that)."""
+    not move that). `free_arenas` first hands back what allocators above malloc keep (ONNX
+    Runtime's CPU arena, where it is on)."""
     global _resting_rss
     rss = resident_bytes()
     if rss is not None and rss - _resting_rss < IDLE_TRIM_GROWTH_BYTES:
         return False
+    if free_arenas is not None:
+        free_arenas()
     released = release_free_memory()
     if released:
         _resting_rss = resident_bytes() or 0

@@ -45,6 +45,8 @@ from lmscore.server.scoring import BatchScores
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# Run option: free the listed arenas' unused regions at the end of the run.
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,7 @@ class OnnxCausalLM:
         # Exports since word scores sum the word-start tokens' probability in the head.
         self.word_starts = WORD_START_OUTPUT in outputs
         self.io_binding = options.io_binding
+        self.cpu_arena = options.cpu_arena and self.device == "cpu"
         self._bind_device = (
             ("cuda", int(self.session.get_provider_options()[CUDA].get("device_id", 0)))
             if self.device == "cuda"
@@ -299,6 +302,19 @@ class OnnxCausalLM:
             else None
         )
         return scores, present
+
+    def shrink_arena(self) -> bool:
+        """Hand the CPU arena's unused regions back to the system; False without an arena.
+        ONNX Runtime shrinks an arena only at the end of a run that asks for it, so this is
+        a one-token run (milliseconds) with that option."""
+        if not self.cpu_arena:
+            return False
+        ids = np.zeros((1, 1), dtype=np.int64)
+        feeds = model_feeds(self._inputs, ids, np.ones_like(ids), target_ids=ids)
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
+        self.session.run(["target_logprobs"], feeds, run_options)
+        return True
 
     def _bound_past(self, past: Mapping[str, PastValue], repeats: int) -> dict[str, PastValue]:
         """The past feeds of an IO-bound run: OrtValues stay where they are (a batch-1 cache

@@ -60,3 +60,37 @@ def test_a_trim_between_chunks_does_not_raise_the_resting_size() -> None:
     grown = memory.resident_bytes()
     assert memory.release_after_burst()
     assert memory.resident_bytes() < grown - memory.IDLE_TRIM_GROWTH_BYTES // 2
+
+
+def test_going_idle_frees_the_arenas_only_after_a_burst() -> None:
+    """ONNX Runtime's arena (on by default) is handed back with the heap after a burst, and
+    kept, like the heap, after a short request."""
+    freed: list[int] = []
+    kept = [_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB)]
+    assert memory.release_after_burst(lambda: freed.append(1))
+    assert freed == [1]
+    kept.append(_burst(16 * MIB))
+    assert not memory.release_after_burst(lambda: freed.append(2))
+    assert freed == [1]
+
+
+def test_a_shrunk_arena_scores_as_before(tiny_export) -> None:  # type: ignore[no-untyped-def]
+    """The CPU arena: shrinking is a one-token run that leaves every later score as it was,
+    the same as without the arena; without the arena there is nothing to shrink."""
+    import numpy as np
+
+    from lmscore.server.config import RuntimeOptions
+    from lmscore.server.runtime import OnnxCausalLM
+
+    ids = np.random.default_rng(0).integers(3, 500, (4, 40))
+    mask, targets = np.ones_like(ids), np.roll(ids, -1, axis=1)
+    arena = OnnxCausalLM(tiny_export, RuntimeOptions(cpu_arena=True))
+    plain = OnnxCausalLM(tiny_export, RuntimeOptions(cpu_arena=False))
+    before, _ = arena.score(ids, mask, targets, top_k=3)
+    assert arena.shrink_arena()
+    after, _ = arena.score(ids, mask, targets, top_k=3)
+    reference, _ = plain.score(ids, mask, targets, top_k=3)
+    assert not plain.shrink_arena()
+    for scores in (after, reference):
+        np.testing.assert_array_equal(scores.logprobs, before.logprobs)
+        np.testing.assert_array_equal(scores.top_ids, before.top_ids)
