@@ -84,6 +84,9 @@ class FakeCausalModel:
             logprobs, ranks, top_logprobs, top_ids, word_starts if masked else None
         ), present
 
+    def shrink_arena(self) -> bool:
+        return False  # no ONNX Runtime arena to hand back
+
     def logits(self, ids: list[int]) -> np.ndarray:
         """float64 logits at every position of a whole sequence, computed afresh."""
         state = np.zeros(VOCAB, np.float64)
