@@ -253,9 +253,9 @@ def quantized_nodes(
     prefix = f"{candidate.node}/int8"
     nodes, tensors = [], []
     x = candidate.input
-    shrink = np.ones(rounded.q.shape[0]) if rounded.shrink is None else rounded.shrink
     if rounded.shrink is not None:
-        tensors.append(numpy_helper.from_array(shrink.astype(np.float32), f"{prefix}/smooth"))
+        smooth = rounded.shrink.astype(np.float32)
+        tensors.append(numpy_helper.from_array(smooth, f"{prefix}/smooth"))
         nodes.append(helper.make_node("Mul", [x, f"{prefix}/smooth"], [f"{prefix}/x"]))
         x = f"{prefix}/x"
     tensors += [
@@ -275,6 +275,7 @@ def quantized_nodes(
             )
         )
         return nodes, tensors
+    shrink = 1.0 if rounded.shrink is None else rounded.shrink  # the range of x / s
     low = min(0.0, float((channels.low * shrink).min()))
     high = max(0.0, float((channels.high * shrink).max()))
     a_scale = (high - low) / 255 if high > low else 1.0
