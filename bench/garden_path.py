@@ -32,13 +32,14 @@ PAIRS = [
 def surprisals(model_dir: Path) -> list[dict]:
     from lmscore.server.app import load_model
     from lmscore.server.config import ServerConfig
-    from lmscore.server.requests import ItemInput, PlanOptions
+    from lmscore.server.requests import ItemInput
+    from lmscore.v1.options import ScoreOptions
 
     loaded = load_model(ServerConfig(model_dir=model_dir))
     sentences = [s for pair in PAIRS for s in pair]
     # The model's own BOS rule (SmolLM2: none; its BOS is the chat template's
     # <|im_start|>, after which plain prose is unlikely), so a first word may go unscored.
-    options = PlanOptions(words=True)
+    options = ScoreOptions(words=True)
     plan = loaded.engine.plan([ItemInput(None, [s]) for s in sentences], options)
     results = loaded.engine.score_sync(plan)
     loaded.engine.close()

@@ -12,15 +12,15 @@ this table: tokens saved = (completions - 1) x prompt.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
 from lmscore.bench.runner import timed
 from lmscore.export.paths import default_model_dir
 from lmscore.server.app import load_model
-from lmscore.server.config import ServerConfig
-from lmscore.server.requests import ItemInput, PlanOptions
+from lmscore.server.config import EngineSettings, ServerConfig
+from lmscore.server.requests import ItemInput
+from lmscore.v1.options import ScoreOptions
 
 GRID = ((14, 2), (32, 4), (64, 2), (64, 4), (128, 2), (128, 4))
 ITEMS = 12
@@ -33,7 +33,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
-    engine = load_model(ServerConfig(model_dir=model_dir)).engine
+    # The same model twice, with prefix reuse and without, scoring the same plans in turn.
+    engines = {
+        reuse: load_model(
+            ServerConfig(
+                model_dir=model_dir,
+                engine=EngineSettings(prefix_reuse=reuse, min_prefix_reuse_tokens=1),
+            )
+        ).engine
+        for reuse in (True, False)
+    }
+    engine = engines[True]
     text = Path("/usr/share/common-licenses/GPL-3").read_text()
     ids = engine.tokenizer.encode(text)
     print("| prompt tokens | completions | tokens saved | reuse s | full s | full / reuse |")
@@ -51,18 +61,16 @@ def main() -> int:
             ]
             items.append(ItemInput(prompt, answers))
         seconds = {}
-        for reuse in (True, False):
-            settings = dataclasses.replace(
-                engine.settings, prefix_reuse=reuse, min_prefix_reuse_tokens=1
-            )
-            plan = engine.plan(items, PlanOptions(), settings=settings)
-            seconds[reuse] = timed(lambda plan=plan: engine.score_sync(plan), args.repeats).median
+        for reuse, scorer in engines.items():
+            plan = scorer.plan(items, ScoreOptions())
+            seconds[reuse] = timed(lambda s=scorer, p=plan: s.score_sync(p), args.repeats).median
         saved = (completions - 1) * prompt_len
         print(
             f"| {prompt_len} | {completions} | {saved} | {seconds[True]:.2f} | "
             f"{seconds[False]:.2f} | {seconds[False] / seconds[True]:.2f} |"
         )
-    engine.close()
+    for scorer in engines.values():
+        scorer.close()
     return 0
 
 

@@ -31,7 +31,8 @@ from lmscore.server.app import load_model, warm_up
 from lmscore.server.batching import IDLE_DELAY_S
 from lmscore.server.config import ServerConfig
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import ItemInput, PlanOptions
+from lmscore.server.requests import ItemInput, TokenInput
+from lmscore.v1.options import ScoreOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +68,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def _ids(tokens: TokenInput | None) -> list[int]:
+    """The token ids of a workload's prompt or completion: lmscore.bench.workloads cuts
+    every one from tokenized text (only a prompt may be None, the empty prompt)."""
+    if tokens is None or isinstance(tokens, str):
+        raise TypeError(f"a workload holds token ids, got {tokens!r}")
+    return list(tokens)
+
+
 def _as_client_item(item: ItemInput) -> Item:
-    return Item(item.prompt, list(item.completions))  # type: ignore[arg-type]
+    return Item(item.prompt, [_ids(completion) for completion in item.completions])
 
 
 class ServerUnderTest:
@@ -100,6 +109,12 @@ class ServerUnderTest:
             client.wait_until_ready(timeout=300)
         self.cold_start_s = time.perf_counter() - began
 
+    def __enter__(self) -> ServerUnderTest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def rss_bytes(self) -> int:
         """The server's RSS once idle past its heap trim (lmscore.server.batching.IDLE_DELAY_S):
         what it holds between bursts."""
@@ -121,18 +136,19 @@ class ServerUnderTest:
         self.process.wait(timeout=60)
 
 
-def _in_process(engine: ScoringEngine, items: list[ItemInput], options: PlanOptions) -> list:
+def _in_process(engine: ScoringEngine, items: list[ItemInput], options: ScoreOptions) -> list:
     return engine.score_sync(engine.plan(items, options))
 
 
 def measure_in_process(engine: ScoringEngine, work: Workloads, repeats: int) -> dict[str, Any]:
-    options = PlanOptions()
+    options = ScoreOptions()
     batch = timed(lambda: _in_process(engine, work.batch, options), repeats)
-    naive_options = PlanOptions(marginal_mode="separate_pass")
+    naive_options = ScoreOptions(marginal_mode="separate_pass")
     completions = list(work.choice.completions)
 
     def naive() -> list:
-        # The seed's method: per completion, a joint pass over [x, y] and a marginal pass over x.
+        # Without prefix reuse: per completion, a joint pass over [x, y] and a marginal pass
+        # over x.
         return [
             _in_process(engine, [ItemInput(work.choice.prompt, [c])], naive_options)[0]
             for c in completions
@@ -141,10 +157,9 @@ def measure_in_process(engine: ScoringEngine, work: Workloads, repeats: int) -> 
     def reuse() -> list:
         return _in_process(engine, [work.choice], options)
 
-    cache = engine.runner.prefix_cache
     naive_timing = timed(naive, max(1, repeats // 2))
     # Each run from an empty prefix cache: the figure is prefix reuse within one request.
-    reuse_timing = timed(lambda: (cache.clear(), reuse()), repeats)
+    reuse_timing = timed(lambda: (engine.reset_prefix_cache(), reuse()), repeats)
     max_diff = max(
         abs(a.conditional_logprob - b.conditional_logprob)
         for a, b in zip(naive(), reuse(), strict=True)
@@ -165,26 +180,23 @@ def measure_in_process(engine: ScoringEngine, work: Workloads, repeats: int) -> 
 def measure_few_shot(engine: ScoringEngine, work: Workloads) -> dict[str, Any]:
     """The 5-shot workload one question per request, with the prefix cache off, then on
     (empty at the start): seconds of each, their ratio and the largest difference."""
-    cache = engine.runner.prefix_cache
-    budget = cache.max_bytes or 256 * 2**20
+    budget = engine.prefix_cache_budget or 256 * 2**20
 
     def run_all() -> list:
-        return [_in_process(engine, [item], PlanOptions()) for item in work.few_shot]
+        return [_in_process(engine, [item], ScoreOptions()) for item in work.few_shot]
 
     phases: dict[str, Any] = {}
     for label, max_bytes in (("off", 0), ("on", budget)):
-        cache.clear()
-        cache.max_bytes = max_bytes
-        hits_before = cache.hits
+        engine.reset_prefix_cache(max_bytes)
+        hits_before = engine.stats().prefix_cache_hits
         began = time.perf_counter()
         results = run_all()
         phases[label] = {
             "seconds": time.perf_counter() - began,
             "results": results,
-            "hits": cache.hits - hits_before,
+            "hits": engine.stats().prefix_cache_hits - hits_before,
         }
-    cache.max_bytes = budget
-    cache.clear()
+    engine.reset_prefix_cache(budget)
     max_diff = max(
         abs(a.conditional_logprob - b.conditional_logprob)
         for x, y in zip(phases["off"]["results"], phases["on"]["results"], strict=True)
@@ -216,7 +228,7 @@ def pytorch_runs(
         str(resolved.directory), dtype=torch.float32, **kwargs
     ).eval()
     prefix = [] if bos is None else [bos]
-    ids = torch.tensor([prefix + list(item.completions[0]) for item in work.batch])  # type: ignore[arg-type]
+    ids = torch.tensor([prefix + _ids(item.completions[0]) for item in work.batch])
 
     def run(ids: Any = ids) -> float:
         with torch.no_grad():
@@ -225,7 +237,7 @@ def pytorch_runs(
 
     # The short pair as HFLM scores it: one pass over [BOS] + prompt + completion.
     pair = work.short_pair
-    pair_ids = torch.tensor([prefix + list(pair.prompt) + list(pair.completions[0])])  # type: ignore[arg-type]
+    pair_ids = torch.tensor([prefix + _ids(pair.prompt) + _ids(pair.completions[0])])
     return run, functools.partial(run, pair_ids)
 
 
@@ -244,10 +256,9 @@ def measure_side_by_side(
     paths: dict[str, Callable[[], object]], repeats: int, units: float
 ) -> dict[str, dict[str, float]]:
     """Each path in turn, the order rotated every round: the machine's drift over a run
-    (10-20 % here between phases minutes apart) falls on every path alike, so their ratios
-    hold. Each turn runs its path twice and times the second run: the first after a switch
-    from another process or library ran 0.3-1.5 s slower here (caches, page faults), which
-    a server under steady load does not pay."""
+    falls on every path alike, so their ratios hold. Each turn runs its path twice and
+    times the second run: the first after a switch from another process or library runs
+    slower (caches, page faults), which a server under steady load does not pay."""
     names = list(paths)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats):
@@ -271,9 +282,9 @@ def measure_short_pair(
 ) -> dict[str, float]:
     """The short pair in-process and through gRPC, alternately, after a pause each: the
     overhead is the median of the per-pair differences, so that the machine's drift over a
-    run (10 ms either way on a ~90 ms call here) falls on both sides alike."""
+    run falls on both sides alike."""
     pair = [_as_client_item(work.short_pair)]
-    options = PlanOptions()
+    options = ScoreOptions()
     in_process: list[float] = []
     through_grpc: list[float] = []
     for call in range(calls + 5):  # the first 5 warm up
@@ -306,19 +317,38 @@ def measure_grpc(
     engine: ScoringEngine | None = None,
     pytorch_batch: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
-    """`engine`: the same model in-process, and `pytorch_batch`, PyTorch's batch run: with
-    them, the batch runs side by side with gRPC's and the short pair is measured paired."""
-    # The prefix cache off: the multiple-choice figure is reuse within one request, as the
-    # in-process one (the few-shot workload measures the cache).
-    server = ServerUnderTest(model_dir, "--prefix-cache-bytes", "0")
-    try:
+    """The full gRPC path, on three servers in turn: the default one (the prefix cache off),
+    one without cross-request batching, and one with --low-memory. `engine`: the same model
+    in-process, and `pytorch_batch`, PyTorch's batch run: with them, the batch runs side by
+    side with gRPC's and the short pair is measured paired."""
+    result = measure_default_server(model_dir, work, repeats, concurrency, engine, pytorch_batch)
+    result.update(measure_unbatched_server(model_dir, work, concurrency))
+    result["concurrency_speedup"] = (
+        result["concurrent_batched"]["pairs_per_s"] / result["concurrent_unbatched"]["pairs_per_s"]
+    )
+    result["low_memory"] = measure_low_memory_server(model_dir, work, repeats)
+    return result
+
+
+def measure_default_server(
+    model_dir: Path,
+    work: Workloads,
+    repeats: int,
+    concurrency: int,
+    engine: ScoringEngine | None,
+    pytorch_batch: Callable[[], object] | None,
+) -> dict[str, Any]:
+    """`lmscore serve` with its defaults but the prefix cache off: the multiple-choice figure
+    is reuse within one request, as the in-process one (the few-shot workload measures the
+    cache). Its start, memory, batch (beside the other paths), latencies and concurrency."""
+    with ServerUnderTest(model_dir, "--prefix-cache-bytes", "0") as server:
         with ScoringClient(server.address, timeout=600) as client:
             batch_items = [_as_client_item(i) for i in work.batch]
             paths: dict[str, Callable[[], object]] = {
                 "grpc": functools.partial(client.score, batch_items)
             }
             if engine is not None:
-                paths["ort"] = functools.partial(_in_process, engine, work.batch, PlanOptions())
+                paths["ort"] = functools.partial(_in_process, engine, work.batch, ScoreOptions())
             if pytorch_batch is not None:
                 paths["pytorch"] = pytorch_batch
             side_by_side = measure_side_by_side(paths, repeats, work.batch_tokens)
@@ -339,38 +369,38 @@ def measure_grpc(
         if engine is not None:
             with ScoringClient(server.address, timeout=600) as client:
                 result["short_pair_paired"] = measure_short_pair(engine, client, work)
-    finally:
-        server.close()
-    unbatched = ServerUnderTest(model_dir, "--no-cross-request-batching")
-    try:
-        result["concurrent_unbatched"] = measure_concurrency(unbatched.address, work, concurrency)
-        # The second start reads the optimized graph the first one cached.
-        result["cold_start_cached_graph_s"] = unbatched.cold_start_s
-    finally:
-        unbatched.close()
-    result["concurrency_speedup"] = (
-        result["concurrent_batched"]["pairs_per_s"] / result["concurrent_unbatched"]["pairs_per_s"]
-    )
-    low_memory = ServerUnderTest(model_dir, "--low-memory")
-    try:
-        with ScoringClient(low_memory.address, timeout=600) as client:
+    return result
+
+
+def measure_unbatched_server(model_dir: Path, work: Workloads, concurrency: int) -> dict[str, Any]:
+    """`lmscore serve --no-cross-request-batching`: concurrent clients without batching
+    across their requests, and a start that reads the optimized graph the default server
+    cached."""
+    with ServerUnderTest(model_dir, "--no-cross-request-batching") as server:
+        return {
+            "concurrent_unbatched": measure_concurrency(server.address, work, concurrency),
+            "cold_start_cached_graph_s": server.cold_start_s,
+        }
+
+
+def measure_low_memory_server(model_dir: Path, work: Workloads, repeats: int) -> dict[str, Any]:
+    """`lmscore serve --low-memory`: the batch, and the memory it holds."""
+    with ServerUnderTest(model_dir, "--low-memory") as server:
+        with ScoringClient(server.address, timeout=600) as client:
             batch_items = [_as_client_item(i) for i in work.batch]
             low = timed(lambda: client.score(batch_items), repeats)
-        result["low_memory"] = {
+        return {
             "batch": low.summary(work.batch_tokens),
-            "rss_bytes": low_memory.rss_bytes(),
-            "peak_rss_bytes": low_memory.peak_rss_bytes(),
+            "rss_bytes": server.rss_bytes(),
+            "peak_rss_bytes": server.peak_rss_bytes(),
         }
-    finally:
-        low_memory.close()
-    return result
 
 
 def measure_concurrency(address: str, work: Workloads, clients: int) -> dict[str, float]:
     """`clients` threads, each with its own channel, each sending single pairs one at a time."""
     per_client = 4
-    prompt = list(work.short_pair.prompt)  # type: ignore[arg-type]
-    completion = list(work.short_pair.completions[0])  # type: ignore[arg-type]
+    prompt = _ids(work.short_pair.prompt)
+    completion = _ids(work.short_pair.completions[0])
 
     def client_loop(number: int) -> int:
         with ScoringClient(address, timeout=600) as client:
@@ -393,7 +423,7 @@ def token_deviation(
     reference: ScoringEngine, candidate: ScoringEngine, items: list[ItemInput]
 ) -> dict[str, float]:
     """Mean and max |log p_candidate - log p_reference| per token on held-out text."""
-    options = PlanOptions(token_details=True)
+    options = ScoreOptions(token_details=True)
     diffs = []
     for a, b in zip(
         _in_process(reference, items, options), _in_process(candidate, items, options), strict=True
@@ -418,8 +448,8 @@ def run_bench(
     manifest = Manifest.read(model_dir)
     loaded = load_model(ServerConfig(model_dir=model_dir))
     # Warmed up as the server is: ONNX Runtime keeps the memory pattern of the first shapes it
-    # runs, and an engine that first ran the benchmark's batch reused one block for every
-    # repeat of it (149,000 page faults a batch against 259,000 after a short warm-up).
+    # runs, and an engine whose first run is the benchmark's batch reuses one block for every
+    # repeat of it, which a server warmed up on other shapes does not.
     warm_up(loaded.engine)
     work = build_workloads(loaded.engine.tokenizer)
     results: dict[str, Any] = {
@@ -434,8 +464,8 @@ def run_bench(
         print(f"measuring the quantized variant {quantized_dir} ...", file=sys.stderr)
         quantized = load_model(ServerConfig(model_dir=quantized_dir))
         warm_up(quantized.engine)
-        fp32_again = timed(lambda: _in_process(loaded.engine, work.batch, PlanOptions()), repeats)
-        q_timing = timed(lambda: _in_process(quantized.engine, work.batch, PlanOptions()), repeats)
+        fp32_again = timed(lambda: _in_process(loaded.engine, work.batch, ScoreOptions()), repeats)
+        q_timing = timed(lambda: _in_process(quantized.engine, work.batch, ScoreOptions()), repeats)
         results["quantized"] = {
             "dir": str(quantized_dir),
             "batch": q_timing.summary(work.batch_tokens),

@@ -36,13 +36,13 @@ def measure_one(model_dir: Path, prepack: bool, arena: bool) -> dict[str, float]
     from lmscore.bench.workloads import build_workloads
     from lmscore.server.app import load_model
     from lmscore.server.config import RuntimeOptions, ServerConfig
-    from lmscore.server.memory import release_free_memory, resident_bytes
-    from lmscore.server.requests import PlanOptions
+    from lmscore.server.memory import resident_bytes
+    from lmscore.v1.options import ScoreOptions
 
     runtime = RuntimeOptions(low_memory=not prepack, cpu_arena=arena)
     loaded = load_model(ServerConfig(model_dir=model_dir, runtime=runtime))
     work = build_workloads(loaded.engine.tokenizer)
-    plan = loaded.engine.plan(work.batch, PlanOptions())
+    plan = loaded.engine.plan(work.batch, ScoreOptions())
     loaded.engine.score_sync(plan)
     times = []
     for _ in range(5):
@@ -50,8 +50,7 @@ def measure_one(model_dir: Path, prepack: bool, arena: bool) -> dict[str, float]
         loaded.engine.score_sync(plan)
         times.append(time.perf_counter() - began)
     rss = resident_bytes() or 0
-    loaded.engine.runner.model.shrink_arena()
-    release_free_memory()
+    loaded.engine.release_memory()
     return {
         "tokens_per_s": work.batch_tokens / statistics.median(times),
         "rss_mb": rss / 2**20,

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,10 @@ from lmscore.client.batch import (
     to_bits,
 )
 from lmscore.client.channel import TlsOptions
-from lmscore.client.convert import MARGINAL_MODES
 from lmscore.client.errors import ScoringError
 from lmscore.client.sync import ScoringClient
 from lmscore.client.types import ScoreOptions
-from lmscore.v1.results import ScoreResult, Word
+from lmscore.v1.results import MarginalMode, ScoreResult, Word
 
 # `lmscore score --help` ends with the batch mode's rules.
 EPILOG = BATCH_HELP
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--marginal-mode",
-        choices=MARGINAL_MODES,
+        choices=typing.get_args(MarginalMode),
         default="same_pass",
         help="compute log Pr(x) from the joint pass or a separate pass (default: %(default)s)",
     )
@@ -87,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bos",
+        dest="add_bos",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="prepend the BOS token, or not (default: as the model's tokenizer does, "
@@ -229,17 +231,8 @@ def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str
 
 
 def score_options(args: argparse.Namespace) -> ScoreOptions:
-    return ScoreOptions(
-        token_details=args.token_details,
-        top_k=args.top_k,
-        marginal_mode=args.marginal_mode,
-        truncate_prompt_left=args.truncate_prompt_left,
-        add_bos=args.bos,
-        pmi=args.pmi,
-        words=args.words,
-        prompt_words=args.prompt_words,
-        model=args.model,
-    )
+    """The options from the flags of the same names (--top-k is top_k, --bos is add_bos)."""
+    return ScoreOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreOptions)})
 
 
 def run_batch(client: ScoringClient, args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +16,9 @@ from lmscore.client.types import (
     ScoreRequest,
     TokenInput,
 )
+from lmscore.v1 import messages
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1.results import (
-    MarginalMode,
     RollingResult,
     ScoreResult,
     Segment,
@@ -27,8 +26,6 @@ from lmscore.v1.results import (
     TopToken,
     Word,
 )
-
-MARGINAL_MODES = typing.get_args(MarginalMode)
 
 
 def _set_prompt(message: pb.ScoreItem, prompt: TokenInput | None) -> None:
@@ -46,25 +43,11 @@ def _completion(completion: TokenInput) -> pb.Completion:
 
 def request_to_pb(request: ScoreRequest) -> pb.ScoreRequest:
     options = request.options
-    if options.marginal_mode not in MARGINAL_MODES:
-        raise ValueError(
-            f"marginal_mode must be one of {list(MARGINAL_MODES)}, got {options.marginal_mode!r}"
-        )
     message = pb.ScoreRequest(
         model=options.model,
         request_id=request.request_id,
-        options=pb.ScoreOptions(
-            token_details=options.token_details,
-            top_k=options.top_k,
-            marginal_mode=pb.MarginalMode.Value(f"MARGINAL_MODE_{options.marginal_mode.upper()}"),
-            truncate_prompt_left=options.truncate_prompt_left,
-            pmi=options.pmi,
-            words=options.words,
-            prompt_words=options.prompt_words,
-        ),
+        options=messages.to_message(options, pb.ScoreOptions),
     )
-    if options.add_bos is not None:
-        message.options.add_bos = options.add_bos
     for item in request.items:
         item_message = message.items.add()
         _set_prompt(item_message, item.prompt)
@@ -146,12 +129,7 @@ def rolling_request_to_pb(
     return pb.RollingRequest(
         model=options.model,
         request_id=request_id,
-        options=pb.RollingOptions(
-            max_window_tokens=options.max_window_tokens,
-            min_context_tokens=options.min_context_tokens,
-            token_logprobs=options.token_logprobs,
-            add_bos=options.add_bos,
-        ),
+        options=messages.to_message(options, pb.RollingOptions),
         texts=[
             pb.RollingText(text=t)
             if isinstance(t, str)

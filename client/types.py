@@ -1,5 +1,5 @@
-"""Requests and model facts of the client, as plain typed dataclasses. The results
-(ScoreResult, Token, TopToken, RollingResult) are the contract's own (lmscore.v1.results)."""
+"""Requests and model facts of the client, as plain typed dataclasses. The options and the
+results are the contract's own (lmscore.v1.options, lmscore.v1.results)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from lmscore.v1.results import MarginalMode
+from lmscore.v1 import options
 
 TokenInput = str | Sequence[int]
 
@@ -21,23 +21,11 @@ class Item:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreOptions:
-    token_details: bool = False
-    top_k: int = 0
-    marginal_mode: MarginalMode = "same_pass"
-    truncate_prompt_left: bool = False
-    # None: the server's default, BOS exactly when the model's tokenizer adds it
-    # (ModelInfo.bos_by_default).
-    add_bos: bool | None = None
-    # Also score each completion after the empty context (the model's BOS, else EOS):
-    # ScoreResult.unconditional_logprob and pmi.
-    pmi: bool = False
-    # ScoreResult.words: the completion's words, beginning-of-word corrected
-    # (docs/research.md); prompt_words: the prompt's too. Text input only.
-    words: bool = False
-    prompt_words: bool = False
-    # The served model to score with (a ModelInfo.name of list_models()); empty: the
-    # server's first model.
+class ScoreOptions(options.ScoreOptions):
+    """The contract's ScoreOptions (lmscore.v1.options), and the served model to score with
+    (a ModelInfo.name of list_models(); empty: the server's first model), which the
+    request message carries beside them."""
+
     model: str = ""
 
 
@@ -51,17 +39,9 @@ class ScoreRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class RollingOptions:
-    """How ScoreRolling cuts texts into windows (see the proto's RollingOptions)."""
+class RollingOptions(options.RollingOptions):
+    """The contract's RollingOptions, and the served model (as ScoreOptions.model)."""
 
-    # 0: the server's longest window (ModelInfo.max_context - 1).
-    max_window_tokens: int = 0
-    # 0 or 1: lm-eval's disjoint windows; larger: each token keeps this much context.
-    min_context_tokens: int = 0
-    token_logprobs: bool = False
-    # BOS before each text's tokens (what lm-eval's HFLM does when the tokenizer adds BOS).
-    add_bos: bool = False
-    # As ScoreOptions.model.
     model: str = ""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from lmscore.export.half import DTYPE_FLOAT16, DTYPES, MAX_VALIDATION_DIFF, variant_name
 from lmscore.export.manifest import Manifest, ManifestError, model_bytes
 from lmscore.export.paths import lmscore_home
+from lmscore.export.quiet import quiet_libraries
 from lmscore.export.source import SourceError, resolve_source
 
 
@@ -51,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "what the config says (default: the config's max_position_embeddings or equivalent)",
     )
     parser.add_argument(
-        "--verbose", action="store_true", help="print the whole traceback when the export fails"
+        "--verbose",
+        action="store_true",
+        help="show every warning of the libraries the export drives (torch.onnx, Optimum, "
+        "ONNX Runtime), and the whole traceback when the export fails",
     )
     parser.add_argument(
         "--max-validation-diff",
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmscore export: --quantize must be one of {', '.join(RECIPES)}", file=sys.stderr)
         return 2
     target = output.parent / f"{output.name}-{args.quantize}"
-    manifest = quantize_export(output, target, args.quantize)
+    with quiet_libraries(enabled=not args.verbose):
+        manifest = quantize_export(output, target, args.quantize)
     q = manifest.quantization or {}
     print(
         f"quantized ({args.quantize}) to {target} ({_size(target)}): "
@@ -114,13 +119,14 @@ def _export(args: argparse.Namespace, source, output: Path, dtype: str) -> int:
     from lmscore.export.convert import ExportError, export_model
 
     try:
-        manifest = export_model(
-            args.source,
-            output,
-            dtype=dtype,
-            max_validation_diff=args.max_validation_diff,
-            max_context=args.max_context,
-        )
+        with quiet_libraries(enabled=not args.verbose):
+            manifest = export_model(
+                args.source,
+                output,
+                dtype=dtype,
+                max_validation_diff=args.max_validation_diff,
+                max_context=args.max_context,
+            )
     except (ExportError, SourceError) as exc:
         print(f"lmscore export: {exc}", file=sys.stderr)
         return 1

@@ -5,9 +5,9 @@ A protobuf cannot exceed 2 GB, so a model with more weights than that (every 1B+
 float32) can be neither serialized whole nor checked in memory. Every export therefore
 keeps each tensor of EXTERNAL_MIN_BYTES or more in the data file beside the graph, whatever
 the model's size: one layout, which the tiny test models exercise as the big ones need it.
-ONNX Runtime maps that file into memory instead of reading the weights into its heap:
-SmolLM2-135M's session starts in 1.0 s instead of 3.8 s, and its weights are file pages
-shared by every server process on the machine (docs/design.md, "The export's files").
+ONNX Runtime maps that file into memory instead of reading the weights into its heap: the
+session starts sooner, and its weights are file pages shared by every server process on
+the machine (docs/design.md, "The export's files").
 
 The export steps use:
 - `load_graph`: the graph, with external tensors left where they are (their data is not

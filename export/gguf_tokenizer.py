@@ -172,7 +172,6 @@ def _sentencepiece_tokenizer(vocab: GgufVocab) -> Any:  # -> tokenizers.Tokenize
         if not added["special"]:
             added["normalized"] = True
     return Tokenizer.from_str(json.dumps(content))
-    return tokenizer
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lmscore.export.head import TARGET_IDS, TOP_K
+
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 
@@ -86,13 +88,13 @@ def model_feeds(
                 feeds[name] = np.zeros(
                     (batch, int(kv_heads), 0, int(head_dim)), dtype=_dtype_of(graph_input.type)
                 )
-        elif name == "target_ids":
+        elif name == TARGET_IDS:
             feeds[name] = (
                 np.zeros_like(input_ids, dtype=np.int64)
                 if target_ids is None
                 else target_ids.astype(np.int64, copy=False)
             )
-        elif name == "top_k":
+        elif name == TOP_K:
             feeds[name] = np.array([top_k], dtype=np.int64)
         else:
             raise ValueError(f"unexpected ONNX model input {name!r}")

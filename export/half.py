@@ -15,19 +15,18 @@ when it runs a model in float16:
 
 The converter rounds the output of every node it leaves in float32 back to
 float16 and casts it up again for the next one; those Cast pairs are removed
-(and the Casts to float32 transformers wrote, float16 -> float16 now), so each
-kept region runs end to end in float32 with one Cast in and one out.
+(and the Casts to float32 transformers wrote, which the conversion turns into
+float16 -> float16), so each kept region runs end to end in float32 with one
+Cast in and one out.
 
 Converting before the scoring head is added (rather than converting the whole
 graph and blocking the head's ops) leaves the head exactly as for float32:
 lmscore.export.head sees float16 logits and puts one Cast to float32 in front of
 all its arithmetic (log-sum-exp, ranks, TopK, GatherElements).
 
-Measured against PyTorch float32 on the same weights (ORT CPU provider, which
-runs the float16 graph through Casts around the ops it lacks float16 kernels for):
-SmolLM2-135M, 4096 held-out tokens: max 0.071, mean 0.0024 nats per token
-(PyTorch's own float16 run: 0.10 / 0.0050; with nothing kept in float32: 1.93 /
-0.016); the validation text: 0.010. Tiny test model: 0.045 / 0.0053.
+Against PyTorch float32 on the same weights, the float16 graph deviates less than
+PyTorch's own float16 run, and far less than a conversion that keeps nothing in
+float32 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ DTYPE_FLOAT16 = "float16"
 # `lmscore export --dtype` -> the manifest's dtype.
 DTYPES = {"fp32": "float32", "fp16": DTYPE_FLOAT16}
 # Default validation tolerance per dtype: max |log p_ORT - log p_PyTorch float32| per token
-# on the validation text (lmscore.export.validate). float16: 3.5x the worst token of the
-# measurements above (0.071), and well below a broken conversion (1.93 nats with the
-# rotary angles in float16).
+# on the validation text (lmscore.export.validate). float16: a few times the worst token
+# measured on held-out text, and well below a broken conversion (the rotary angles in
+# float16); both figures in docs/benchmarks.md.
 MAX_VALIDATION_DIFF = {"float32": 1e-3, DTYPE_FLOAT16: 0.25}
 
 _NORM_CHAIN = ("Add", "Sqrt", "Div", "Reciprocal")
@@ -119,9 +118,9 @@ def float32_nodes(graph: Any) -> set[str]:
 
 def _tidy_casts(model: Any) -> int:
     """Drop the Casts that only round: a Cast to the type its input already has (transformers'
-    `.to(float32)` of the float32 export, float16 -> float16 now), and, where Cast(float ->
-    float16) feeds Cast(float16 -> float), the second (its readers read the float tensor) and
-    the first too when nothing else reads it. Returns how many Casts were removed."""
+    `.to(float32)` of the float32 export, float16 -> float16 once converted), and, where
+    Cast(float -> float16) feeds Cast(float16 -> float), the second (its readers read the float
+    tensor) and the first too when nothing else reads it. Returns how many Casts were removed."""
     import onnx
     from onnx import TensorProto
 
@@ -257,9 +256,11 @@ def convert_to_float16(onnx_path: Path, keep_float32: Iterable[str] | None = Non
     )
 
     from lmscore.export.external_data import Recast, load_graph, save_model
+    from lmscore.export.graph_io import PRESENT_PREFIX
+    from lmscore.export.head import LOGITS
 
     model = onnx.shape_inference.infer_shapes(load_graph(onnx_path))
-    if any(o.name != "logits" and not o.name.startswith("present.") for o in model.graph.output):
+    if any(o.name != LOGITS and not o.name.startswith(PRESENT_PREFIX) for o in model.graph.output):
         raise ValueError(f"{onnx_path}: convert before the scoring head is added")
     blocked = float32_nodes(model.graph) if keep_float32 is None else set(keep_float32)
     weights = _stand_ins(model.graph)

@@ -13,12 +13,13 @@ The logits output is removed, so they never leave ONNX Runtime.
 
 log p = logit - logsumexp(logits), in float32 whatever the model dtype, with the
 sum of exp taken in two levels (blocks of SUM_BLOCK, then the block sums).
-ONNX Runtime's LogSoftmax (like PyTorch's float32 log_softmax) sums 49152 terms
-into one accumulator and drops the tail of tiny probabilities that fall below
-its rounding step: every log-prob comes out ~1.7e-5 nats too high on
-SmolLM2, 0.011 nats over a 600-token text. The two-level sum is within 2e-6 of
-float64 with no bias. lmscore.server.scoring.score_positions is the same
-computation in numpy, and the tests hold the two to each other.
+ONNX Runtime's LogSoftmax (like PyTorch's float32 log_softmax) sums the whole
+vocabulary (49152 terms on SmolLM2) into one accumulator and drops the tail of
+tiny probabilities that fall below its rounding step: every log-prob comes out
+too high, a bias that adds up over a text. The two-level sum stays close to
+float64 with no bias (docs/design.md, "The fused scoring head").
+lmscore.server.scoring.score_positions is the same computation in numpy, and
+the tests hold the two to each other.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-HEAD_OUTPUTS = ("target_logprobs", "target_ranks", "top_logprobs", "top_ids")
+# Optimum's output that the head reads and removes.
+LOGITS = "logits"
+TARGET_IDS, TOP_K = "target_ids", "top_k"
+HEAD_INPUTS = (TARGET_IDS, TOP_K)
+TARGET_LOGPROBS, TARGET_RANKS = "target_logprobs", "target_ranks"
+TOP_LOGPROBS, TOP_IDS = "top_logprobs", "top_ids"
+HEAD_OUTPUTS = (TARGET_LOGPROBS, TARGET_RANKS, TOP_LOGPROBS, TOP_IDS)
 WORD_START_OUTPUT = "word_start_logprobs"
-HEAD_INPUTS = ("target_ids", "top_k")
 # Every tensor and node the head adds is named with this prefix.
 HEAD_PREFIX = "lmscore_"
 SUM_BLOCK = 256
@@ -61,16 +67,16 @@ def add_scoring_head(
 
     model = load_graph(onnx_path)  # the head adds nodes only: the weights stay where they are
     graph = model.graph
-    logits = next((o for o in graph.output if o.name == "logits"), None)
+    logits = next((o for o in graph.output if o.name == LOGITS), None)
     if logits is None:
-        raise ValueError(f"{onnx_path} has no 'logits' output (already has the head?)")
+        raise ValueError(f"{onnx_path} has no {LOGITS!r} output (already has the head?)")
     input_ids = next(i for i in graph.input if i.name == "input_ids")
     batch, seq = (d.dim_param or d.dim_value for d in input_ids.type.tensor_type.shape.dim)
 
     graph.input.extend(
         [
-            helper.make_tensor_value_info("target_ids", TensorProto.INT64, [batch, seq]),
-            helper.make_tensor_value_info("top_k", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info(TARGET_IDS, TensorProto.INT64, [batch, seq]),
+            helper.make_tensor_value_info(TOP_K, TensorProto.INT64, [1]),
         ]
     )
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value or vocab_size
@@ -88,10 +94,10 @@ def add_scoring_head(
             ),
         ]
     )
-    source = "logits"
+    source = LOGITS
     nodes = []
     if logits.type.tensor_type.elem_type != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", ["logits"], ["lmscore_logits"], to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("Cast", [LOGITS], ["lmscore_logits"], to=TensorProto.FLOAT))
         source = "lmscore_logits"
     node = helper.make_node
     # logsumexp = max + log(sum(exp(logits - max))), the sum in blocks (zeros pad the last).
@@ -120,10 +126,10 @@ def add_scoring_head(
         node("ReduceSum", ["lmscore_block_sums", "lmscore_last_axis"], ["lmscore_sum"]),
         node("Log", ["lmscore_sum"], ["lmscore_log_sum"]),
         node("Add", ["lmscore_max", "lmscore_log_sum"], ["lmscore_lse"]),
-        node("Unsqueeze", ["target_ids", "lmscore_last_axis"], ["lmscore_targets"]),
+        node("Unsqueeze", [TARGET_IDS, "lmscore_last_axis"], ["lmscore_targets"]),
         node("GatherElements", [source, "lmscore_targets"], ["lmscore_target_logit"], axis=-1),
         node("Sub", ["lmscore_target_logit", "lmscore_lse"], ["lmscore_lp"]),
-        node("Squeeze", ["lmscore_lp", "lmscore_last_axis"], ["target_logprobs"]),
+        node("Squeeze", ["lmscore_lp", "lmscore_last_axis"], [TARGET_LOGPROBS]),
         node("Greater", [source, "lmscore_target_logit"], ["lmscore_higher"]),
         # Counts below 2**24 are exact in float32 (vocabularies are far smaller).
         node("Cast", ["lmscore_higher"], ["lmscore_higher_f"], to=TensorProto.FLOAT),
@@ -134,16 +140,16 @@ def add_scoring_head(
             keepdims=0,
         ),
         node("Cast", ["lmscore_count_f"], ["lmscore_count"], to=TensorProto.INT64),
-        node("Add", ["lmscore_count", "lmscore_one"], ["target_ranks"]),
+        node("Add", ["lmscore_count", "lmscore_one"], [TARGET_RANKS]),
         node(
             "TopK",
-            [source, "top_k"],
-            ["lmscore_top_logits", "top_ids"],
+            [source, TOP_K],
+            ["lmscore_top_logits", TOP_IDS],
             axis=-1,
             largest=1,
             sorted=1,
         ),
-        node("Sub", ["lmscore_top_logits", "lmscore_lse"], ["top_logprobs"]),
+        node("Sub", ["lmscore_top_logits", "lmscore_lse"], [TOP_LOGPROBS]),
     ]
     word_outputs = []
     if word_start_mask is not None:
@@ -174,14 +180,14 @@ def add_scoring_head(
             helper.make_tensor_value_info(WORD_START_OUTPUT, TensorProto.FLOAT, [batch, seq])
         )
     graph.node.extend(nodes)
-    kept = [o for o in graph.output if o.name != "logits"]
+    kept = [o for o in graph.output if o.name != LOGITS]
     del graph.output[:]
     graph.output.extend(
         [
-            helper.make_tensor_value_info("target_logprobs", TensorProto.FLOAT, [batch, seq]),
-            helper.make_tensor_value_info("target_ranks", TensorProto.INT64, [batch, seq]),
-            helper.make_tensor_value_info("top_logprobs", TensorProto.FLOAT, [batch, seq, "top_k"]),
-            helper.make_tensor_value_info("top_ids", TensorProto.INT64, [batch, seq, "top_k"]),
+            helper.make_tensor_value_info(TARGET_LOGPROBS, TensorProto.FLOAT, [batch, seq]),
+            helper.make_tensor_value_info(TARGET_RANKS, TensorProto.INT64, [batch, seq]),
+            helper.make_tensor_value_info(TOP_LOGPROBS, TensorProto.FLOAT, [batch, seq, TOP_K]),
+            helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, [batch, seq, TOP_K]),
             *word_outputs,
             *kept,
         ]

@@ -5,11 +5,12 @@ where it is not the tied embedding) has an int8 form: weights symmetric per outp
 rounded by GPTQ (each input row's rounding error spread over the rows not yet rounded,
 weighted by the inputs' second moments on fitting text), on 8 bits where the CPU has an int8
 dot product (VNNI, AMX) and 7 bits elsewhere (±63: AVX2's u8 x s8 kernel sums pairs of products
-in int16, which full-range weights overflow); activations quantized to uint8 with one of five
-scalings (VARIANTS): per tensor, dynamic (a scale per run, DynamicQuantizeMatMul), dynamic
-after SmoothQuant (x / s into the weights as s * W, s_j = max|x_j|^a / max|W_j|^(1-a)), static
-after SmoothQuant (QuantizeLinear with the fitting text's range, MatMulIntegerToFloat); or per
-token (a scale per row, MatMulIntegerToFloat), plain or after SmoothQuant.
+in int16, which full-range weights overflow); activations quantized to uint8 with one of the
+six scalings in VARIANTS: per tensor, dynamic (a scale per run, DynamicQuantizeMatMul), plain
+or after SmoothQuant (x / s into the weights as s * W, s_j = max|x_j|^a / max|W_j|^(1-a)), or
+static after SmoothQuant (QuantizeLinear with the fitting text's range, MatMulIntegerToFloat);
+or per token (a scale per row, MatMulIntegerToFloat), plain or after SmoothQuant with a = 0.5
+or 0.75.
 
 Two texts, neither the speed nor the held-out text of lmscore.export.quantize: the fitting
 text (FIT_TEXTS) gives each candidate's input range and second moments; the calibration text
@@ -40,7 +41,7 @@ import numpy as np
 from lmscore.export.cpu import INT8_DOT_PRODUCT_FLAGS, REQUIRES_KEY, has_int8_dot_product
 from lmscore.export.external_data import load_graph, save_model, tensor_array
 from lmscore.export.graph_io import model_feeds
-from lmscore.export.head import is_head_node
+from lmscore.export.head import TARGET_LOGPROBS, is_head_node
 
 LICENSES = Path("/usr/share/common-licenses")
 # Fitting text: each candidate's input range (per channel) and second moments (GPTQ).
@@ -52,8 +53,7 @@ CALIBRATION_TEXTS = [LICENSES / "CC0-1.0", LICENSES / "Artistic"]
 CALIBRATION_WINDOWS = 2  # per text
 CALIBRATION_LENGTH = 96  # tokens per window (less where the context is shorter)
 # Mean |delta log p| per calibration token allowed. The calibration text is not fitted on, so
-# held-out text comes out close to it (0.075 held-out at 0.084 calibration on SmolLM2,
-# docs/quantization.md); the target there is 0.1.
+# held-out text comes out close to it (docs/quantization.md); the target there is 0.1.
 BUDGET = 0.085
 GROUPS_PER_KIND = 6  # blocks of 5 layers in a 30-layer model
 # Symmetric weight levels: 8 bits where the CPU has an int8 dot product (VNNI, AMX); 7 bits
@@ -132,7 +132,7 @@ class RoundedWeight:
 class Roundings:
     """Each candidate's GPTQ-rounded weights, once per smoothing: the search builds a graph per
     activation scaling and then the chosen one, from the same few roundings, and rounding is
-    most of the export's time (a minute per full set on SmolLM2)."""
+    most of the search's time."""
 
     def __init__(self, source: Path, ranges: dict[str, ChannelRange], levels: int) -> None:
         self.weights_dir = source.parent
@@ -312,7 +312,7 @@ def gptq(
     inputs' second moments `gram` = X^T X (GPTQ, Frantar et al. 2022), so that the error of
     the *output* on calibration inputs, not of the weights, is what is small. Output channels
     are independent, so they are rounded `columns` at a time: the same result, in less time
-    and memory (Gemma-3's 640 x 262,144 output layer: 18 s instead of 41, 1.5 GB less)."""
+    and memory on a wide output layer (Gemma-3's is 640 x 262,144)."""
     k, n = w.shape
     hessian = np.array(gram, dtype=np.float64)
     dead = np.diag(hessian) == 0
@@ -553,7 +553,7 @@ class GatedGraph:
     def logprobs(self, indices) -> np.ndarray:
         gates = np.isin(self.order, list(indices))
         self.runs += 1
-        (logprobs,) = _run(self.session, self.batch, ["target_logprobs"], gates)
+        (logprobs,) = _run(self.session, self.batch, [TARGET_LOGPROBS], gates)
         return logprobs[:, :-1].astype(np.float64)
 
     def deviation(self, indices) -> float:

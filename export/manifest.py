@@ -17,7 +17,7 @@ ONNX_DATA_NAME = f"{ONNX_NAME}_data"
 TOKENIZER_NAME = "tokenizer.json"
 CONFIG_NAME = "config.json"
 # Optional: the graph that repeats a key/value cache along the batch on the device
-# (lmscore.export.past_tile); exports made before it repeat on the host.
+# (lmscore.export.past_tile); without it the server repeats the cache on the host.
 PAST_TILE_NAME = "past_tile.onnx"
 # Bumped when the layout of an exported directory changes incompatibly, or its content
 # (5: tokenizers of GGUF sources rebuilt faithfully, lmscore.export.gguf_tokenizer;
@@ -60,8 +60,8 @@ class Manifest:
     fused_attention_layers: int = 0
     # Quantized variants: recipe, and speed and deviation measured against the fp32 export.
     quantization: dict[str, Any] | None = None
-    # ONNX_DATA_NAME when the graph keeps its weights there (every export since it came);
-    # None: one self-contained graph file.
+    # ONNX_DATA_NAME when the graph keeps its weights there (lmscore.export.external_data);
+    # None: one self-contained graph file (no tensor large enough to go there).
     weights_file: str | None = None
 
     def to_json(self) -> str:

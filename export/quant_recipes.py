@@ -142,9 +142,10 @@ RECIPES: dict[str, Recipe] = {
     ),
     "int8": Recipe(
         "int8 (per-channel weights, chosen MatMuls) + float32",
-        "int8 MatMuls chosen by measured sensitivity on calibration text (GPL-2, LGPL-2.1) "
-        "within a deviation budget; 7-bit per-channel weights, uint8 activations with dynamic, "
-        "smoothed or static scales as measured per kind of layer (lmscore.export.int8)",
+        "int8 MatMuls chosen by their measured deviation on calibration text (CC0-1.0, "
+        "Artistic) within a budget; per-channel weights rounded by GPTQ (8-bit with an int8 dot "
+        "product, 7-bit without), uint8 activations with the scaling measured best per kind of "
+        "layer (lmscore.export.int8)",
         _int8,
     ),
 }

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmscore.export.external_data import load_graph
 from lmscore.export.graph_io import model_feeds
+from lmscore.export.head import LOGITS, TARGET_LOGPROBS
 from lmscore.export.manifest import (
     ONNX_DATA_NAME,
     ONNX_NAME,
@@ -64,8 +65,9 @@ def _session(path: Path):  # -> onnxruntime.InferenceSession
 
     # Pre-packed weights, as the server runs; no CPU arena: the server bounds a run's
     # vocabulary-wide tensors and shrinks its one arena when idle, but these two sessions'
-    # arenas held 15.7 GB after the interleaved whole-batch runs on Gemma-3 (6.1 GB without).
-    # `lmscore bench` measures the variant again under the server's own settings.
+    # arenas would each keep the peak of the interleaved whole-batch runs (many GB at
+    # Gemma-3's vocabulary). `lmscore bench` measures the variant again under the server's
+    # own settings.
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -77,9 +79,9 @@ def _logits_session(path: Path):  # -> onnxruntime.InferenceSession
     from onnx import helper
 
     model = load_graph(path)
-    if not any("logits" in node.output for node in model.graph.node):
-        raise ValueError(f"{path} computes no 'logits' tensor")
-    model.graph.output.append(helper.make_empty_tensor_value_info("logits"))
+    if not any(LOGITS in node.output for node in model.graph.node):
+        raise ValueError(f"{path} computes no {LOGITS!r} tensor")
+    model.graph.output.append(helper.make_empty_tensor_value_info(LOGITS))
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False  # vocabulary-wide buffers freed after each run
     options.add_session_config_entry("session.disable_prepacking", "1")
@@ -91,7 +93,7 @@ def _logits_session(path: Path):  # -> onnxruntime.InferenceSession
     )
 
 
-def _logprobs(session, batch: np.ndarray, outputs: tuple[str, ...] = ("target_logprobs",)):
+def _logprobs(session, batch: np.ndarray, outputs: tuple[str, ...] = (TARGET_LOGPROBS,)):
     targets = np.zeros_like(batch)
     targets[:, :-1] = batch[:, 1:]
     feeds = model_feeds(session.get_inputs(), batch, np.ones_like(batch), target_ids=targets)
@@ -112,7 +114,7 @@ def compare(
     the vocabulary, and whether the most likely tokens agree (sessions from _logits_session).
     A few rows per run: the vocabulary-wide tensors are [rows, seq, vocab], 1 GB each for
     8 x 128 tokens at Gemma-3's 262,144."""
-    outputs = ("target_logprobs", "logits")
+    outputs = (TARGET_LOGPROBS, LOGITS)
     deviation, kl, agree = [], [], []
     for start in range(0, batch.shape[0], rows_per_run):
         rows = batch[start : start + rows_per_run]

@@ -1,8 +1,8 @@
 """Tied input and output embeddings, stored and loaded once.
 
 A model that ties its output layer to its input embedding (config.tie_word_embeddings:
-SmolLM2, Gemma-3, GPT-2, OPT) computes logits = hidden @ embedding^T. The export held
-that [vocab, hidden] matrix twice, one way or another:
+SmolLM2, Gemma-3, GPT-2, OPT) computes logits = hidden @ embedding^T. As Optimum exports
+it, that [vocab, hidden] matrix is held twice, one way or another:
 
 - when Optimum recognizes the pair (SmolLM2, GPT-2, OPT) the file holds it once and the
   output MatMul reads Transpose(embedding); but ONNX Runtime's constant folding computes
@@ -21,7 +21,7 @@ checked on the values, never guessed from names.
 
 Runs on the float32 graph before the float16 conversion (which then converts the one
 matrix) and before the scoring head. The quantization recipes quantize MatMul nodes, so
-the shared output layer, now a FusedMatMul, stays in float32 as it did before.
+the shared output layer, a FusedMatMul, stays in float32.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ _COMPARE_ELEMENTS = 2**24
 
 @dataclasses.dataclass(frozen=True)
 class SharedEmbedding:
-    embedding: str  # the initializer the Gather and the output layer now both read
+    embedding: str  # the initializer the Gather and the output layer both read
     output_node: str
-    # Bytes of the duplicate dropped from the file (0: Optimum had already shared it
-    # through a Transpose, which now no longer costs a copy in memory either).
+    # Bytes of the duplicate dropped from the file (0: Optimum's graph read the one matrix
+    # through a Transpose; without it, ONNX Runtime makes no copy in memory either).
     dropped_bytes: int
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lmscore.export.graph_io import model_feeds
+from lmscore.export.head import TARGET_LOGPROBS
 from lmscore.export.manifest import ONNX_NAME, TOKENIZER_NAME
 
 VALIDATION_TEXT = Path(__file__).with_name("data") / "validation.txt"
@@ -78,7 +79,7 @@ def validate_export(
     feeds = model_feeds(
         session.get_inputs(), input_ids, np.ones_like(input_ids), target_ids=target_ids
     )
-    (head_logprobs,) = session.run(["target_logprobs"], feeds)
+    (head_logprobs,) = session.run([TARGET_LOGPROBS], feeds)
     ort_logprobs = head_logprobs[0, :-1]
     diff = float(np.max(np.abs(ort_logprobs.astype(np.float64) - torch_logprobs)))
     return ValidationFigure(max_abs_diff=diff, tokens=len(ids))

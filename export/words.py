@@ -55,6 +55,6 @@ def write_word_starts(model_dir: Path, mask: np.ndarray) -> Path:
 
 
 def read_word_starts(model_dir: Path) -> np.ndarray | None:
-    """The export's mask; None for an export made before word scores."""
+    """The export's mask; None where the directory holds none."""
     path = model_dir / WORD_STARTS_NAME
     return np.load(path, allow_pickle=False) if path.is_file() else None

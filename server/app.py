@@ -1,7 +1,9 @@
 """The server process: load the models, warm them up, serve gRPC, shut down gracefully.
 
 Every model has its own session, tokenizer, engine and batcher; their model runs take
-turns on one thread, as one model's runs do (lmscore.server.execution.new_model_thread).
+turns on one thread, as one model's runs do (lmscore.server.model_runs.new_model_thread),
+and they share one memory policy (lmscore.server.memory.MemoryPolicy): the heap is the
+process's.
 """
 
 from __future__ import annotations
@@ -23,20 +25,21 @@ from lmscore.export.cpu import REQUIRES_KEY, cpu_flags
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest, ManifestError
 from lmscore.export.words import read_word_starts
 from lmscore.server import metrics
-from lmscore.server.config import ModelSource, ServerConfig
+from lmscore.server.config import ModelDirectory, ServerConfig
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.execution import new_model_thread
 from lmscore.server.interceptors import (
     BearerTokenInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
 )
-from lmscore.server.memory import limit_arenas
-from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
+from lmscore.server.memory import MemoryPolicy, limit_arenas
+from lmscore.server.model_runs import new_model_thread
+from lmscore.server.requests import ItemInput, ModelFacts
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.servicer import ScorerServicer, ServedModel
 from lmscore.server.tokenization import TextTokenizer
 from lmscore.v1 import scoring_pb2, scoring_pb2_grpc
+from lmscore.v1.options import ScoreOptions
 
 log = logging.getLogger("lmscore.server")
 
@@ -67,12 +70,13 @@ def check_cpu(manifest: Manifest, directory: Path) -> None:
 
 def load_model(
     config: ServerConfig,
-    source: ModelSource | None = None,
+    source: ModelDirectory | None = None,
     model_thread: Executor | None = None,
+    memory: MemoryPolicy | None = None,
 ) -> LoadedModel:
     """Read the manifest, open the ONNX session and the tokenizer, build the engine, of
-    `source` (default: the config's first model); `model_thread`: shared with other models'
-    engines (default: one of its own)."""
+    `source` (default: the config's first model); `model_thread` and `memory`: shared with
+    other models' engines (default: the engine's own)."""
     source = source or config.models[0]
     manifest = Manifest.read(source.directory)
     check_cpu(manifest, source.directory)
@@ -88,7 +92,13 @@ def load_model(
         bos_by_default=tokenizer.adds_bos(manifest.bos_token_id),
     )
     engine = ScoringEngine(
-        runtime, tokenizer, facts, config.engine, model_thread=model_thread, name=source.name
+        runtime,
+        tokenizer,
+        facts,
+        config.engine,
+        memory=memory,
+        model_thread=model_thread,
+        name=source.name,
     )
     info = scoring_pb2.ModelInfo(
         name=source.name,
@@ -115,7 +125,7 @@ def load_model(
                 mean_abs_deviation=q["mean_abs_deviation"],
                 max_abs_deviation=q["max_abs_deviation"],
                 held_out_tokens=q["held_out_tokens"],
-                # Recorded by exports since these figures came; older ones leave them 0.
+                # Absent from the manifests of older exports: 0, as the proto's default.
                 kl_divergence=q.get("kl_divergence", 0.0),
                 top1_agreement=q.get("top1_agreement", 0.0),
             )
@@ -125,7 +135,7 @@ def load_model(
 
 def warm_up(engine: ScoringEngine) -> None:
     """One small request through the whole engine, so the first client pays no start-up cost."""
-    plan = engine.plan([ItemInput("Warm up the model", [" now."])], PlanOptions())
+    plan = engine.plan([ItemInput("Warm up the model", [" now."])], ScoreOptions())
     engine.score_sync(plan)
 
 
@@ -192,16 +202,26 @@ def health_services(models: list[LoadedModel]) -> list[str]:
 
 
 def log_stats(loaded: LoadedModel) -> None:
-    stats = loaded.engine.batcher.stats()
+    stats = loaded.engine.stats()
     log.info(
-        "stopped: %d sequences scored in %d batched model runs (%d of %d padded tokens real), "
-        "%d prompts with several completions scored by prefix reuse, model %s",
+        "stopped: %d sequences scored in %d batches, %d model runs (%d of %d padded tokens "
+        "real), %d prompts with several completions scored by prefix reuse, model %s",
         stats.sequences,
+        stats.batches,
         stats.model_runs,
         stats.real_tokens,
         stats.padded_tokens,
         stats.calls,
         loaded.info.name,
+    )
+    runtime = loaded.runtime
+    log.info(
+        "model %s: %d runs through the IO binding, %d key/value caches repeated on the device, "
+        "%d cache tensors repeated on the host",
+        loaded.info.name,
+        runtime.io_binding_runs,
+        runtime.device_past_tiles,
+        runtime.host_past_tensors,
     )
 
 
@@ -250,10 +270,11 @@ async def serve(config: ServerConfig) -> None:
             ) from None
 
     model_thread = new_model_thread()
+    memory = MemoryPolicy()
     models: list[LoadedModel] = []
     for source in config.models:
         log.info("loading %s from %s", source.name, source.directory)
-        models.append(load_model(config, source, model_thread))
+        models.append(load_model(config, source, model_thread, memory))
         warm_up(models[-1].engine)
     add_scorer(server, config, models)
     health_servicer = health.aio.HealthServicer()

@@ -8,8 +8,9 @@ sorts what is pending by length and packs it into batches of at most
 `max_batch_tokens` padded tokens, so padding waste stays low. Work whose
 future was cancelled (its client went away) is dropped before it runs.
 
-A batch (or a prefix-reuse call) is a generator of model runs
-(lmscore.server.execution.Steps): one run, or one per prefill chunk. The worker
+The batcher drives one model's runs (lmscore.server.model_runs.ModelRunner): a batch
+(or a prefix-reuse call) is a generator of model runs (`Steps`): one run, or one per
+prefill chunk. The worker
 takes the runs in turn, one model run each, so a short request waits for at
 most one chunk of a long one, never for all of it; between two runs of a batch
 it stops the batch when every caller has left (cancelled, or past its deadline).
@@ -24,31 +25,17 @@ import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from concurrent.futures import Executor
 from typing import Any
 
 from lmscore.server import metrics
+from lmscore.server.model_runs import ModelRunner, pack_by_length
 from lmscore.server.scoring import PositionScores
 
-# on_idle (the heap trim) waits for this long a pause: back-to-back requests reuse the last
-# one's freed pages instead of paging them in again.
+# The model's on_idle (memory back after a burst) waits for this long a pause: back-to-back
+# requests reuse the last one's freed pages instead of paging them in again.
 IDLE_DELAY_S = 1.0
-
-
-def pack_by_length(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices of `lengths` grouped shortest first, so that rows * longest <= max_batch_tokens
-    (a single longer sequence gets a batch of its own)."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if current and (len(current) + 1) * lengths[index] > max_batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
 
 
 @dataclasses.dataclass
@@ -69,8 +56,8 @@ class _CallJob:
 
 
 @dataclasses.dataclass
-class _Run:
-    """A batch or call in progress: its model runs, and the jobs its result settles."""
+class _OpenWork:
+    """A batch or call taking turns: its model runs, and the jobs its result settles."""
 
     steps: Generator[None, None, Any]
     jobs: list[_SequenceJob] | list[_CallJob]
@@ -109,7 +96,8 @@ def _step(steps: Generator[None, None, Any]) -> tuple[bool, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class BatchingStats:
-    model_runs: int
+    # Batches of sequences started (each one model run, or one per chunk).
+    batches: int
     sequences: int
     padded_tokens: int
     real_tokens: int
@@ -119,47 +107,40 @@ class BatchingStats:
     abandoned: int = 0
 
 
-RunSequences = Callable[[list[tuple[int, ...]], int], Generator[None, None, list[PositionScores]]]
-
-
 class DynamicBatcher:
-    """Queues sequences (and whole calls) and runs them on `executor`, batched.
+    """Queues sequences (and whole calls) and runs them on the model's thread, batched.
 
-    `run_sequences(sequences, top_k)` scores right-padded sequences: a generator
-    that yields between its model runs (one, or one per chunk of `chunk_tokens`).
-    With `cross_request=False` a batch only holds one request's sequences (the
-    baseline the benchmark compares against). `on_idle` runs on the model thread
-    each time the work has run out for `idle_delay` seconds. `name`: the model's label in
-    the metrics.
+    `runner.run_sequences(sequences, top_k)` scores right-padded sequences: a
+    generator that yields between its model runs (one, or one per chunk of
+    `chunk_tokens`). With `cross_request=False` a batch only holds one request's
+    sequences (the baseline the benchmark compares against). `runner.on_idle` runs on
+    the model thread each time the work has run out for `idle_delay` seconds. `name`:
+    the model's label in the metrics.
     """
 
     def __init__(
         self,
-        run_sequences: RunSequences,
-        executor: Executor,
+        runner: ModelRunner,
         max_batch_tokens: int,
         max_queue_delay: float = 0.0,
         cross_request: bool = True,
         chunk_tokens: int = 0,
-        on_idle: Callable[[], Any] | None = None,
         idle_delay: float = IDLE_DELAY_S,
         name: str = "",
     ) -> None:
-        self._run_sequences = run_sequences
-        self._executor = executor
+        self._runner = runner
+        self._executor: Executor = runner.thread
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay = max_queue_delay
         self.cross_request = cross_request
         self.chunk_tokens = chunk_tokens
-        # Run on the model thread whenever the queue runs dry after some work.
-        self._on_idle = on_idle
         self.idle_delay = idle_delay
-        self._runs: collections.deque[_Run] = collections.deque()
+        self._runs: collections.deque[_OpenWork] = collections.deque()
         self._pending: list[_SequenceJob | _CallJob] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._owners = itertools.count()
-        self.model_runs = 0
+        self.batches_run = 0
         self.sequences_run = 0
         self.padded_tokens = 0
         self.real_tokens = 0
@@ -207,7 +188,7 @@ class DynamicBatcher:
 
     def stats(self) -> BatchingStats:
         return BatchingStats(
-            self.model_runs,
+            self.batches_run,
             self.sequences_run,
             self.padded_tokens,
             self.real_tokens,
@@ -233,7 +214,8 @@ class DynamicBatcher:
                 return
 
     async def _idle(self) -> None:
-        """Run on_idle on the model thread once no work came for idle_delay seconds."""
+        """Run the runner's on_idle on the model thread once no work came for idle_delay
+        seconds."""
         assert self._wakeup is not None
         self._wakeup.clear()
         try:
@@ -241,7 +223,7 @@ class DynamicBatcher:
             return  # work came first
         except TimeoutError:
             pass
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._on_idle)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._runner.on_idle)
 
     def _take(self) -> list[_SequenceJob | _CallJob]:
         live = [j for j in self._pending if not j.future.cancelled()]
@@ -256,20 +238,21 @@ class DynamicBatcher:
         """Batches of the sequence jobs, and one run per call, queued behind the open runs."""
         for job in jobs:
             if isinstance(job, _CallJob):
-                self._runs.append(_Run(job.call(), [job], self._held(job.cache_tokens)))
+                self._runs.append(_OpenWork(job.call(), [job], self._held(job.cache_tokens)))
         sequence_jobs = [j for j in jobs if isinstance(j, _SequenceJob)]
         lengths = [len(j.ids) for j in sequence_jobs]
         for batch in pack_by_length(lengths, self.max_batch_tokens):
             batch_jobs = [sequence_jobs[i] for i in batch]
             top_k = max(j.top_k for j in batch_jobs)
             sequences = [j.ids for j in batch_jobs]
-            steps = self._run_sequences(sequences, top_k)
-            self._runs.append(_Run(steps, batch_jobs, self._held(max(map(len, sequences)))))
+            steps = self._runner.run_sequences(sequences, top_k)
+            held = self._held(max(map(len, sequences)))
+            self._runs.append(_OpenWork(steps, batch_jobs, held))
 
     def _held(self, tokens: int) -> int:
         return tokens if self.chunk_tokens and tokens > self.chunk_tokens else 0
 
-    def _next_run(self) -> _Run | None:
+    def _next_run(self) -> _OpenWork | None:
         """The first queued run that may take a turn: one already started, or one whose
         cache stays within a chunk, or any when no long run is open."""
         long_open = any(r.started and r.cache_tokens for r in self._runs)
@@ -278,7 +261,7 @@ class DynamicBatcher:
                 return run
         return None
 
-    def _start(self, run: _Run) -> None:
+    def _start(self, run: _OpenWork) -> None:
         run.started = True
         started = time.monotonic()
         if isinstance(run.jobs[0], _CallJob):
@@ -286,7 +269,7 @@ class DynamicBatcher:
             return
         sequences = [job.ids for job in run.jobs]  # type: ignore[union-attr]
         padded = len(sequences) * max(len(s) for s in sequences)
-        self.model_runs += 1
+        self.batches_run += 1
         self.sequences_run += len(sequences)
         self.padded_tokens += padded
         self.real_tokens += sum(len(s) for s in sequences)
@@ -300,7 +283,7 @@ class DynamicBatcher:
         assert self._wakeup is not None
         while True:
             if not self._runs:
-                if not self._pending and self._on_idle is not None:
+                if not self._pending:
                     await self._idle()
                 while not self._pending:
                     self._wakeup.clear()

@@ -26,7 +26,7 @@ from lmscore.server.config import (
     LIMITS_GROUP,
     SECURITY_GROUP,
     EngineSettings,
-    ModelSource,
+    ModelDirectory,
     RuntimeOptions,
     ServerConfig,
     is_flag,
@@ -125,7 +125,7 @@ def _settings(settings: type, args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(settings) if is_flag(f)}
 
 
-def model_source(spec: str, environ: Mapping[str, str]) -> ModelSource:
+def model_source(spec: str, environ: Mapping[str, str]) -> ModelDirectory:
     """One `--model` value: NAME=DIR, or DIR named after itself; DIR 'default' or
     'gemma-3-270m' is that shipped model's export. A value whose '=' comes after a '/' is a
     path (write ./a=b for a directory a=b)."""
@@ -135,7 +135,7 @@ def model_source(spec: str, environ: Mapping[str, str]) -> ModelSource:
     elif not name or not directory:
         raise ConfigError(f"--model {spec}: NAME=DIR needs both a name and a directory")
     path = shipped_model_dir(directory, environ) or Path(directory)
-    return ModelSource(name, path) if name else ModelSource.named_after(path)
+    return ModelDirectory(name, path) if name else ModelDirectory.named_after(path)
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:

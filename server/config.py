@@ -17,6 +17,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
+from lmscore.v1.limits import DEFAULT_MAX_MESSAGE_BYTES
+
 Device = Literal["auto", "cpu", "cuda"]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # `lmscore serve --help` groups.
@@ -47,8 +49,8 @@ class RuntimeOptions:
     )
     # ORT's CPU arena keeps the peak of every batch shape (onnxruntime #11627) until it is
     # shrunk, which the model thread does when it goes idle after a burst. Without it every
-    # run's large buffers are mapped afresh and fault in: 5-25 % slower on SmolLM2, 29 % on
-    # Gemma-3's 262k vocabulary (docs/benchmarks.md).
+    # run's large buffers are mapped afresh and fault in, large vocabularies most (figures in
+    # docs/benchmarks.md, session settings).
     cpu_arena: bool = field(
         default=True,
         metadata=flag(
@@ -57,8 +59,8 @@ class RuntimeOptions:
         ),
     )
     # ONNX Runtime pre-packs each weight matrix into the layout its GEMM reads fastest, a
-    # copy beside the mapped file: on the 2-core AVX2 machine 12-19 % faster on the batch,
-    # RSS 711 -> 1,309 MB on the default model (docs/benchmarks.md, session settings).
+    # copy beside the mapped file: faster GEMMs for about the model's size in memory
+    # (docs/benchmarks.md, session settings).
     low_memory: bool = field(
         default=False,
         metadata=flag(
@@ -75,9 +77,9 @@ class RuntimeOptions:
         ),
     )
     # Run through session.io_binding(): scores to host arrays, the key/value cache left where
-    # ORT wrote it (on CPU this saves a copy of the cache per run: 215 MB less peak RSS for
-    # 8192 tokens of the default model). False: plain session.run, which copies every output
-    # into numpy (the tests hold the two paths to each other).
+    # ORT wrote it (on CPU this saves a copy of the cache per run, docs/design.md). False:
+    # plain session.run, which copies every output into numpy (the tests hold the two paths
+    # to each other).
     io_binding: bool = True
 
 
@@ -109,9 +111,8 @@ class EngineSettings:
             "(off: every completion gets a full pass)",
         ),
     )
-    # `python -m lmscore.bench.prefix` (docs/benchmarks.md) on the 2-core CPU: full passes /
-    # prefix reuse = 0.50 at 14 saved, 1.02 at 64, 1.30 at 96, 1.85 at 192, 2.85 at 384.
-    # Below it, full passes batched with other items are faster.
+    # Where prefix reuse starts to pay (`python -m lmscore.bench.prefix`, docs/benchmarks.md):
+    # below it, full passes batched with other items are faster.
     min_prefix_reuse_tokens: int = field(
         default=96,
         metadata=flag(
@@ -130,10 +131,9 @@ class EngineSettings:
             metavar="BYTES",
         ),
     )
-    # Measured on the 2-core CPU, default model: 128 and 256 run the 8 x 128-token batch and
-    # 2048 tokens at the same speed (within noise) and 8192 tokens 15 % faster at 128; a
-    # chunk late in 8192 tokens takes ~0.7 s at 128 against ~1.7 s at 256, which is what a
-    # short request from another client waits (docs/benchmarks.md, long sequences).
+    # A chunk is what a short request from another client waits for at most; smaller chunks
+    # cost no throughput down to this size on the default model (docs/benchmarks.md, long
+    # sequences).
     prefill_chunk_tokens: int = field(
         default=128,
         metadata=flag(
@@ -143,9 +143,9 @@ class EngineSettings:
             metavar="N",
         ),
     )
-    # The scoring head holds ~3 tensors of [tokens, vocab] float32 while it runs: 1536
-    # tokens of Gemma-3's 262,144 words would be 1.6 GB each. The default keeps SmolLM2's
-    # usual batches whole (1365 tokens of 49,152 words) and cuts Gemma-3's to 256 tokens.
+    # The scoring head holds ~3 tensors of [tokens, vocab] float32 while it runs, which a
+    # large vocabulary makes GBs for a full batch. The default keeps a 49k vocabulary's usual
+    # batches whole and cuts a 262k vocabulary's to 256 tokens a run.
     max_logits_bytes: int = field(
         default=256 * 1024 * 1024,
         metadata=flag(
@@ -189,14 +189,14 @@ class EngineSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSource:
+class ModelDirectory:
     """One model to serve: the name requests select it by, and its export directory."""
 
     name: str
     directory: Path
 
     @classmethod
-    def named_after(cls, directory: Path) -> ModelSource:
+    def named_after(cls, directory: Path) -> ModelDirectory:
         """Named after its directory, as `lmscore serve --model DIR` names it (`..` resolved,
         symbolic links not: a link's own name is the one its user chose)."""
         return cls(Path(os.path.abspath(directory)).name, Path(directory))
@@ -208,8 +208,8 @@ class ServerConfig:
 
     # The models served, in the order given; a request whose `model` is empty goes to the
     # first. Names are unique (ValueError otherwise).
-    models: tuple[ModelSource, ...] = ()
-    # Shorthand for one model named after its directory: models=(ModelSource.named_after(d),).
+    models: tuple[ModelDirectory, ...] = ()
+    # Shorthand for one model named after its directory: models=(ModelDirectory.named_after(d),).
     model_dir: dataclasses.InitVar[Path | None] = None
     host: str = field(default="127.0.0.1", metadata=flag("bind address"))
     port: int = field(default=50051, metadata=flag("port"))
@@ -232,7 +232,8 @@ class ServerConfig:
     )
     log_level: str = field(default="INFO", metadata=flag("logging level"))
     max_message_bytes: int = field(
-        default=16 * 1024 * 1024, metadata=flag("size of one gRPC message", group=LIMITS_GROUP)
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata=flag("size of one gRPC message", group=LIMITS_GROUP),
     )
     max_concurrent_requests: int = field(
         default=64,
@@ -312,7 +313,7 @@ class ServerConfig:
         if model_dir is not None:
             if self.models:
                 raise ValueError("give models or model_dir, not both")
-            object.__setattr__(self, "models", (ModelSource.named_after(model_dir),))
+            object.__setattr__(self, "models", (ModelDirectory.named_after(model_dir),))
         if not self.models:
             raise ValueError("no model to serve")
         seen: dict[str, Path] = {}

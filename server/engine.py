@@ -1,29 +1,67 @@
-"""The scoring engine: what the servicer, the warm-up and the benchmarks call.
+"""The scoring engine: the one API the transports (the gRPC servicer), the warm-up and the
+benchmarks call.
 
-It joins planning (lmscore.server.planning: requests -> checked token sequences)
-to execution (lmscore.server.execution: sequences -> model runs -> results) on
-one model and tokenizer, and assembles whole-text results from rolling windows
-(the sums of lmscore.server.rolling). Follow a number from here: plan() ->
-PlanRunner.score() -> OnnxCausalLM.score() -> lmscore.server.scoring.sum_sequence.
+    engine.plan(items, options)         -> ScoringPlan   (InvalidInput names the bad field)
+    engine.plan_rolling(texts, options) -> RollingPlan
+    engine.score(plan)                  -> ScoreResult as each completes (dynamic batcher)
+    engine.score_rolling(plan)          -> RollingResult as each text completes
+    engine.score_sync(plan)             -> every ScoreResult, run in the calling thread
+    engine.stats(), reset_prefix_cache(), release_memory(), close()
+
+Inside, one model's parts in the order a call meets them: planning (requests -> checked
+token sequences), execution (which sequences a plan needs, results as they complete),
+the dynamic batcher (runs shared across requests), the model runs (padding, chunked
+prefill, prefix reuse, on the model's thread) and the model. Follow a number from
+here: plan() -> PlanExecutor.score() -> DynamicBatcher -> ModelRunner.run_sequences()
+-> OnnxCausalLM.score() -> lmscore.server.assembly.build_result.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 
+from lmscore.server.assembly import rolling_result
+from lmscore.server.batching import DynamicBatcher
 from lmscore.server.config import EngineSettings
-from lmscore.server.execution import PlanRunner, TokenScorer
-from lmscore.server.planning import Planner, RollingPlan
-from lmscore.server.requests import ModelFacts
-from lmscore.server.rolling import perplexity, text_logprob
+from lmscore.server.execution import PlanExecutor
+from lmscore.server.memory import MemoryPolicy
+from lmscore.server.model_runs import ModelRunner, TokenScorer
+from lmscore.server.planning import Planner, RollingPlan, ScoringPlan
+from lmscore.server.requests import ItemInput, ModelFacts, TokenInput
 from lmscore.server.tokenization import TextTokenizer
-from lmscore.v1.results import RollingResult, ScoreResult, Segment
+from lmscore.v1.options import RollingOptions, ScoreOptions
+from lmscore.v1.results import RollingResult, ScoreResult
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """What one engine has run since it started."""
+
+    # Batches of sequences the batcher started, the sequences in them, their padded and
+    # real tokens, and the prefix-reuse groups run as whole calls.
+    batches: int
+    sequences: int
+    padded_tokens: int
+    real_tokens: int
+    calls: int
+    # Batches and calls stopped between two model runs because every caller had left.
+    abandoned: int
+    # Runs of the model (a batch is one, or one per prefill chunk), and the chunk runs.
+    model_runs: int
+    chunk_runs: int
+    # Prompt passes the prefix cache served (wholly or in part), the positions it saved,
+    # and the bytes it holds.
+    prefix_cache_hits: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_bytes: int
 
 
 class ScoringEngine:
-    """One model's engine. `model_thread`: a thread shared with other models' engines (default:
-    its own); `name`: the model's label in the metrics."""
+    """One model's engine. `memory`: the server's memory policy, shared by its models
+    (default: one of this engine's own); `model_thread`: a thread shared with other
+    models' engines (default: its own); `name`: the model's label in the metrics."""
 
     def __init__(
         self,
@@ -32,32 +70,77 @@ class ScoringEngine:
         facts: ModelFacts,
         settings: EngineSettings | None = None,
         *,
+        memory: MemoryPolicy | None = None,
         model_thread: Executor | None = None,
         name: str = "",
     ) -> None:
         settings = settings or EngineSettings()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.planner = Planner(tokenizer, facts, settings)
-        self.runner = PlanRunner(
-            model, tokenizer, settings, facts.vocab_size, model_thread=model_thread, name=name
+        self._tokenizer = tokenizer
+        self._planner = Planner(tokenizer, facts, settings)
+        self._runner = ModelRunner(
+            model,
+            settings,
+            facts.vocab_size,
+            memory=memory,
+            model_thread=model_thread,
+            name=name,
         )
-        self.batcher = self.runner.batcher
-        # Its calls are its parts' own. plan(items, options): validate and tokenize
-        # (InvalidInput names the first bad field); plan_rolling(texts, options): the same
-        # for whole texts, cut into windows; score(plan): results as they complete, through
-        # the dynamic batcher; score_sync(plan): in the calling thread, in input order.
-        self.plan = self.planner.plan
-        self.plan_rolling = self.planner.plan_rolling
-        self.score = self.runner.score
-        self.score_sync = self.runner.score_sync
+        self._batcher = DynamicBatcher(
+            self._runner,
+            settings.max_batch_tokens,
+            settings.max_queue_delay_ms / 1000,
+            settings.cross_request_batching,
+            settings.prefill_chunk_tokens,
+            name=name,
+        )
+        self._executor = PlanExecutor(
+            self._runner, self._batcher, tokenizer.decode_token, settings.max_queue_length
+        )
 
     @property
     def settings(self) -> EngineSettings:
-        return self.planner.settings
+        return self._planner.settings
 
-    def close(self) -> None:
-        self.runner.close()
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokenizer
+
+    @property
+    def model(self) -> TokenScorer:
+        """The model this engine runs, as it was given."""
+        return self._runner.model
+
+    @property
+    def max_run_tokens(self) -> int:
+        """Positions one model run may score (--max-logits-bytes over the vocabulary); 0: no
+        bound."""
+        return self._runner.max_run_tokens
+
+    def plan(
+        self, items: Sequence[ItemInput], options: ScoreOptions, *, request_id: str = ""
+    ) -> ScoringPlan:
+        """Validate and tokenize a Score request; InvalidInput names the first bad field,
+        RequestTooLarge a size limit (the results, `request_id` echoed in each, included)."""
+        return self._planner.plan(items, options, request_id=request_id)
+
+    def plan_rolling(
+        self,
+        texts: Sequence[TokenInput | None],
+        options: RollingOptions,
+        *,
+        request_id: str = "",
+    ) -> RollingPlan:
+        """The same for whole texts, cut into windows."""
+        return self._planner.plan_rolling(texts, options, request_id=request_id)
+
+    def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
+        """Results as they complete, through the dynamic batcher; Overloaded when its queue
+        is full."""
+        return self._executor.score(plan)
+
+    def score_sync(self, plan: ScoringPlan) -> list[ScoreResult]:
+        """In the calling thread, batched within the plan only; results in input order."""
+        return self._executor.score_sync(plan)
 
     async def score_rolling(self, plan: RollingPlan) -> AsyncIterator[RollingResult]:
         """Each text's result as soon as all its windows are scored."""
@@ -66,7 +149,7 @@ class ScoringEngine:
         remaining = [len(own) for own in plan.windows_of]
         for text_index, count in enumerate(remaining):
             if count == 0:
-                yield _rolling_result(plan, text_index, done)
+                yield rolling_result(plan, text_index, done)
         if plan.plan is None:
             return
         async for result in self.score(plan.plan):
@@ -74,29 +157,42 @@ class ScoringEngine:
             text_index = text_of[result.item_index]
             remaining[text_index] -= 1
             if remaining[text_index] == 0:
-                yield _rolling_result(plan, text_index, done)
+                yield rolling_result(plan, text_index, done)
 
+    def stats(self) -> EngineStats:
+        batching = self._batcher.stats()
+        cache = self._runner.prefix_cache
+        return EngineStats(
+            batches=batching.batches,
+            sequences=batching.sequences,
+            padded_tokens=batching.padded_tokens,
+            real_tokens=batching.real_tokens,
+            calls=batching.calls,
+            abandoned=batching.abandoned,
+            model_runs=self._runner.model_runs,
+            chunk_runs=self._runner.chunk_runs,
+            prefix_cache_hits=cache.hits,
+            prefix_cache_hit_tokens=cache.hit_tokens,
+            prefix_cache_bytes=cache.bytes,
+        )
 
-def _rolling_result(
-    plan: RollingPlan, text_index: int, windows: dict[int, ScoreResult]
-) -> RollingResult:
-    """Text `text_index` of the plan from its scored windows (items of plan.plan)."""
-    ids = plan.texts[text_index]
-    parts = [windows[i] for i in plan.windows_of[text_index]]
-    logprob = text_logprob([p.conditional_logprob for p in parts])
-    with_tokens = plan.options.token_logprobs
-    return RollingResult(
-        text_index=text_index,
-        logprob=logprob,
-        token_count=len(ids),
-        perplexity=perplexity(logprob, len(ids)),
-        windows=len(parts),
-        prefix_token_id=plan.prefix_token_id,
-        token_ids=tuple(ids) if with_tokens else (),
-        token_logprobs=tuple(
-            t.logprob  # type: ignore[misc]
-            for part in parts
-            for t in part.tokens
-            if t.segment is Segment.COMPLETION
-        ),
-    )
+    @property
+    def prefix_cache_budget(self) -> int:
+        """The cross-request prefix cache's budget in bytes (0: off)."""
+        return self._runner.prefix_cache.max_bytes
+
+    def reset_prefix_cache(self, max_bytes: int | None = None) -> None:
+        """Empty the prefix cache; with `max_bytes`, give it that budget first (0: off).
+        Call between requests (benchmarks compare with and without it)."""
+        cache = self._runner.prefix_cache
+        if max_bytes is not None:
+            cache.max_bytes = max_bytes
+        cache.clear()
+
+    def release_memory(self) -> bool:
+        """Hand ONNX Runtime's arena and free heap pages back now, on the model's thread
+        (what going idle after a burst does); False where nothing could be released."""
+        return self._runner.thread.submit(self._runner.release_memory).result()
+
+    def close(self) -> None:
+        self._runner.close()

@@ -1,25 +1,26 @@
-"""Giving freed memory back to the system (glibc), so RSS falls after a burst of large requests.
+"""Memory policy: when the server hands freed memory back to the system, so RSS falls after a
+burst of large requests and stays put between small ones.
 
-ONNX Runtime (with its arena off, the server's default) and the tokenizer free
-their buffers with free(), but glibc keeps freed heap pages mapped, so the
-process's RSS stays at its peak: 2.3-3.2 GB after bursts on the default model,
-against ~0.8 GB fresh. Two settings fix that without a speed cost:
+Two allocators keep what a run frees: ONNX Runtime's CPU arena (on by default, see
+RuntimeOptions.cpu_arena) and glibc's heap, which keeps freed pages mapped. Left alone,
+RSS stays at the peak of the largest burst. `MemoryPolicy` decides when to give them back:
 
-- `malloc_trim(0)` when the model goes idle returns every free page of every
-  heap (measured in docs/benchmarks.md, "memory after a burst"), once RSS has
-  grown by IDLE_TRIM_GROWTH_BYTES since the last trim: a short request's buffers
-  stay for the next one (trimming them after every request cost ~11 ms each);
-- at most MALLOC_ARENAS heaps (glibc makes up to 8 per core, one per thread
-  that allocates: the model thread, ORT's pool, the planning threads), so
-  freed memory is not spread over heaps that are never trimmed together.
+- when the model goes idle after a burst (`after_burst`): the arena shrinks first (a
+  callable the model runs supply), then the heap is trimmed; only once RSS has grown by
+  IDLE_TRIM_GROWTH_BYTES since the last such release, so a short request's buffers stay
+  for the next one instead of being paged in again every time;
+- between the chunks of a long run (`between_chunks`): the heap only, at most once per
+  MIN_TRIM_INTERVAL, since a trim walks the whole heap.
 
-On other C libraries (musl, macOS) both are no-ops.
+`limit_arenas` caps glibc's heaps so freed memory is not spread over heaps that are never
+trimmed together. On other C libraries (musl, macOS) all of it is a no-op.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import threading
@@ -30,18 +31,20 @@ log = logging.getLogger(__name__)
 
 # mallopt's parameter number for the arena count (malloc.h: M_ARENA_MAX).
 _M_ARENA_MAX = -8
+# glibc makes up to 8 heaps per core, one per allocating thread (the model thread, ONNX
+# Runtime's pool, the planning threads); two keep the freed pages where a trim finds them.
 MALLOC_ARENAS = 2
-# Between the chunks of a long run, trim at most this often: a trim walks the heap
-# (milliseconds on a GB heap).
+# Between the chunks of a long run, trim at most this often: a trim walks the heap.
 MIN_TRIM_INTERVAL = 1.0
-# Going idle trims only past this growth of RSS since the last trim. A short pair's buffers
-# (~20 MB on SmolLM2, ~100 MB on Gemma-3's vocabulary) stay: handed back after every
-# request, they were paged in again by the next, 11 ms of a 90 ms pair on SmolLM2. A burst
-# (0.5 GB for 8 x 128 tokens on SmolLM2, GBs at 8k tokens) is still handed back.
+# Going idle releases only past this growth of RSS since the last release: a short pair's
+# buffers (tens of MB, more with a large vocabulary) stay for the next request; a burst's
+# (hundreds of MB and up) go back.
 IDLE_TRIM_GROWTH_BYTES = 128 * 2**20
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where malloc_trim and mallopt are not there."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -52,16 +55,15 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-_LIBC = _libc()
-_lock = threading.Lock()
-_last_trim = 0.0
-# RSS just after the last idle trim: the model's resting size (weights, kept caches).
-_resting_rss = 0
+def can_release() -> bool:
+    """Whether this process can hand heap pages back (glibc)."""
+    return _libc() is not None
 
 
 def limit_arenas() -> None:
     """Call once at start, before the threads that allocate."""
-    if _LIBC is not None and _LIBC.mallopt(_M_ARENA_MAX, MALLOC_ARENAS) != 1:
+    libc = _libc()
+    if libc is not None and libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS) != 1:
         log.debug("mallopt(M_ARENA_MAX) was refused")
 
 
@@ -74,33 +76,50 @@ def resident_bytes() -> int | None:
         return None
 
 
-def release_free_memory(min_interval: float = 0.0) -> bool:
-    """Return free heap pages to the system; False when skipped (less than `min_interval`
-    seconds after the last time, or not glibc)."""
-    global _last_trim
-    if _LIBC is None:
-        return False
-    with _lock:
-        now = time.monotonic()
-        if now - _last_trim < min_interval:
+class MemoryPolicy:
+    """When freed memory goes back to the system. The heap is the process's, so every model
+    of a server shares one policy (the app makes it); an engine on its own makes its own."""
+
+    def __init__(self, idle_growth_bytes: int = IDLE_TRIM_GROWTH_BYTES) -> None:
+        self.idle_growth_bytes = idle_growth_bytes
+        self._lock = threading.Lock()
+        self._last_trim = 0.0
+        # RSS just after the last release after a burst: the resting size (weights, caches kept).
+        self._resting_rss = 0
+
+    def trim_heap(self, min_interval: float = 0.0) -> bool:
+        """Return free heap pages to the system; False when skipped (less than
+        `min_interval` seconds after the last trim, or not glibc)."""
+        libc = _libc()
+        if libc is None:
             return False
-        _last_trim = now
-        _LIBC.malloc_trim(0)
-    return True
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_trim < min_interval:
+                return False
+            self._last_trim = now
+            libc.malloc_trim(0)
+        return True
 
+    def between_chunks(self) -> bool:
+        """Between two model runs of one long run: the last chunk's buffers go back before
+        the cache grows again (the resting size is not moved: the run's caches are alive)."""
+        return self.trim_heap(MIN_TRIM_INTERVAL)
 
-def release_after_burst(free_arenas: Callable[[], object] | None = None) -> bool:
-    """What the model thread runs whenever it goes idle: a trim once RSS is
-    IDLE_TRIM_GROWTH_BYTES above its resting size (trims between a long run's chunks do
-    not move that). `free_arenas` first hands back what allocators above malloc keep (ONNX
-    Runtime's CPU arena, where it is on)."""
-    global _resting_rss
-    rss = resident_bytes()
-    if rss is not None and rss - _resting_rss < IDLE_TRIM_GROWTH_BYTES:
-        return False
-    if free_arenas is not None:
-        free_arenas()
-    released = release_free_memory()
-    if released:
-        _resting_rss = resident_bytes() or 0
-    return released
+    def after_burst(self, free_arenas: Callable[[], object] | None = None) -> bool:
+        """What the model thread runs whenever it goes idle: `free_arenas` (what allocators
+        above malloc keep, e.g. ONNX Runtime's arena), then a heap trim, once RSS is
+        idle_growth_bytes above its resting size. False when nothing was released."""
+        rss = resident_bytes()
+        if rss is not None and rss - self._resting_rss < self.idle_growth_bytes:
+            return False
+        return self.release_now(free_arenas)
+
+    def release_now(self, free_arenas: Callable[[], object] | None = None) -> bool:
+        """Release whatever can be, whatever the growth; sets the resting size."""
+        if free_arenas is not None:
+            free_arenas()
+        released = self.trim_heap()
+        if released:
+            self._resting_rss = resident_bytes() or 0
+        return released

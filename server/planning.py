@@ -16,22 +16,14 @@ windows go through the same validation, batching and sums as any item.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 
 from lmscore.server.config import EngineSettings
-from lmscore.server.requests import (
-    InvalidInput,
-    ItemInput,
-    ModelFacts,
-    PlanOptions,
-    RequestTooLarge,
-    RollingPlanOptions,
-    TokenInput,
-)
+from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, RequestTooLarge, TokenInput
 from lmscore.server.rolling import rolling_windows
 from lmscore.server.scoring import SequenceLayout, WordSpan, split_words
 from lmscore.server.tokenization import EncodedPair, Offsets, TextTokenizer
+from lmscore.v1.options import RollingOptions, ScoreOptions
 
 
 @dataclasses.dataclass
@@ -65,7 +57,7 @@ class PrefixGroup:
 
 @dataclasses.dataclass
 class ScoringPlan:
-    options: PlanOptions
+    options: ScoreOptions
     sequences: list[tuple[int, ...]]
     completions: list[PlannedCompletion]
     # Sequences scored by full passes, and the groups scored by prefix reuse.
@@ -83,7 +75,7 @@ class RollingPlan:
     """Windows of every text as the items of one ScoringPlan; `windows_of[t]` lists text t's
     item indices in text order."""
 
-    options: RollingPlanOptions
+    options: RollingOptions
     prefix_token_id: int
     texts: list[list[int]]
     windows_of: list[list[int]]
@@ -132,21 +124,43 @@ def _spans(spans: Offsets | None, ids: list[int]) -> tuple[tuple[int, int] | Non
     return tuple(spans) if spans is not None else (None,) * len(ids)
 
 
+class _PlanBuilder:
+    """The sequences of a plan being built: each distinct sequence once (identical ones are
+    scored once), the [BOS] + prompt prefix of every joint sequence, and the tokens counted
+    against the request's budget (None: no budget)."""
+
+    def __init__(self, token_budget: int | None) -> None:
+        self.token_budget = token_budget
+        self.index: dict[tuple[int, ...], int] = {}
+        self.prefixes: dict[int, tuple[int, ...]] = {}
+        self.tokens = 0
+
+    def intern(self, ids: Sequence[int]) -> int:
+        return self.index.setdefault(tuple(ids), len(self.index))
+
+    def joint(self, prefix: list[int], completion: list[int]) -> int:
+        """The joint sequence prefix + completion, its prefix remembered for prefix reuse."""
+        joint = self.intern(prefix + completion)
+        self.prefixes.setdefault(joint, tuple(prefix))
+        return joint
+
+    def count_tokens(self, tokens: int, field: str) -> None:
+        """Count a completion's model tokens; RequestTooLarge past the budget."""
+        self.tokens += tokens
+        if self.token_budget is not None and self.tokens > self.token_budget:
+            raise RequestTooLarge(
+                "items",
+                f"more than {self.token_budget} tokens in one request (reached at {field})",
+            )
+
+
 class Planner:
     def __init__(self, tokenizer: TextTokenizer, facts: ModelFacts, settings: EngineSettings):
         self.tokenizer = tokenizer
         self.facts = facts
         self.settings = settings
 
-    def _check_ids(self, ids: Sequence[int], field: str) -> list[int]:
-        vocab_size = self.facts.vocab_size
-        for position, token_id in enumerate(ids):
-            if not 0 <= token_id < vocab_size:
-                raise InvalidInput(
-                    f"{field}[{position}]",
-                    f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
-                )
-        return list(ids)
+    # Checks of the request as a whole, before anything is tokenized.
 
     def _check_request_id(self, request_id: str) -> None:
         limit = self.settings.max_request_id_bytes
@@ -157,14 +171,43 @@ class Planner:
                 "(--max-request-id-bytes); it is echoed in every result",
             )
 
-    @staticmethod
-    def _check_response(size: int, limit: int, field: str, advice: str) -> None:
-        if size > limit:
-            raise RequestTooLarge(
-                field,
-                f"the results would take about {size} bytes, over the limit of {limit} bytes "
-                f"per request (--max-response-bytes); {advice}",
+    def _check_count(self, entries: Sequence[object], field: str, noun: str) -> None:
+        """At least one item (or text), at most --max-items-per-request."""
+        if not entries:
+            raise InvalidInput(field, f"must hold at least one {noun}")
+        limit = self.settings.max_items_per_request
+        if len(entries) > limit:
+            raise RequestTooLarge(field, f"{len(entries)} {noun}s exceed the limit of {limit}")
+
+    def _check_options(self, options: ScoreOptions) -> None:
+        """Options the model or the server's limits cannot serve."""
+        if options.top_k < 0:
+            raise InvalidInput("options.top_k", f"must be >= 0, got {options.top_k}")
+        if options.top_k > self.settings.max_top_k:
+            raise InvalidInput(
+                "options.top_k", f"must be <= {self.settings.max_top_k}, got {options.top_k}"
             )
+        if options.add_bos and self.facts.bos_token_id is None:
+            raise InvalidInput("options.add_bos", "the model has no BOS token")
+        if options.pmi and self.prefix_token_id is None:
+            raise InvalidInput(
+                "options.pmi", "the model has neither BOS nor EOS to stand for the empty context"
+            )
+        for name in ("words", "prompt_words"):
+            if getattr(options, name) and self.tokenizer.word_starts is None:
+                raise InvalidInput(
+                    f"options.{name}",
+                    "this model's export has no word-start mask; export it again with "
+                    "`lmscore export` to score words",
+                )
+
+    def _bos(self, add_bos: bool | None) -> list[int]:
+        """[BOS] or []: as `add_bos` says, or (None) as the model's tokenizer does."""
+        bos = self.facts.bos_token_id
+        if add_bos and bos is None:
+            raise InvalidInput("options.add_bos", "the model has no BOS token")
+        wanted = self.facts.bos_by_default if add_bos is None else add_bos
+        return [bos] if bos is not None and wanted else []
 
     def _check_text(self, text: TokenInput | None, field: str) -> None:
         """A text within --max-text-bytes, checked before anything tokenizes it."""
@@ -182,30 +225,67 @@ class Planner:
             field, f"text of {size} exceeds the limit of {limit} UTF-8 bytes (--max-text-bytes)"
         )
 
-    def _bos(self, options: PlanOptions, settings: EngineSettings) -> list[int]:
-        """[BOS] or []; checks the options on the way."""
-        if options.top_k < 0:
-            raise InvalidInput("options.top_k", f"must be >= 0, got {options.top_k}")
-        if options.top_k > settings.max_top_k:
-            raise InvalidInput(
-                "options.top_k", f"must be <= {settings.max_top_k}, got {options.top_k}"
-            )
-        bos = self.facts.bos_token_id
-        if options.add_bos and bos is None:
-            raise InvalidInput("options.add_bos", "the model has no BOS token")
-        if options.pmi and self.prefix_token_id is None:
-            raise InvalidInput(
-                "options.pmi", "the model has neither BOS nor EOS to stand for the empty context"
-            )
-        for name in ("words", "prompt_words"):
-            if getattr(options, name) and self.tokenizer.word_starts is None:
-                raise InvalidInput(
-                    f"options.{name}",
-                    "this model's export has no word-start mask (it predates word scores); "
-                    "export it again with `lmscore export`",
+    def _check_item_texts(self, items: Sequence[ItemInput]) -> None:
+        for item_index, item in enumerate(items):
+            self._check_text(item.prompt, f"items[{item_index}].prompt")
+            for completion_index, completion in enumerate(item.completions):
+                self._check_text(
+                    completion, f"items[{item_index}].completions[{completion_index}].text"
                 )
-        wanted = self.facts.bos_by_default if options.add_bos is None else options.add_bos
-        return [bos] if bos is not None and wanted else []
+
+    @staticmethod
+    def _check_response(size: int, limit: int, field: str, advice: str) -> None:
+        if size > limit:
+            raise RequestTooLarge(
+                field,
+                f"the results would take about {size} bytes, over the limit of {limit} bytes "
+                f"per request (--max-response-bytes); {advice}",
+            )
+
+    # Checks and steps of one item and completion.
+
+    def _check_completion_count(self, item: ItemInput, item_index: int) -> None:
+        field = f"items[{item_index}].completions"
+        if not item.completions:
+            raise InvalidInput(field, "must hold at least one completion")
+        limit = self.settings.max_completions_per_item
+        if len(item.completions) > limit:
+            raise RequestTooLarge(
+                field,
+                f"{len(item.completions)} completions exceed the limit of {limit} per item",
+            )
+
+    @staticmethod
+    def _check_words_input(
+        options: ScoreOptions,
+        prompt: TokenInput | None,
+        completion: TokenInput | None,
+        item_index: int,
+        field: str,
+    ) -> None:
+        """Words are spans of characters: the segments they are asked of must be text."""
+        if options.words and not isinstance(completion, str | None):
+            raise InvalidInput(
+                f"{field}.token_ids",
+                "options.words needs the completion as text: words are spans of "
+                "characters, which token ids do not have",
+            )
+        if options.prompt_words and not isinstance(prompt, str | None):
+            raise InvalidInput(
+                f"items[{item_index}].prompt_token_ids",
+                "options.prompt_words needs the prompt as text: words are spans of "
+                "characters, which token ids do not have",
+            )
+
+    def _check_ids(self, ids: Sequence[int], field: str) -> list[int]:
+        vocab_size = self.facts.vocab_size
+        for position, token_id in enumerate(ids):
+            if not 0 <= token_id < vocab_size:
+                raise InvalidInput(
+                    f"{field}[{position}]",
+                    f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                )
+        return list(ids)
 
     @property
     def prefix_token_id(self) -> int | None:
@@ -248,166 +328,152 @@ class Planner:
         ids = self._check_ids(completion, f"{field}.token_ids")
         return EncodedPair(prompt_text, "", prompt_ids, ids, prompt_spans, None)
 
-    def longest_sequence(self, settings: EngineSettings | None = None) -> int:
+    def longest_sequence(self) -> int:
         """Tokens of the longest joint sequence (BOS included): the model's context, or the
         server's per-item limit when lower."""
         context = self.facts.max_context
-        return min(context, (settings or self.settings).max_tokens_per_item or context)
+        return min(context, self.settings.max_tokens_per_item or context)
 
-    def plan(
-        self,
-        items: Sequence[ItemInput],
-        options: PlanOptions,
-        *,
-        request_id: str = "",
-        settings: EngineSettings | None = None,
-    ) -> ScoringPlan:
-        """Validate and tokenize; raises InvalidInput naming the first bad field, and
-        RequestTooLarge when the results (`request_id` echoed in each) would exceed the
-        response budget. `settings` replaces the engine's (a rolling plan checks its own
-        request limits)."""
-        settings = settings or self.settings
-        self._check_request_id(request_id)
-        if not items:
-            raise InvalidInput("items", "must hold at least one item")
-        if len(items) > settings.max_items_per_request:
-            raise RequestTooLarge(
-                "items",
-                f"{len(items)} items exceed the limit of {settings.max_items_per_request}",
-            )
-        bos = self._bos(options, settings)
-        empty_context = self.prefix_token_id or 0  # checked by _bos when options.pmi
-        for item_index, item in enumerate(items):  # every size, before any tokenizing
-            self._check_text(item.prompt, f"items[{item_index}].prompt")
-            for completion_index, completion in enumerate(item.completions):
-                self._check_text(
-                    completion, f"items[{item_index}].completions[{completion_index}].text"
-                )
-        max_context = self.longest_sequence(settings)
+    def _prompt_truncation(
+        self, bos: list[int], pair: EncodedPair, truncate_left: bool, field: str
+    ) -> int:
+        """Prompt tokens to drop from the left so [BOS] + prompt + completion fits the
+        longest sequence: 0 when it fits; InvalidInput when it does not and may not be cut,
+        or cannot be."""
+        longest = self.longest_sequence()
+        prompt_len, completion_len = len(pair.prompt_ids), len(pair.completion_ids)
+        length = len(bos) + prompt_len + completion_len
+        if length <= longest:
+            return 0
         limit_name = (
             "the model's context"
-            if max_context == self.facts.max_context
+            if longest == self.facts.max_context
             else "the server's per-item limit (--max-tokens-per-item)"
         )
-        request_tokens = 0
-        sequence_index: dict[tuple[int, ...], int] = {}
+        if not truncate_left:
+            raise InvalidInput(
+                field,
+                f"sequence of {length} tokens ({len(bos)} BOS + {prompt_len} "
+                f"prompt + {completion_len} completion) exceeds {limit_name} "
+                f"of {longest} tokens; set options.truncate_prompt_left "
+                "to drop prompt tokens from the left",
+            )
+        truncated = length - longest
+        if truncated > prompt_len:
+            raise InvalidInput(
+                field,
+                f"completion of {completion_len} tokens (+{len(bos)} BOS) does "
+                f"not fit {limit_name} of {longest} tokens even with "
+                "the whole prompt truncated",
+            )
+        return truncated
 
-        def intern(ids: tuple[int, ...]) -> int:
-            return sequence_index.setdefault(ids, len(sequence_index))
+    def _token_spans(
+        self, bos: list[int], pair: EncodedPair, prompt_ids: list[int], truncated: int
+    ) -> tuple[tuple[int, int] | None, ...]:
+        """Each joint token's span in its segment's text (None: BOS, token ids)."""
+        prompt_spans = pair.prompt_offsets
+        return (
+            (None,) * len(bos)
+            + _spans(prompt_spans[truncated:] if prompt_spans else None, prompt_ids)
+            + _spans(pair.completion_offsets, pair.completion_ids)
+        )
 
-        completions: list[PlannedCompletion] = []
-        prefixes: dict[int, tuple[int, ...]] = {}  # joint sequence -> its [BOS] + prompt
+    def _plan_completion(
+        self,
+        builder: _PlanBuilder,
+        options: ScoreOptions,
+        bos: list[int],
+        item_index: int,
+        prompt: TokenInput | None,
+        completion_index: int,
+        completion: TokenInput | None,
+    ) -> PlannedCompletion:
+        """One completion: tokenized, fitted to the context, its sequences in `builder`."""
+        field = f"items[{item_index}].completions[{completion_index}]"
+        self._check_words_input(options, prompt, completion, item_index, field)
+        with_offsets = options.token_details or options.words or options.prompt_words
+        pair = self._encode(prompt, completion, field, with_offsets)
+        truncated = self._prompt_truncation(bos, pair, options.truncate_prompt_left, field)
+        prompt_ids, completion_ids = pair.prompt_ids[truncated:], pair.completion_ids
+        layout = SequenceLayout(bool(bos), len(prompt_ids), len(completion_ids))
+        # The unconditional sequence of PMI: [prefix token] + tokens(y).
+        builder.count_tokens(layout.length + (1 + len(completion_ids)) * options.pmi, field)
+        marginal = unconditional = None
+        if options.marginal_mode == "separate_pass":
+            marginal = builder.intern(bos + prompt_ids)
+        if options.pmi:
+            unconditional = builder.intern([self.prefix_token_id or 0, *completion_ids])
+        words = prompt_words = ()
+        if options.words:
+            words = self._words(
+                completion_ids,
+                pair.completion_offsets,
+                pair.scored_completion,
+                layout.completion_start,
+            )
+        if options.prompt_words:
+            prompt_offsets = (pair.prompt_offsets or [])[truncated:]
+            prompt_words = self._words(prompt_ids, prompt_offsets, pair.scored_prompt, len(bos))
+        return PlannedCompletion(
+            item_index=item_index,
+            completion_index=completion_index,
+            layout=layout,
+            joint=builder.joint(bos + prompt_ids, completion_ids),
+            marginal=marginal,
+            truncated=truncated,
+            scored_prompt=pair.scored_prompt,
+            scored_completion=pair.scored_completion,
+            completion_is_text=isinstance(completion, str),
+            unconditional=unconditional,
+            offsets=(
+                self._token_spans(bos, pair, prompt_ids, truncated)
+                if options.token_details
+                else None
+            ),
+            words=words,
+            prompt_words=prompt_words,
+        )
+
+    def _plan_items(
+        self,
+        items: Sequence[ItemInput],
+        options: ScoreOptions,
+        bos: list[int],
+        token_budget: int | None,
+    ) -> ScoringPlan:
+        """Every completion of every item planned, then the prefix groups and full passes."""
+        builder = _PlanBuilder(token_budget)
+        completions = []
         for item_index, item in enumerate(items):
-            if not item.completions:
-                raise InvalidInput(
-                    f"items[{item_index}].completions", "must hold at least one completion"
-                )
-            if len(item.completions) > settings.max_completions_per_item:
-                raise RequestTooLarge(
-                    f"items[{item_index}].completions",
-                    f"{len(item.completions)} completions exceed the limit of "
-                    f"{settings.max_completions_per_item} per item",
-                )
+            self._check_completion_count(item, item_index)
             for completion_index, completion in enumerate(item.completions):
-                field = f"items[{item_index}].completions[{completion_index}]"
-                if options.words and not isinstance(completion, str | None):
-                    raise InvalidInput(
-                        f"{field}.token_ids",
-                        "options.words needs the completion as text: words are spans of "
-                        "characters, which token ids do not have",
-                    )
-                if options.prompt_words and not isinstance(item.prompt, str | None):
-                    raise InvalidInput(
-                        f"items[{item_index}].prompt_token_ids",
-                        "options.prompt_words needs the prompt as text: words are spans of "
-                        "characters, which token ids do not have",
-                    )
-                with_offsets = options.token_details or options.words or options.prompt_words
-                pair = self._encode(item.prompt, completion, field, with_offsets)
-                prompt_ids, completion_ids = pair.prompt_ids, pair.completion_ids
-                length = len(bos) + len(prompt_ids) + len(completion_ids)
-                truncated = 0
-                if length > max_context:
-                    if not options.truncate_prompt_left:
-                        raise InvalidInput(
-                            field,
-                            f"sequence of {length} tokens ({len(bos)} BOS + {len(prompt_ids)} "
-                            f"prompt + {len(completion_ids)} completion) exceeds {limit_name} "
-                            f"of {max_context} tokens; set options.truncate_prompt_left "
-                            "to drop prompt tokens from the left",
-                        )
-                    truncated = length - max_context
-                    if truncated > len(prompt_ids):
-                        raise InvalidInput(
-                            field,
-                            f"completion of {len(completion_ids)} tokens (+{len(bos)} BOS) does "
-                            f"not fit {limit_name} of {max_context} tokens even with "
-                            "the whole prompt truncated",
-                        )
-                    prompt_ids = prompt_ids[truncated:]
-                layout = SequenceLayout(bool(bos), len(prompt_ids), len(completion_ids))
-                spans: tuple[tuple[int, int] | None, ...] | None = None
-                if options.token_details:
-                    prompt_spans = pair.prompt_offsets
-                    spans = (
-                        (None,) * len(bos)
-                        + _spans(prompt_spans[truncated:] if prompt_spans else None, prompt_ids)
-                        + _spans(pair.completion_offsets, completion_ids)
-                    )
-                words: tuple[WordSpan, ...] = ()
-                prompt_words: tuple[WordSpan, ...] = ()
-                if options.words:
-                    words = self._words(
-                        completion_ids,
-                        pair.completion_offsets,
-                        pair.scored_completion,
-                        layout.completion_start,
-                    )
-                if options.prompt_words:
-                    prompt_offsets = pair.prompt_offsets or []
-                    prompt_words = self._words(
-                        prompt_ids, prompt_offsets[truncated:], pair.scored_prompt, len(bos)
-                    )
-                # The unconditional sequence of PMI: [prefix token] + tokens(y).
-                request_tokens += layout.length + (1 + len(completion_ids)) * options.pmi
-                if request_tokens > settings.max_tokens_per_request:
-                    raise RequestTooLarge(
-                        "items",
-                        f"more than {settings.max_tokens_per_request} tokens in one request "
-                        f"(reached at {field})",
-                    )
-                joint = intern(tuple(bos + prompt_ids + completion_ids))
-                prefixes.setdefault(joint, tuple(bos + prompt_ids))
-                separate = options.marginal_mode == "separate_pass"
-                marginal = intern(tuple(bos + prompt_ids)) if separate else None
-                unconditional = None
-                if options.pmi:
-                    unconditional = intern((empty_context, *completion_ids))
                 completions.append(
-                    PlannedCompletion(
-                        item_index,
-                        completion_index,
-                        layout,
-                        joint,
-                        marginal,
-                        truncated,
-                        pair.scored_prompt,
-                        pair.scored_completion,
-                        completion_is_text=isinstance(completion, str),
-                        unconditional=unconditional,
-                        offsets=spans,
-                        words=words,
-                        prompt_words=prompt_words,
+                    self._plan_completion(
+                        builder, options, bos, item_index, item.prompt, completion_index, completion
                     )
                 )
-        sequences = list(sequence_index)
-        groups = self._prefix_groups(prefixes, options, settings)
+        sequences = list(builder.index)
+        groups = self._prefix_groups(builder.prefixes, options)
         grouped = {m for g in groups for m in g.members}
         full_passes = [i for i, ids in enumerate(sequences) if len(ids) > 1 and i not in grouped]
-        plan = ScoringPlan(options, sequences, completions, full_passes, groups)
+        return ScoringPlan(options, sequences, completions, full_passes, groups)
+
+    def plan(
+        self, items: Sequence[ItemInput], options: ScoreOptions, *, request_id: str = ""
+    ) -> ScoringPlan:
+        """Validate and tokenize; raises InvalidInput naming the first bad field, and
+        RequestTooLarge when the request or its results (`request_id` echoed in each) would
+        exceed a limit."""
+        self._check_request_id(request_id)
+        self._check_count(items, "items", "item")
+        self._check_options(options)
+        bos = self._bos(options.add_bos)
+        self._check_item_texts(items)  # every size, before any tokenizing
+        plan = self._plan_items(items, options, bos, self.settings.max_tokens_per_request)
         self._check_response(
             response_bytes(plan, request_id),
-            settings.max_response_bytes,
+            self.settings.max_response_bytes,
             "items",
             "send fewer items, or fewer token details (a smaller top_k)",
         )
@@ -423,15 +489,12 @@ class Planner:
         return tuple(split_words(starts, blank, offsets, text, first_index))
 
     def _prefix_groups(
-        self,
-        prefixes: dict[int, tuple[int, ...]],
-        options: PlanOptions,
-        settings: EngineSettings,
+        self, prefixes: dict[int, tuple[int, ...]], options: ScoreOptions
     ) -> list[PrefixGroup]:
         """Two or more joint sequences sharing a non-empty prefix that saves at least
         min_prefix_reuse_tokens, in same-pass mode (separate-pass mode stays the
         definition verbatim: full passes only)."""
-        if not settings.prefix_reuse or options.marginal_mode == "separate_pass":
+        if not self.settings.prefix_reuse or options.marginal_mode == "separate_pass":
             return []
         if options.words or options.prompt_words:
             # A word's correction needs B after the last token, which only a full pass
@@ -442,33 +505,18 @@ class Planner:
             if prefix:
                 by_prefix.setdefault(prefix, []).append(joint)
         # The prefix pass runs len(p) - 1 tokens once instead of once per member.
-        least = settings.min_prefix_reuse_tokens
+        least = self.settings.min_prefix_reuse_tokens
         return [
             PrefixGroup(p, m)
             for p, m in by_prefix.items()
             if len(m) > 1 and (len(m) - 1) * (len(p) - 1) >= least
         ]
 
-    def plan_rolling(
-        self,
-        texts: Sequence[TokenInput | None],
-        options: RollingPlanOptions,
-        *,
-        request_id: str = "",
-    ) -> RollingPlan:
-        """Validate and tokenize texts, cut them into windows; InvalidInput names the field."""
-        settings = self.settings
-        self._check_request_id(request_id)
-        if not texts:
-            raise InvalidInput("texts", "must hold at least one text")
-        if len(texts) > settings.max_items_per_request:
-            raise RequestTooLarge(
-                "texts", f"{len(texts)} texts exceed the limit of {settings.max_items_per_request}"
-            )
-        facts = self.facts
-        prefix = self.prefix_token_id
-        if prefix is None:
-            raise InvalidInput("texts", "the model has neither BOS nor EOS to start a text with")
+    # Whole texts (ScoreRolling).
+
+    def _rolling_window(self, options: RollingOptions) -> tuple[int, int]:
+        """The window and the least context of the request, checked against the server's
+        longest sequence."""
         longest = self.longest_sequence() - 1
         window = options.max_window_tokens or longest
         if window > longest:
@@ -483,11 +531,10 @@ class Planner:
                 "options.min_context_tokens",
                 f"must be <= the window of {window} tokens, got {min_context}",
             )
-        for index, text in enumerate(texts):
-            self._check_text(text, f"texts[{index}].text")
-        if options.add_bos and facts.bos_token_id is None:
-            raise InvalidInput("options.add_bos", "the model has no BOS token")
-        bos = [facts.bos_token_id] if options.add_bos else []
+        return window, min_context
+
+    def _encode_texts(self, texts: Sequence[TokenInput | None], bos: list[int]) -> list[list[int]]:
+        """Each text's tokens (BOS first when asked), token ids checked and kept verbatim."""
         encoded: list[list[int]] = []
         for index, text in enumerate(texts):
             if text is None:
@@ -496,6 +543,14 @@ class Planner:
                 encoded.append(bos + self.tokenizer.encode(text))
             else:
                 encoded.append(self._check_ids(text, f"texts[{index}].token_ids"))
+        return encoded
+
+    def _windows(
+        self, encoded: list[list[int]], prefix: int, window: int, min_context: int
+    ) -> tuple[list[ItemInput], list[list[int]]]:
+        """Every text's windows as items (context as prompt, the tokens it scores as the
+        completion), and each text's item indices; RequestTooLarge past the token budget."""
+        budget = self.settings.max_tokens_per_request
         items: list[ItemInput] = []
         windows_of: list[list[int]] = []
         model_tokens = 0
@@ -505,29 +560,44 @@ class Planner:
                 own.append(len(items))
                 items.append(ItemInput(list(w.context), [list(w.continuation)]))
                 model_tokens += len(w.context) + len(w.continuation)
-            if model_tokens > settings.max_tokens_per_request:
+            if model_tokens > budget:
                 raise RequestTooLarge(
                     "texts",
-                    f"more than {settings.max_tokens_per_request} tokens in model windows in "
-                    f"one request (reached at texts[{index}], {len(ids)} tokens); send fewer "
-                    "texts",
+                    f"more than {budget} tokens in model windows in one request (reached at "
+                    f"texts[{index}], {len(ids)} tokens); send fewer texts",
                 )
             windows_of.append(own)
+        return items, windows_of
+
+    def plan_rolling(
+        self,
+        texts: Sequence[TokenInput | None],
+        options: RollingOptions,
+        *,
+        request_id: str = "",
+    ) -> RollingPlan:
+        """Validate and tokenize texts, cut them into windows; InvalidInput names the field.
+        The windows are planned as items (token ids verbatim, no BOS of their own); the
+        request's limits are checked in terms of texts."""
+        self._check_request_id(request_id)
+        self._check_count(texts, "texts", "text")
+        prefix = self.prefix_token_id
+        if prefix is None:
+            raise InvalidInput("texts", "the model has neither BOS nor EOS to start a text with")
+        window, min_context = self._rolling_window(options)
+        for index, text in enumerate(texts):
+            self._check_text(text, f"texts[{index}].text")
+        bos = self._bos(options.add_bos) if options.add_bos else []
+        encoded = self._encode_texts(texts, bos)
+        items, windows_of = self._windows(encoded, prefix, window, min_context)
         plan = None
         if items:
-            # The request limits are checked above, in terms of texts.
-            unlimited = dataclasses.replace(
-                settings,
-                max_items_per_request=len(items),
-                max_tokens_per_request=model_tokens,
-                max_response_bytes=sys.maxsize,  # windows are no response; texts are, below
-            )
-            scoring = PlanOptions(token_details=options.token_logprobs, add_bos=False)
-            plan = self.plan(items, scoring, settings=unlimited)
+            scoring = ScoreOptions(token_details=options.token_logprobs, add_bos=False)
+            plan = self._plan_items(items, scoring, [], token_budget=None)
         rolling = RollingPlan(options, prefix, encoded, windows_of, plan)
         self._check_response(
             rolling_response_bytes(rolling, request_id),
-            settings.max_response_bytes,
+            self.settings.max_response_bytes,
             "texts",
             "send fewer texts, or leave token_logprobs off",
         )

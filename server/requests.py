@@ -1,5 +1,6 @@
-"""What the scoring engine is asked: items and texts, their options, the facts of the model
-that bound them, and the errors that reject a request.
+"""What the scoring engine is asked: items and texts (their options are the contract's own,
+lmscore.v1.options), the facts of the model that bound them, and the errors that reject a
+request.
 
 The servicer (lmscore.server.servicer) builds these from protobuf messages; the
 engine plans them (lmscore.server.planning). Errors carry the path of the bad
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-
-from lmscore.v1.results import MarginalMode
 
 # Text, or token ids used verbatim.
 TokenInput = str | Sequence[int]
@@ -54,35 +53,3 @@ class ItemInput:
 
     prompt: TokenInput | None
     completions: Sequence[TokenInput | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanOptions:
-    """Options of a Score request (the proto's ScoreOptions)."""
-
-    token_details: bool = False
-    top_k: int = 0
-    marginal_mode: MarginalMode = "same_pass"
-    truncate_prompt_left: bool = False
-    # None: BOS exactly when the model's tokenizer adds it (ModelFacts.bos_by_default).
-    add_bos: bool | None = None
-    # Also score each completion after the model's prefix token alone (BOS, else EOS):
-    # unconditional log-prob and PMI.
-    pmi: bool = False
-    # Per-word scores of the completion, and of the prompt (text input only).
-    words: bool = False
-    prompt_words: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class RollingPlanOptions:
-    """Options of a ScoreRolling request (the proto's RollingOptions)."""
-
-    # 0: the longest window the server allows.
-    max_window_tokens: int = 0
-    # 0 or 1: lm-eval's disjoint windows.
-    min_context_tokens: int = 0
-    token_logprobs: bool = False
-    # Put BOS before each text's tokens, as lm-eval's HFLM does when the tokenizer adds it
-    # (the first window then predicts that BOS from the prefix token).
-    add_bos: bool = False

@@ -38,7 +38,14 @@ from lmscore.export.graph_io import (
     past_name_for,
     tiled_name,
 )
-from lmscore.export.head import HEAD_OUTPUTS, WORD_START_OUTPUT
+from lmscore.export.head import (
+    HEAD_OUTPUTS,
+    TARGET_LOGPROBS,
+    TARGET_RANKS,
+    TOP_IDS,
+    TOP_LOGPROBS,
+    WORD_START_OUTPUT,
+)
 from lmscore.export.manifest import ONNX_DATA_NAME, ONNX_NAME, PAST_TILE_NAME, ManifestError
 from lmscore.server.config import RuntimeOptions
 from lmscore.server.scoring import BatchScores
@@ -52,7 +59,8 @@ log = logging.getLogger(__name__)
 
 # A key/value cache tensor: a host array, or an OrtValue where ORT wrote it (under IO binding).
 PastValue = np.ndarray | ort.OrtValue
-KeyValueCache = dict[str, PastValue]
+# A whole key/value cache as ONNX Runtime gives it back, by past input name.
+OrtCache = dict[str, PastValue]
 
 
 class DeviceError(RuntimeError):
@@ -218,7 +226,7 @@ class OnnxCausalLM:
                 f"{model_dir} lacks the scoring head outputs {missing}; export again"
             )
         self._present = [name for name in outputs if name.startswith(PRESENT_PREFIX)]
-        # Exports since word scores sum the word-start tokens' probability in the head.
+        # Whether the head sums the word-start tokens' probability (exports with words do).
         self.word_starts = WORD_START_OUTPUT in outputs
         self.io_binding = options.io_binding
         self.cpu_arena = options.cpu_arena and self.device == "cpu"
@@ -253,7 +261,7 @@ class OnnxCausalLM:
         past: Mapping[str, PastValue] | None = None,
         past_repeats: int = 1,
         return_present: bool = False,
-    ) -> tuple[BatchScores, KeyValueCache | None]:
+    ) -> tuple[BatchScores, OrtCache | None]:
         """Score ``target_ids`` [batch, seq] at each position of right-padded ``input_ids``.
 
         ``attention_mask`` covers past + new tokens. ``past`` is a key/value cache by past
@@ -262,11 +270,11 @@ class OnnxCausalLM:
         of past + new tokens comes back, keyed by past input name: host arrays, or OrtValues
         left on the device under IO binding.
         """
-        wanted = ["target_logprobs", "target_ranks"]
+        wanted = [TARGET_LOGPROBS, TARGET_RANKS]
         if self.word_starts:
             wanted.append(WORD_START_OUTPUT)
         if top_k > 0:
-            wanted += ["top_logprobs", "top_ids"]
+            wanted += [TOP_LOGPROBS, TOP_IDS]
         if past is None:
             past_feeds = None
         elif self.io_binding:
@@ -290,10 +298,10 @@ class OnnxCausalLM:
             values = dict(zip(wanted, self.session.run(wanted, feeds), strict=True))
         batch, seq = input_ids.shape
         scores = BatchScores(
-            logprobs=values["target_logprobs"],
-            ranks=values["target_ranks"],
-            top_logprobs=values.get("top_logprobs", np.zeros((batch, seq, 0), np.float32)),
-            top_ids=values.get("top_ids", np.zeros((batch, seq, 0), np.int64)),
+            logprobs=values[TARGET_LOGPROBS],
+            ranks=values[TARGET_RANKS],
+            top_logprobs=values.get(TOP_LOGPROBS, np.zeros((batch, seq, 0), np.float32)),
+            top_ids=values.get(TOP_IDS, np.zeros((batch, seq, 0), np.int64)),
             word_start_logprobs=values.get(WORD_START_OUTPUT),
         )
         present = (
@@ -313,7 +321,7 @@ class OnnxCausalLM:
         feeds = model_feeds(self._inputs, ids, np.ones_like(ids), target_ids=ids)
         run_options = ort.RunOptions()
         run_options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
-        self.session.run(["target_logprobs"], feeds, run_options)
+        self.session.run([TARGET_LOGPROBS], feeds, run_options)
         return True
 
     def _bound_past(self, past: Mapping[str, PastValue], repeats: int) -> dict[str, PastValue]:

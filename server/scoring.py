@@ -287,6 +287,21 @@ def sum_unconditional(layout: SequenceLayout, scores: PositionScores) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class PmiSums:
+    unconditional: float
+    pmi: float
+
+
+def sum_pmi(
+    layout: SequenceLayout, conditional: float, unconditional_scores: PositionScores
+) -> PmiSums:
+    """The unconditional log-prob (sum_unconditional) of the completion of `layout`, and
+    pmi = conditional - unconditional."""
+    unconditional = sum_unconditional(layout, unconditional_scores)
+    return PmiSums(unconditional, conditional - unconditional)
+
+
+@dataclasses.dataclass(frozen=True)
 class WordSpan:
     """Where a word is: its tokens [token_start, token_end) in the joint sequence, its
     characters [start, end) in its segment's text, and whether its first token begins a

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -30,20 +29,14 @@ from grpc_status import rpc_status
 from lmscore.server import metrics
 from lmscore.server.engine import ScoringEngine
 from lmscore.server.planning import RollingPlan, ScoringPlan
-from lmscore.server.requests import (
-    InvalidInput,
-    ItemInput,
-    Overloaded,
-    PlanOptions,
-    RequestTooLarge,
-    RollingPlanOptions,
-    TokenInput,
-)
+from lmscore.server.requests import InvalidInput, ItemInput, Overloaded, RequestTooLarge, TokenInput
+from lmscore.v1 import messages, scoring_pb2_grpc
 from lmscore.v1 import scoring_pb2 as pb
-from lmscore.v1 import scoring_pb2_grpc
-from lmscore.v1.results import MarginalMode, RollingResult, ScoreResult, Token, Word
+from lmscore.v1.options import RollingOptions, ScoreOptions
+from lmscore.v1.results import RollingResult, ScoreResult, Token, Word
 
 Planned = TypeVar("Planned")
+Options = TypeVar("Options")
 # Requests up to this size are planned on the event loop: tokenizing a few kilobytes takes
 # less than the hop to a worker thread and back (which, with ONNX Runtime's threads
 # spinning after a run, can cost milliseconds on a small machine).
@@ -81,25 +74,12 @@ def _token_input(message: Any, oneof: str) -> TokenInput | None:
     return value if isinstance(value, str) else list(value.ids)
 
 
-def _options_of(options: pb.ScoreOptions) -> PlanOptions:
-    if options.marginal_mode not in pb.MarginalMode.values():
-        raise InvalidInput(
-            "options.marginal_mode",
-            f"unknown value {options.marginal_mode}; known: "
-            + ", ".join(f"{n} = {v}" for n, v in pb.MarginalMode.items()),
-        )
-    # MARGINAL_MODE_SEPARATE_PASS -> "separate_pass"
-    marginal_mode = pb.MarginalMode.Name(options.marginal_mode).removeprefix("MARGINAL_MODE_")
-    return PlanOptions(
-        token_details=options.token_details,
-        top_k=options.top_k,
-        marginal_mode=typing.cast(MarginalMode, marginal_mode.lower()),
-        truncate_prompt_left=options.truncate_prompt_left,
-        add_bos=options.add_bos if options.HasField("add_bos") else None,
-        pmi=options.pmi,
-        words=options.words,
-        prompt_words=options.prompt_words,
-    )
+def _options(message: Any, options_type: type[Options]) -> Options:
+    """A request's options message as the contract's options type, by field name."""
+    try:
+        return messages.from_message(message, options_type)
+    except messages.UnknownEnumValue as exc:
+        raise InvalidInput(f"options.{exc.field}", exc.description) from None
 
 
 def _word_message(word: Word) -> pb.Word:
@@ -203,16 +183,12 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
             )
             for item in request.items
         ]
-        return model.engine.plan(items, _options_of(request.options), request_id=request.request_id)
+        options = _options(request.options, ScoreOptions)
+        return model.engine.plan(items, options, request_id=request.request_id)
 
     @staticmethod
     def _plan_rolling(model: ServedModel, request: pb.RollingRequest) -> RollingPlan:
-        options = RollingPlanOptions(
-            max_window_tokens=request.options.max_window_tokens,
-            min_context_tokens=request.options.min_context_tokens,
-            token_logprobs=request.options.token_logprobs,
-            add_bos=request.options.add_bos,
-        )
+        options = _options(request.options, RollingOptions)
         return model.engine.plan_rolling(
             [_token_input(t, "input") for t in request.texts],
             options,

@@ -36,8 +36,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 # Texts longer than this go through encode_batch, which releases the GIL while it works
-# (encode holds it: 2.8 s for a 4 MB text, with every other thread, the event loop too,
-# stopped); shorter ones through encode, which has less overhead.
+# (encode holds it, stopping every other thread, the event loop too, for seconds on a
+# text of megabytes); shorter ones through encode, which has less overhead.
 _RELEASE_GIL_CHARS: Final = 4096
 # Long texts whose ids are kept: a prompt and its joint text with a completion, for each of
 # two requests being planned at once.

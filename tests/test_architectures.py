@@ -14,9 +14,10 @@ import pytest
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import ItemInput, ModelFacts
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.tokenization import TextTokenizer
+from lmscore.v1.options import ScoreOptions
 from reference import sequence_logprobs
 from tiny_model import LICENSES, save_tiny_model
 
@@ -78,7 +79,7 @@ def test_architecture_fuses_attention_and_chunks_exactly(name: str, tmp_path: Pa
         engine = ScoringEngine(
             runtime, tokenizer, facts, EngineSettings(prefill_chunk_tokens=chunk)
         )
-        plan = engine.plan(items, PlanOptions(token_details=True))
+        plan = engine.plan(items, ScoreOptions(token_details=True))
         rows[chunk] = [
             [r.joint_logprob, *(t.logprob for t in r.tokens[1:])] for r in engine.score_sync(plan)
         ]

@@ -15,7 +15,7 @@ from lmscore.export.paths import default_model_dir
 from lmscore.server.cli import ConfigError, add_arguments, config_from_args
 from lmscore.server.config import (
     EngineSettings,
-    ModelSource,
+    ModelDirectory,
     RuntimeOptions,
     ServerConfig,
     is_flag,
@@ -80,7 +80,7 @@ def test_flags_without_a_plain_field_are_read_here(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# comment\nsecret\n")
     config = parse("--model", str(tmp_path), "--auth-token-file", str(tokens))
-    assert config.models == (ModelSource(tmp_path.name, tmp_path),)
+    assert config.models == (ModelDirectory(tmp_path.name, tmp_path),)
     assert config.auth_tokens == ("secret",)
     with pytest.raises(ConfigError, match="--tls-cert and --tls-key go together"):
         parse("--tls-cert", str(tokens))
@@ -88,21 +88,21 @@ def test_flags_without_a_plain_field_are_read_here(tmp_path: Path) -> None:
 
 def test_model_flags_name_and_order_the_models(tmp_path: Path) -> None:
     default = default_model_dir(ENVIRON)
-    assert parse().models == (ModelSource("SmolLM2-135M-Instruct", default),)
+    assert parse().models == (ModelDirectory("SmolLM2-135M-Instruct", default),)
     config = parse(
         *("--model", f"small={tmp_path / 'a'}", "--model", str(tmp_path / "b" / "..")),
         *("--model", "base=default", "--model", "default", "--model", "./odd=name"),
         *("--model", "gemma-3-270m"),
     )
     assert config.models == (
-        ModelSource("small", tmp_path / "a"),
-        ModelSource(tmp_path.name, tmp_path / "b" / ".."),  # named after the directory
-        ModelSource("base", default),
-        ModelSource("SmolLM2-135M-Instruct", default),
-        ModelSource("odd=name", Path("./odd=name")),  # a path: its '=' follows a '/'
-        ModelSource("gemma-3-270m", default.parent / "gemma-3-270m"),  # the second shipped one
+        ModelDirectory("small", tmp_path / "a"),
+        ModelDirectory(tmp_path.name, tmp_path / "b" / ".."),  # named after the directory
+        ModelDirectory("base", default),
+        ModelDirectory("SmolLM2-135M-Instruct", default),
+        ModelDirectory("odd=name", Path("./odd=name")),  # a path: its '=' follows a '/'
+        ModelDirectory("gemma-3-270m", default.parent / "gemma-3-270m"),  # the second shipped one
     )
-    assert ServerConfig(model_dir=tmp_path).models == (ModelSource(tmp_path.name, tmp_path),)
+    assert ServerConfig(model_dir=tmp_path).models == (ModelDirectory(tmp_path.name, tmp_path),)
 
 
 @pytest.mark.parametrize(

@@ -12,15 +12,10 @@ import pytest
 
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import (
-    InvalidInput,
-    ItemInput,
-    ModelFacts,
-    PlanOptions,
-    RollingPlanOptions,
-)
+from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts
 from lmscore.server.scoring import BatchScores, score_positions
 from lmscore.server.tokenization import TextTokenizer, move_trailing_whitespace
+from lmscore.v1.options import RollingOptions, ScoreOptions
 from lmscore.v1.results import Segment
 from tiny_model import build_tokenizer
 
@@ -140,8 +135,8 @@ def test_completion_tokens_follow_the_prompt_and_never_lose_text(tokenizer: Text
 def test_batching_does_not_change_results(tokenizer: TextTokenizer) -> None:
     one_by_one = make_engine(tokenizer, max_batch_tokens=1)
     batched = make_engine(tokenizer, max_batch_tokens=4096)
-    a = one_by_one.score_sync(one_by_one.plan(ITEMS, PlanOptions(token_details=True)))
-    b = batched.score_sync(batched.plan(ITEMS, PlanOptions(token_details=True)))
+    a = one_by_one.score_sync(one_by_one.plan(ITEMS, ScoreOptions(token_details=True)))
+    b = batched.score_sync(batched.plan(ITEMS, ScoreOptions(token_details=True)))
     assert len(batched.model.calls) < len(one_by_one.model.calls)  # type: ignore[attr-defined]
     assert [(r.item_index, r.completion_index) for r in a] == [
         (0, 0),
@@ -160,8 +155,8 @@ def test_batching_does_not_change_results(tokenizer: TextTokenizer) -> None:
 
 def test_separate_marginal_pass_agrees_with_same_pass(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer)
-    same = engine.score_sync(engine.plan(ITEMS, PlanOptions()))
-    separate = engine.score_sync(engine.plan(ITEMS, PlanOptions(marginal_mode="separate_pass")))
+    same = engine.score_sync(engine.plan(ITEMS, ScoreOptions()))
+    separate = engine.score_sync(engine.plan(ITEMS, ScoreOptions(marginal_mode="separate_pass")))
     for x, y in zip(same, separate, strict=True):
         assert x.marginal_logprob == pytest.approx(y.marginal_logprob, abs=1e-4)
         assert x.conditional_logprob == pytest.approx(y.conditional_logprob, abs=1e-4)
@@ -169,7 +164,7 @@ def test_separate_marginal_pass_agrees_with_same_pass(tokenizer: TextTokenizer) 
 
 def test_async_stream_yields_the_same_results(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_batch_tokens=16)
-    plan = engine.plan(ITEMS, PlanOptions())
+    plan = engine.plan(ITEMS, ScoreOptions())
 
     async def collect() -> list:
         return [r async for r in engine.score(plan)]
@@ -180,7 +175,7 @@ def test_async_stream_yields_the_same_results(tokenizer: TextTokenizer) -> None:
 
 def test_identical_sequences_are_scored_once(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_batch_tokens=4096)
-    plan = engine.plan([ItemInput("same", [" text"]), ItemInput("same", [" text"])], PlanOptions())
+    plan = engine.plan([ItemInput("same", [" text"]), ItemInput("same", [" text"])], ScoreOptions())
     assert len(plan.sequences) == 1
     first, second = engine.score_sync(plan)
     assert first.joint_logprob == second.joint_logprob
@@ -191,7 +186,7 @@ def test_token_details_mark_segments_and_leave_the_first_token_unscored(
 ) -> None:
     engine = make_engine(tokenizer)
     [result] = engine.score_sync(
-        engine.plan([ItemInput("Free", [" software"])], PlanOptions(token_details=True, top_k=2))
+        engine.plan([ItemInput("Free", [" software"])], ScoreOptions(token_details=True, top_k=2))
     )
     segments = [t.segment for t in result.tokens]
     assert segments[0] is Segment.BOS and result.tokens[0].logprob is None
@@ -204,42 +199,42 @@ def test_token_details_mark_segments_and_leave_the_first_token_unscored(
 
 def test_model_without_bos_flags_the_unscored_first_token(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, bos=None)
-    [result] = engine.score_sync(engine.plan([ItemInput("Free", [" software"])], PlanOptions()))
+    [result] = engine.score_sync(engine.plan([ItemInput("Free", [" software"])], ScoreOptions()))
     assert not result.bos_added and not result.first_token_scored
     with pytest.raises(InvalidInput, match=r"options\.add_bos"):
-        engine.plan([ItemInput("x", ["y"])], PlanOptions(add_bos=True))
+        engine.plan([ItemInput("x", ["y"])], ScoreOptions(add_bos=True))
 
 
 def test_left_truncation_reports_dropped_prompt_tokens(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer)
     prompt = list(range(3, 73))  # 70 tokens + BOS + 2 completion tokens = 73 > 64
     with pytest.raises(InvalidInput) as error:
-        engine.plan([ItemInput(prompt, [[5, 6]])], PlanOptions())
+        engine.plan([ItemInput(prompt, [[5, 6]])], ScoreOptions())
     assert error.value.field == "items[0].completions[0]"
     assert "73 tokens" in str(error.value) and "context of 64" in str(error.value)
     [result] = engine.score_sync(
-        engine.plan([ItemInput(prompt, [[5, 6]])], PlanOptions(truncate_prompt_left=True))
+        engine.plan([ItemInput(prompt, [[5, 6]])], ScoreOptions(truncate_prompt_left=True))
     )
     assert result.truncated_prompt_tokens == 9
     assert result.prompt_tokens == 61
     with pytest.raises(InvalidInput, match="even with the whole prompt truncated"):
-        engine.plan([ItemInput([3], [list(range(3, 70))])], PlanOptions(truncate_prompt_left=True))
+        engine.plan([ItemInput([3], [list(range(3, 70))])], ScoreOptions(truncate_prompt_left=True))
 
 
 @pytest.mark.parametrize(
     ("items", "options", "field"),
     [
-        ([], PlanOptions(), "items"),
-        ([ItemInput("x", [])], PlanOptions(), "items[0].completions"),
-        ([ItemInput("x", ["y", None])], PlanOptions(), "items[0].completions[1]"),
-        ([ItemInput([1, VOCAB], ["y"])], PlanOptions(), "items[0].prompt_token_ids[1]"),
-        ([ItemInput("x", ["y", [3, -1]])], PlanOptions(), "items[0].completions[1].token_ids[1]"),
-        ([ItemInput("x", ["y"])], PlanOptions(top_k=-1), "options.top_k"),
-        ([ItemInput("x", ["y"])], PlanOptions(top_k=21), "options.top_k"),
+        ([], ScoreOptions(), "items"),
+        ([ItemInput("x", [])], ScoreOptions(), "items[0].completions"),
+        ([ItemInput("x", ["y", None])], ScoreOptions(), "items[0].completions[1]"),
+        ([ItemInput([1, VOCAB], ["y"])], ScoreOptions(), "items[0].prompt_token_ids[1]"),
+        ([ItemInput("x", ["y", [3, -1]])], ScoreOptions(), "items[0].completions[1].token_ids[1]"),
+        ([ItemInput("x", ["y"])], ScoreOptions(top_k=-1), "options.top_k"),
+        ([ItemInput("x", ["y"])], ScoreOptions(top_k=21), "options.top_k"),
     ],
 )
 def test_bad_input_names_the_field(
-    tokenizer: TextTokenizer, items: list, options: PlanOptions, field: str
+    tokenizer: TextTokenizer, items: list, options: ScoreOptions, field: str
 ) -> None:
     with pytest.raises(InvalidInput) as error:
         make_engine(tokenizer).plan(items, options)
@@ -260,8 +255,8 @@ MULTIPLE_CHOICE = [
 ]
 
 
-@pytest.mark.parametrize("options", [PlanOptions(), PlanOptions(token_details=True, top_k=3)])
-def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: PlanOptions) -> None:
+@pytest.mark.parametrize("options", [ScoreOptions(), ScoreOptions(token_details=True, top_k=3)])
+def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: ScoreOptions) -> None:
     reuse = make_engine(tokenizer)
     full = make_engine(tokenizer, prefix_reuse=False)
     plan = reuse.plan(MULTIPLE_CHOICE, options)
@@ -287,7 +282,7 @@ def test_prefix_reuse_equals_full_passes(tokenizer: TextTokenizer, options: Plan
 
 def test_separate_pass_mode_never_reuses_prefixes(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer)
-    plan = engine.plan(MULTIPLE_CHOICE, PlanOptions(marginal_mode="separate_pass"))
+    plan = engine.plan(MULTIPLE_CHOICE, ScoreOptions(marginal_mode="separate_pass"))
     assert plan.prefix_groups == []
 
 
@@ -296,14 +291,14 @@ def test_concurrent_requests_share_model_runs(tokenizer: TextTokenizer) -> None:
 
     async def run(engine: ScoringEngine) -> list:
         async def one(request):
-            return [r async for r in engine.score(engine.plan(request, PlanOptions()))]
+            return [r async for r in engine.score(engine.plan(request, ScoreOptions()))]
 
         return await asyncio.gather(*(one(request) for request in items))
 
     shared = make_engine(tokenizer, max_queue_delay_ms=50)
     apart = make_engine(tokenizer, max_queue_delay_ms=50, cross_request_batching=False)
     together, separately = asyncio.run(run(shared)), asyncio.run(run(apart))
-    assert shared.batcher.model_runs < apart.batcher.model_runs == 6
+    assert shared.stats().batches < apart.stats().batches == 6
     for a, b in zip(together, separately, strict=True):
         assert a[0].joint_logprob == pytest.approx(b[0].joint_logprob, abs=1e-5)
 
@@ -312,7 +307,7 @@ def test_abandoned_request_does_no_more_work(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_batch_tokens=8, max_queue_delay_ms=0)
     engine.model.delay = 0.02
     items = [ItemInput(f"Item number {i} is", [f" here {i} and there"]) for i in range(20)]
-    plan = engine.plan(items, PlanOptions())
+    plan = engine.plan(items, ScoreOptions())
 
     async def take_one_and_leave() -> None:
         stream = engine.score(plan)
@@ -331,7 +326,7 @@ def test_prefix_reuse_only_where_it_saves_enough_tokens(tokenizer: TextTokenizer
     items = [ItemInput(prompt, [[40], [41], [42]])]  # 2 extra members: 40 saved
     for least, grouped in ((40, True), (41, False)):
         engine = make_engine(tokenizer, min_prefix_reuse_tokens=least)
-        plan = engine.plan(items, PlanOptions())
+        plan = engine.plan(items, ScoreOptions())
         assert bool(plan.prefix_groups) is grouped
         assert len(plan.full_passes) == (0 if grouped else 3)
 
@@ -347,7 +342,7 @@ def test_a_short_request_runs_between_the_chunks_of_a_long_one(tokenizer: TextTo
 
     async def run() -> tuple[list, list]:
         async def score(name: str, items: list[ItemInput]) -> list:
-            results = [r async for r in engine.score(engine.plan(items, PlanOptions()))]
+            results = [r async for r in engine.score(engine.plan(items, ScoreOptions()))]
             order.append(name)
             return results
 
@@ -361,10 +356,10 @@ def test_a_short_request_runs_between_the_chunks_of_a_long_one(tokenizer: TextTo
     assert order == ["short", "long"]
     assert [shape[1] for shape in engine.model.calls].count(1) == 0
     assert calls_then <= 3  # the long one's chunk 1, maybe chunk 2, then the short one
-    assert engine.runner.chunk_runs == 8
+    assert engine.stats().chunk_runs == 8
     one_pass = make_engine(tokenizer, prefill_chunk_tokens=0)
     for items, results in ((long_items, long_results), (short_items, short_results)):
-        expected = one_pass.score_sync(one_pass.plan(items, PlanOptions()))
+        expected = one_pass.score_sync(one_pass.plan(items, ScoreOptions()))
         assert [r.joint_logprob for r in results] == pytest.approx(
             [r.joint_logprob for r in expected], abs=1e-5
         )
@@ -373,7 +368,7 @@ def test_a_short_request_runs_between_the_chunks_of_a_long_one(tokenizer: TextTo
 def test_a_long_run_whose_caller_left_stops_at_the_next_chunk(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, prefill_chunk_tokens=8, max_queue_delay_ms=0)
     engine.model.delay = 0.05
-    plan = engine.plan([ItemInput(list(range(10, 40)), [list(range(40, 69))])], PlanOptions())
+    plan = engine.plan([ItemInput(list(range(10, 40)), [list(range(40, 69))])], ScoreOptions())
 
     async def leave_after_the_first_chunk() -> None:
         task = asyncio.create_task(anext(engine.score(plan)))
@@ -383,7 +378,7 @@ def test_a_long_run_whose_caller_left_stops_at_the_next_chunk(tokenizer: TextTok
 
     asyncio.run(leave_after_the_first_chunk())
     assert 1 <= len(engine.model.calls) <= 3 < 8
-    assert engine.batcher.runs_abandoned == 1
+    assert engine.stats().abandoned == 1
 
 
 def test_bos_follows_the_tokenizer_unless_the_request_says(tmp_path: Path) -> None:
@@ -398,7 +393,7 @@ def test_bos_follows_the_tokenizer_unless_the_request_says(tmp_path: Path) -> No
         facts = ModelFacts(64, VOCAB, 1, bos_by_default=tokenizer.adds_bos(1))
         engine = ScoringEngine(FakeCausalModel(), tokenizer, facts, EngineSettings())
         for add_bos, expected in ((None, adds_bos), (True, True), (False, False)):
-            plan = engine.plan([ItemInput("The licensee", [" may"])], PlanOptions(add_bos=add_bos))
+            plan = engine.plan([ItemInput("The licensee", [" may"])], ScoreOptions(add_bos=add_bos))
             [result] = engine.score_sync(plan)
             assert result.bos_added is expected
             assert (plan.sequences[0][0] == 1) is expected
@@ -407,16 +402,16 @@ def test_bos_follows_the_tokenizer_unless_the_request_says(tmp_path: Path) -> No
 def test_text_bytes_and_rolling_bos_are_checked_naming_the_field(tokenizer: TextTokenizer) -> None:
     engine = make_engine(tokenizer, max_text_bytes=40)
     fine = "é" * 20  # 40 UTF-8 bytes: at the limit
-    engine.plan([ItemInput(fine, [" x"])], PlanOptions())
+    engine.plan([ItemInput(fine, [" x"])], ScoreOptions())
     for items, field, words in (
         ([ItemInput("é" * 21, [" x"])], "items[0].prompt", "42 bytes"),
         ([ItemInput("a", ["x" * 41])], "items[0].completions[0].text", "41 characters"),
     ):
         with pytest.raises(InvalidInput) as error:
-            engine.plan(items, PlanOptions())
+            engine.plan(items, ScoreOptions())
         assert error.value.field == field
         assert words in error.value.description and "40 UTF-8 bytes" in error.value.description
     no_bos = ScoringEngine(FakeCausalModel(), tokenizer, ModelFacts(64, VOCAB, None, 2))
     with pytest.raises(InvalidInput) as error:
-        no_bos.plan_rolling(["some text"], RollingPlanOptions(add_bos=True))
+        no_bos.plan_rolling(["some text"], RollingOptions(add_bos=True))
     assert error.value.field == "options.add_bos"

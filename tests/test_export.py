@@ -14,6 +14,7 @@ from lmscore.export.graph_io import model_feeds
 from lmscore.export.manifest import FORMAT_VERSION, Manifest, ManifestError
 from lmscore.export.validate import VALIDATION_TEXT
 from lmscore.server.scoring import score_positions
+from lmscore.v1.options import ScoreOptions
 from tiny_model import MAX_CONTEXT, VOCAB_SIZE
 
 
@@ -120,7 +121,7 @@ def test_quantized_variant_records_what_it_measured(
     from lmscore.export.quantize import quantize_export
     from lmscore.server.app import load_model
     from lmscore.server.config import ServerConfig
-    from lmscore.server.requests import ItemInput, PlanOptions
+    from lmscore.server.requests import ItemInput
 
     target = tmp_path / f"tiny-{recipe}"
     manifest = quantize_export(tiny_export, target, recipe)
@@ -134,7 +135,7 @@ def test_quantized_variant_records_what_it_measured(
     text = Path("/usr/share/common-licenses/Apache-2.0").read_text()
     ids = engines[0].tokenizer.encode(text)
     items = [ItemInput(None, [ids[i * 95 : (i + 1) * 95]]) for i in range(8)]
-    scored = [e.score_sync(e.plan(items, PlanOptions(token_details=True))) for e in engines]
+    scored = [e.score_sync(e.plan(items, ScoreOptions(token_details=True))) for e in engines]
     deltas = [
         abs(a.logprob - b.logprob)
         for x, y in zip(*scored, strict=True)

@@ -25,9 +25,10 @@ from lmscore.export.manifest import (
     model_bytes,
 )
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import ItemInput, ModelFacts
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.tokenization import TextTokenizer
+from lmscore.v1.options import ScoreOptions
 from reference import sequence_logprobs
 from tiny_model import LICENSES, MAX_CONTEXT, save_tiny_model
 
@@ -62,7 +63,7 @@ def items_of(engine: ScoringEngine) -> list[ItemInput]:
 
 def token_rows(engine: ScoringEngine, items: list[ItemInput]) -> list[list[float]]:
     """Per item: the joint log-prob, then each scored token's."""
-    results = engine.score_sync(engine.plan(items, PlanOptions(token_details=True)))
+    results = engine.score_sync(engine.plan(items, ScoreOptions(token_details=True)))
     return [[r.joint_logprob, *(t.logprob for t in r.tokens[1:])] for r in results]
 
 

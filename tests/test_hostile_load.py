@@ -22,7 +22,7 @@ from lmscore.client.convert import build_request
 from lmscore.server.app import load_model
 from lmscore.server.config import EngineSettings, ServerConfig
 from lmscore.server.planning import response_bytes
-from lmscore.server.requests import ItemInput, PlanOptions
+from lmscore.server.requests import ItemInput
 from lmscore.server.servicer import _result_message
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1 import scoring_pb2_grpc
@@ -176,9 +176,9 @@ def test_response_estimate_follows_the_real_messages(tiny_export: Path) -> None:
     ]
     try:
         for options in (
-            PlanOptions(),
-            PlanOptions(token_details=True, top_k=5),
-            PlanOptions(token_details=True, pmi=True),
+            ScoreOptions(),
+            ScoreOptions(token_details=True, top_k=5),
+            ScoreOptions(token_details=True, pmi=True),
         ):
             plan = loaded.engine.plan(items, options, request_id="run-42")
             request = pb.ScoreRequest(request_id="run-42")

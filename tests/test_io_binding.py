@@ -18,8 +18,9 @@ from lmscore.export.past_tile import build_past_tile
 from lmscore.server.app import load_model
 from lmscore.server.config import EngineSettings, RuntimeOptions, ServerConfig
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import ItemInput, ModelFacts
 from lmscore.server.runtime import OnnxCausalLM
+from lmscore.v1.options import ScoreOptions
 
 ITEMS = [
     # Several completions of one prompt: prefix reuse, the cache repeated along the batch.
@@ -32,9 +33,9 @@ ITEMS = [
     ItemInput("", ["Everyone is permitted to copy"]),
 ]
 OPTIONS = [
-    PlanOptions(),
-    PlanOptions(token_details=True, top_k=3),
-    PlanOptions(marginal_mode="separate_pass"),
+    ScoreOptions(),
+    ScoreOptions(token_details=True, top_k=3),
+    ScoreOptions(marginal_mode="separate_pass"),
 ]
 
 

@@ -27,7 +27,25 @@ PACKAGES = {
 }
 # The engine: requests -> plan -> runs -> results. The servicer and the runtime are its edges.
 ENGINE = ["requests", "planning", "execution", "engine", "scoring", "rolling", "batching"]
-ENGINE += ["tokenization", "config", "prefix_cache"]
+ENGINE += ["tokenization", "config", "prefix_cache", "model_runs", "assembly", "memory"]
+# One Score call meets the engine's modules in this order (docs/design.md, "One call,
+# followed through"); a module imports only modules of a later rank, so data never goes
+# back up (the batcher drives the model runs, it is not called back by execution).
+ENGINE_RANKS = {
+    "engine": 0,
+    "execution": 1,
+    "assembly": 2,
+    "batching": 2,
+    "planning": 3,
+    "model_runs": 3,
+    "prefix_cache": 4,
+    "memory": 4,
+    "tokenization": 4,
+    "rolling": 4,
+    "scoring": 5,
+    "requests": 5,
+    "config": 6,
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -76,3 +94,20 @@ def test_the_engine_needs_neither_grpc_nor_onnx_runtime(module: str) -> None:
         if m.split(".")[0] in heavy or m.startswith("lmscore.v1.scoring_pb2")
     }
     assert not found, sorted(found)
+
+
+@pytest.mark.parametrize("module", sorted(ENGINE_RANKS))
+def test_the_engine_flows_one_way(module: str) -> None:
+    rank = ENGINE_RANKS[module]
+    upstream = {
+        name
+        for m in imported_modules(ROOT / "server" / f"{module}.py")
+        if (name := m.removeprefix("lmscore.server.")) in ENGINE_RANKS
+        and ENGINE_RANKS[name] <= rank
+        and name != module
+    }
+    assert not upstream, f"{module} imports {sorted(upstream)}, which come before it"
+
+
+def test_every_engine_module_has_a_rank() -> None:
+    assert set(ENGINE) == set(ENGINE_RANKS)

@@ -25,11 +25,12 @@ from lmscore.export.attention import FUSED_DOMAIN, FUSED_OP
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions, RollingPlanOptions
+from lmscore.server.requests import ItemInput, ModelFacts
 from lmscore.server.runtime import OnnxCausalLM
 from lmscore.server.tokenization import TextTokenizer
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1 import scoring_pb2_grpc
+from lmscore.v1.options import RollingOptions, ScoreOptions
 from reference import sequence_logprobs
 from tiny_model import SLIDING_WINDOW, build_sliding_window_model_dir
 
@@ -58,7 +59,7 @@ def fused_nodes(model_dir: Path) -> int:
 
 def scored_rows(engine: ScoringEngine, items: list[ItemInput]) -> list[tuple[float, ...]]:
     """(joint, marginal, conditional, every token's log-prob) of each result."""
-    plan = engine.plan(items, PlanOptions(token_details=True))
+    plan = engine.plan(items, ScoreOptions(token_details=True))
     return [
         (
             r.joint_logprob,
@@ -71,7 +72,7 @@ def scored_rows(engine: ScoringEngine, items: list[ItemInput]) -> list[tuple[flo
 
 
 def rolling_logprobs(engine: ScoringEngine, text: str, window: int) -> list[float]:
-    plan = engine.plan_rolling([text], RollingPlanOptions(max_window_tokens=window))
+    plan = engine.plan_rolling([text], RollingOptions(max_window_tokens=window))
 
     async def run() -> list[float]:
         return [r.logprob async for r in engine.score_rolling(plan)]
@@ -115,7 +116,7 @@ def test_sliding_window_chunked_prefill_equals_one_pass_and_pytorch(sliding_expo
         ItemInput(ids[:120], [ids[120:140], ids[120:123], ids[120:149]]),  # prefix reuse
         ItemInput(ids[5:30], [ids[30:60]]),  # short: batched with the long rows
     ]
-    plan = one_pass.plan(items, PlanOptions())
+    plan = one_pass.plan(items, ScoreOptions())
     assert plan.prefix_groups and plan.full_passes
     want = scored_rows(one_pass, items)
     text = re.sub(r"\s+", " ", LICENSE.read_text()[:3000])
@@ -140,7 +141,7 @@ def test_sliding_window_chunked_prefill_equals_one_pass_and_pytorch(sliding_expo
         np.testing.assert_allclose(
             rolling_logprobs(chunked, text, window=100), rolling_want, atol=TOLERANCE, rtol=0
         )
-        assert chunked.runner.chunk_runs > 0
+        assert chunked.stats().chunk_runs > 0
 
 
 # --- the default model, at realistic sizes -------------------------------------------------
@@ -160,7 +161,7 @@ def test_default_model_chunked_prefill_equals_one_pass_and_pytorch(
         # A 1,600-token prompt shared by three completions: prefix reuse.
         ItemInput(ids[:1600], [ids[1600:1610], ids[1600:1630], ids[1600:1700]]),
     ]
-    assert one_pass.plan(items, PlanOptions()).prefix_groups
+    assert one_pass.plan(items, ScoreOptions()).prefix_groups
     want = scored_rows(one_pass, items)
     logprobs, _, _ = sequence_logprobs(model, [1, *ids[:1500]])
     assert want[0][0] == pytest.approx(float(logprobs.sum()), abs=1e-3)
@@ -168,7 +169,7 @@ def test_default_model_chunked_prefill_equals_one_pass_and_pytorch(
     for chunk in (100, 256, 700):
         chunked = engine_for(exported_default, runtime, prefill_chunk_tokens=chunk)
         assert_rows_close(scored_rows(chunked, items), want)
-        assert chunked.runner.chunk_runs >= 1500 // chunk
+        assert chunked.stats().chunk_runs >= 1500 // chunk
 
 
 def scrape(port: int, name: str) -> float:
@@ -297,7 +298,7 @@ def test_a_big_vocabulary_bounds_the_positions_of_a_run(tiny_export: Path) -> No
     bounded = engine_for(
         tiny_export, Recording(), prefill_chunk_tokens=0, max_logits_bytes=4 * 512 * 40
     )  # type: ignore[arg-type]
-    assert bounded.runner.max_run_tokens == 40
+    assert bounded.max_run_tokens == 40
     assert_rows_close(scored_rows(bounded, items), scored_rows(unbounded, items))
     assert shapes and all(rows * width <= 40 for rows, width in shapes)
-    assert bounded.runner.chunk_runs > 0
+    assert bounded.stats().chunk_runs > 0

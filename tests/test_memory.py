@@ -9,7 +9,7 @@ import pytest
 from lmscore.server import memory
 
 pytestmark = pytest.mark.skipif(
-    memory._LIBC is None or memory.resident_bytes() is None, reason="needs glibc and /proc"
+    not memory.can_release() or memory.resident_bytes() is None, reason="needs glibc and /proc"
 )
 
 MIB = 2**20
@@ -27,50 +27,54 @@ def _burst(total: int, piece: int = 64 * 1024) -> bytes:
 
 
 def test_idle_trim_keeps_a_short_requests_buffers_and_returns_a_burst() -> None:
+    policy = memory.MemoryPolicy()
     kept = [_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB)]
-    assert memory.release_after_burst()  # the resting size: RSS just after it
+    assert policy.after_burst()  # the resting size: RSS just after it
     kept.append(_burst(16 * MIB))  # what a short pair leaves free (~20 MB on SmolLM2)
     before = memory.resident_bytes()
-    assert not memory.release_after_burst()
+    assert not policy.after_burst()
     assert memory.resident_bytes() >= before - 4 * MIB  # nothing was handed back
 
     kept.append(_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB))
     grown = memory.resident_bytes()
     assert grown - before > memory.IDLE_TRIM_GROWTH_BYTES // 2
-    assert memory.release_after_burst()
+    assert policy.after_burst()
     assert memory.resident_bytes() < grown - memory.IDLE_TRIM_GROWTH_BYTES // 2
 
 
 def test_a_trim_is_skipped_within_its_interval() -> None:
-    assert memory.release_free_memory()
-    assert not memory.release_free_memory(min_interval=3600)
+    policy = memory.MemoryPolicy()
+    assert policy.trim_heap()
+    assert not policy.trim_heap(min_interval=3600)
 
 
 def test_a_trim_between_chunks_does_not_raise_the_resting_size() -> None:
     """A long run's caches are alive at its trims between chunks and freed at its end: going
     idle afterwards must still hand them back."""
+    policy = memory.MemoryPolicy()
     kept = [_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB)]
-    assert memory.release_after_burst()
+    assert policy.after_burst()
     piece = 64 * 1024
     caches = [b"c" * piece for _ in range((memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB) // piece)]
     kept.append(b"y" * piece)  # allocated after the caches: the heap cannot shrink from the top
-    memory.release_free_memory()  # between two chunks, the caches alive
+    policy.trim_heap()  # between two chunks, the caches alive
     del caches
     gc.collect()
     grown = memory.resident_bytes()
-    assert memory.release_after_burst()
+    assert policy.after_burst()
     assert memory.resident_bytes() < grown - memory.IDLE_TRIM_GROWTH_BYTES // 2
 
 
 def test_going_idle_frees_the_arenas_only_after_a_burst() -> None:
     """ONNX Runtime's arena (on by default) is handed back with the heap after a burst, and
     kept, like the heap, after a short request."""
+    policy = memory.MemoryPolicy()
     freed: list[int] = []
     kept = [_burst(memory.IDLE_TRIM_GROWTH_BYTES + 64 * MIB)]
-    assert memory.release_after_burst(lambda: freed.append(1))
+    assert policy.after_burst(lambda: freed.append(1))
     assert freed == [1]
     kept.append(_burst(16 * MIB))
-    assert not memory.release_after_burst(lambda: freed.append(2))
+    assert not policy.after_burst(lambda: freed.append(2))
     assert freed == [1]
 
 

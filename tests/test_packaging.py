@@ -89,15 +89,16 @@ def test_missing_model_directory_exits_with_one_line(tmp_path: Path) -> None:
 def test_cached_optimized_graph_scores_the_same(tiny_export: Path, tmp_path: Path) -> None:
     from lmscore.server.app import load_model
     from lmscore.server.config import RuntimeOptions, ServerConfig
-    from lmscore.server.requests import ItemInput, PlanOptions
+    from lmscore.server.requests import ItemInput
     from lmscore.server.runtime import optimized_graph_path
+    from lmscore.v1.options import ScoreOptions
 
     config = ServerConfig(model_dir=tiny_export, runtime=RuntimeOptions(ort_cache_dir=tmp_path))
     items = [ItemInput("The Program", [" is free", " is not"]), ItemInput("", ["Copyright"])]
     results = []
     for _ in range(2):  # the first load writes the cache, the second reads it
         loaded = load_model(config)
-        results.append(loaded.engine.score_sync(loaded.engine.plan(items, PlanOptions())))
+        results.append(loaded.engine.score_sync(loaded.engine.plan(items, ScoreOptions())))
         loaded.engine.close()
         assert optimized_graph_path(tmp_path, tiny_export / "model.onnx").is_file()
     for first, second in zip(*results, strict=True):

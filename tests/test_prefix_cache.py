@@ -20,7 +20,7 @@ from lmscore.client import Item, ScoreOptions, ScoringClient
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
 from lmscore.server.prefix_cache import PrefixCache
-from lmscore.server.requests import ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import ItemInput, ModelFacts
 from lmscore.server.scoring import PositionScores
 from lmscore.server.tokenization import TextTokenizer
 from reference import assert_equals_reference, reference_score
@@ -117,7 +117,7 @@ def engine(tokenizer: TextTokenizer, cache_bytes: int) -> ScoringEngine:
     )
 
 
-def few_shot_requests(count: int, seed: int) -> list[tuple[list[ItemInput], PlanOptions]]:
+def few_shot_requests(count: int, seed: int) -> list[tuple[list[ItemInput], ScoreOptions]]:
     """Requests sharing preambles (two of them, so the cache holds several), questions that
     repeat, prompts inside other prompts, and token details of varied top_k."""
     rng = random.Random(seed)
@@ -129,7 +129,7 @@ def few_shot_requests(count: int, seed: int) -> list[tuple[list[ItemInput], Plan
         question = " ".join(rng.sample(words[400:500], rng.randint(0, 6)))
         prompt = f"{preamble} {question}".strip()
         choices = [" " + " ".join(rng.sample(words, rng.randint(1, 4))) for _ in range(3)]
-        options = PlanOptions(token_details=rng.random() < 0.5, top_k=rng.choice([0, 0, 2, 5]))
+        options = ScoreOptions(token_details=rng.random() < 0.5, top_k=rng.choice([0, 0, 2, 5]))
         requests.append(([ItemInput(prompt, choices)], options))
     return requests
 
@@ -152,10 +152,10 @@ def test_results_equal_with_and_without_the_cache_whatever_it_held(
                 assert [x.id for x in s.top] == [x.id for x in t.top]
                 if s.logprob is not None:
                     assert s.logprob == pytest.approx(t.logprob, abs=TOLERANCE)
-    cache = cached.runner.prefix_cache
+    stats = cached.stats()
     # Misses: each preamble's first request, and requests asking more top-k alternatives
     # than the cached passes scored.
-    assert cache.hits >= len(requests) // 2 and cache.hit_tokens > 0
+    assert stats.prefix_cache_hits >= len(requests) // 2 and stats.prefix_cache_hit_tokens > 0
     tokens_run = lambda e: sum(b * s for b, s in e.model.calls)  # noqa: E731
     assert tokens_run(cached) < tokens_run(uncached) / 2
 
@@ -170,7 +170,7 @@ def test_a_small_budget_still_gives_the_same_results(tokenizer: TextTokenizer) -
             strict=True,
         ):
             assert a.conditional_logprob == pytest.approx(b.conditional_logprob, abs=TOLERANCE)
-    assert tiny.runner.prefix_cache.bytes <= 60_000
+    assert tiny.stats().prefix_cache_bytes <= 60_000
 
 
 # A real server, against PyTorch.

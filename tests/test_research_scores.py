@@ -21,7 +21,7 @@ from conftest import LMSCORE, ServerProcess
 from lmscore.client import InvalidArgumentError, Item, ScoreOptions, ScoringClient
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts
 from lmscore.server.scoring import (
     PositionScores,
     SequenceLayout,
@@ -119,7 +119,7 @@ def test_pmi_is_batched_with_the_conditional_and_equals_a_pass_after_the_prefix_
 ) -> None:
     scorer = engine(tokenizer)
     items = [ItemInput("The licensee", [" may copy", " shall not", ""]), ItemInput([5, 6], [[7]])]
-    plan = scorer.plan(items, PlanOptions(pmi=True))
+    plan = scorer.plan(items, ScoreOptions(pmi=True))
     results = scorer.score_sync(plan)
     # One model run for the whole plan, unconditional sequences included.
     assert len(scorer.model.calls) == 1
@@ -131,24 +131,24 @@ def test_pmi_is_batched_with_the_conditional_and_equals_a_pass_after_the_prefix_
             if isinstance(completion, list)
             else tokenizer.encode_pair(item.prompt, completion).completion_ids
         )
-        alone = scorer.score_sync(scorer.plan([ItemInput([], [list(ids)])], PlanOptions()))[0]
+        alone = scorer.score_sync(scorer.plan([ItemInput([], [list(ids)])], ScoreOptions()))[0]
         assert result.unconditional_logprob == pytest.approx(alone.conditional_logprob, abs=1e-6)
         assert result.pmi == pytest.approx(
             result.conditional_logprob - result.unconditional_logprob, abs=1e-9
         )
     # Without the option the fields stay unset.
-    plain = scorer.score_sync(scorer.plan(items, PlanOptions()))
+    plain = scorer.score_sync(scorer.plan(items, ScoreOptions()))
     assert all(r.pmi is None and r.unconditional_logprob is None for r in plain)
     assert [r.conditional_logprob for r in plain] == [r.conditional_logprob for r in results]
 
 
 def test_pmi_uses_eos_without_bos_and_is_refused_without_either(tokenizer: TextTokenizer) -> None:
     no_bos = engine(tokenizer, bos=None, eos=2)
-    plan = no_bos.plan([ItemInput("A", ["bc"])], PlanOptions(pmi=True))
+    plan = no_bos.plan([ItemInput("A", ["bc"])], ScoreOptions(pmi=True))
     unconditional = plan.sequences[plan.completions[0].unconditional]
     assert unconditional[0] == 2
     with pytest.raises(InvalidInput) as error:
-        engine(tokenizer, bos=None, eos=None).plan([ItemInput("A", ["b"])], PlanOptions(pmi=True))
+        engine(tokenizer, bos=None, eos=None).plan([ItemInput("A", ["b"])], ScoreOptions(pmi=True))
     assert error.value.field == "options.pmi"
 
 
@@ -159,7 +159,7 @@ def test_offsets_index_the_scored_texts_in_code_points(tokenizer: TextTokenizer)
         ItemInput("the", ["re"]),  # a token merges across the boundary: encode(y) alone
         ItemInput("", ["🤖🤖 é"]),
     ]
-    results = scorer.score_sync(scorer.plan(items, PlanOptions(token_details=True)))
+    results = scorer.score_sync(scorer.plan(items, ScoreOptions(token_details=True)))
     for result in results:
         check_offsets(result)
     assert results[0].conditional_logprob_per_char == pytest.approx(
@@ -176,7 +176,7 @@ def test_offsets_of_a_truncated_prompt_still_index_its_text(tokenizer: TextToken
         tokenizer,
         ModelFacts(max_context=12, vocab_size=VOCAB, bos_token_id=BOS),
     )
-    options = PlanOptions(token_details=True, truncate_prompt_left=True)
+    options = ScoreOptions(token_details=True, truncate_prompt_left=True)
     [result] = scorer.score_sync(
         scorer.plan([ItemInput("one two three four five", [" six"])], options)
     )
@@ -189,7 +189,7 @@ def test_offsets_of_a_truncated_prompt_still_index_its_text(tokenizer: TextToken
 def test_token_ids_have_no_offsets_nor_characters(tokenizer: TextTokenizer) -> None:
     scorer = engine(tokenizer)
     items = [ItemInput([5, 6, 7], [[8, 9], "text"]), ItemInput("Warranty", [[10]])]
-    results = scorer.score_sync(scorer.plan(items, PlanOptions(token_details=True, pmi=True)))
+    results = scorer.score_sync(scorer.plan(items, ScoreOptions(token_details=True, pmi=True)))
     by_ids, by_text, text_prompt = results
     assert by_ids.conditional_logprob_per_char is None
     assert by_ids.conditional_logprob_per_byte is None

@@ -25,7 +25,7 @@ from lmscore.client import InvalidArgumentError, Item, ScoreOptions, ScoringClie
 from lmscore.export.words import word_start_mask
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, PlanOptions
+from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts
 from lmscore.server.scoring import score_positions, split_words
 from lmscore.server.tokenization import TextTokenizer
 from reference import assert_words_equal, piece_starts_word, reference_words, word_start_ids
@@ -154,7 +154,7 @@ def test_engine_words_follow_the_formula_and_telescope(tokenizer: TextTokenizer)
     mask = tokenizer.word_starts
     assert mask is not None
     items = [ItemInput(p, [c, c + " again"]) for p, c in PAIRS]
-    options = PlanOptions(words=True, prompt_words=True, token_details=True)
+    options = ScoreOptions(words=True, prompt_words=True, token_details=True)
     results = engine.score_sync(engine.plan(items, options))
     for result in results:
         ids = [t.id for t in result.tokens]
@@ -186,8 +186,8 @@ def test_engine_word_requests_run_full_passes(tokenizer: TextTokenizer) -> None:
     passes, with the same conditionals."""
     engine = fake_engine(tokenizer)
     items = [ItemInput("The old man the", [" boat.", " boats.", " sea"])]
-    with_words = engine.plan(items, PlanOptions(words=True))
-    without = engine.plan(items, PlanOptions())
+    with_words = engine.plan(items, ScoreOptions(words=True))
+    without = engine.plan(items, ScoreOptions())
     assert not with_words.prefix_groups and without.prefix_groups
     for a, b in zip(engine.score_sync(with_words), engine.score_sync(without), strict=True):
         assert a.conditional_logprob == pytest.approx(b.conditional_logprob, abs=TOLERANCE)
@@ -199,14 +199,14 @@ def test_engine_refuses_words_without_text_or_without_a_mask(
 ) -> None:
     engine = fake_engine(tokenizer)
     with pytest.raises(InvalidInput) as error:
-        engine.plan([ItemInput("The", ["x", [5, 6]])], PlanOptions(words=True))
+        engine.plan([ItemInput("The", ["x", [5, 6]])], ScoreOptions(words=True))
     assert error.value.field == "items[0].completions[1].token_ids"
     assert "options.words" in str(error.value)
     with pytest.raises(InvalidInput) as error:
-        engine.plan([ItemInput([5, 6], [" x"])], PlanOptions(prompt_words=True))
+        engine.plan([ItemInput([5, 6], [" x"])], ScoreOptions(prompt_words=True))
     assert error.value.field == "items[0].prompt_token_ids"
     # Token ids are fine for the completion when only the prompt's words are asked.
-    engine.plan([ItemInput("The cat", [[5, 6]])], PlanOptions(prompt_words=True))
+    engine.plan([ItemInput("The cat", [[5, 6]])], ScoreOptions(prompt_words=True))
     path = tmp_path / "tokenizer.json"
     build_tokenizer().backend_tokenizer.save(str(path))
     old = ScoringEngine(
@@ -215,7 +215,7 @@ def test_engine_refuses_words_without_text_or_without_a_mask(
         ModelFacts(max_context=64, vocab_size=VOCAB, bos_token_id=BOS_ID),
     )
     with pytest.raises(InvalidInput) as error:
-        old.plan([ItemInput("The", [" cat"])], PlanOptions(words=True))
+        old.plan([ItemInput("The", [" cat"])], ScoreOptions(words=True))
     assert error.value.field == "options.words"
     assert "export it again" in str(error.value)
 

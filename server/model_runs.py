@@ -1,0 +1,274 @@
+"""Model runs: token sequences -> padded arrays -> the model's runs -> per-sequence scores.
+
+What the dynamic batcher (lmscore.server.batching) drives, one model run at a time on
+the model's thread:
+
+- `run_sequences`: right-padded full sequences scored from an empty past;
+- `run_prefix_group`: prefix reuse, one pass over a shared prompt whose key/value
+  cache then serves every continuation in one batched pass (the model repeats the
+  batch-1 cache along the batch where it lives, `past_repeats`). Causal attention
+  makes this equal to separate full passes (tested to 1e-4). The prompt pass reads
+  and fills the cross-request prefix cache (lmscore.server.prefix_cache).
+
+Chunked prefill: a batch wider than `prefill_chunk_tokens` runs in chunks of that many
+positions, each against the key/value cache of the chunks before it, so a run's memory
+is bounded by the chunk, not the sequence (equal to one pass: causal attention sees the
+same context either way; tested to 1e-4). Each piece of work is a generator (`Steps`)
+that yields between its model runs, so the batcher can give other requests a turn
+between the chunks of a long one and stop it there when every caller has left.
+
+Memory goes back to the system by the server's MemoryPolicy: between chunks, and when
+the batcher finds the model idle (`on_idle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from lmscore.server import metrics
+from lmscore.server.config import EngineSettings
+from lmscore.server.memory import MemoryPolicy
+from lmscore.server.prefix_cache import PrefixCache
+from lmscore.server.scoring import BatchScores, PositionScores
+
+# A model's key/value cache by past input name, in whatever form the model keeps it (host
+# arrays, or values on its device): the engine only hands it back to the model.
+KeyValueCache = Mapping[str, Any]
+
+Result = TypeVar("Result")
+# Work on the model thread: yields between its model runs, returns its result.
+Steps = Generator[None, None, Result]
+
+
+class TokenScorer(Protocol):
+    """What the model runs need of a model (lmscore.server.runtime.OnnxCausalLM)."""
+
+    def score(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        target_ids: np.ndarray,
+        top_k: int = 0,
+        past: KeyValueCache | None = None,
+        past_repeats: int = 1,
+        return_present: bool = False,
+    ) -> tuple[BatchScores, KeyValueCache | None]: ...
+
+    def shrink_arena(self) -> bool: ...
+
+
+def new_model_thread() -> ThreadPoolExecutor:
+    """The thread model runs take turns on: one run at a time, since ONNX Runtime already
+    spreads one run over the cores (two at once would oversubscribe them)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
+
+
+def run_to_end(steps: Steps[Result]) -> Result:
+    """Every step of `steps` in the calling thread; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+def _padded(
+    inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], past_len: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded [rows, width] input and target ids, and the attention mask over
+    `past_len` cached positions (all attended) plus the inputs."""
+    width = max(len(ids) for ids in inputs)
+    input_ids = np.zeros((len(inputs), width), dtype=np.int64)
+    target_ids = np.zeros_like(input_ids)
+    attention_mask = np.zeros((len(inputs), past_len + width), dtype=np.int64)
+    attention_mask[:, :past_len] = 1
+    for row, (ids, targets_of_row) in enumerate(zip(inputs, targets, strict=True)):
+        input_ids[row, : len(ids)] = ids
+        target_ids[row, : len(targets_of_row)] = targets_of_row
+        attention_mask[row, past_len : past_len + len(ids)] = 1
+    return input_ids, attention_mask, target_ids
+
+
+class ModelRunner:
+    """One model's runs, on its own thread or on `model_thread` shared with other models'
+    runners (so no two models' runs overlap). `memory`: the server's memory policy
+    (default: one of its own); `name`: the model's label in the metrics."""
+
+    def __init__(
+        self,
+        model: TokenScorer,
+        settings: EngineSettings,
+        vocab_size: int = 0,
+        *,
+        memory: MemoryPolicy | None = None,
+        model_thread: Executor | None = None,
+        name: str = "",
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.name = name
+        self.memory = memory or MemoryPolicy()
+        # Positions one run may score: its [tokens, vocab] float32 scores within
+        # max_logits_bytes (0 vocab_size: no bound).
+        self.max_run_tokens = (
+            max(1, settings.max_logits_bytes // (4 * vocab_size)) if vocab_size else 0
+        )
+        # A hit shorter than a reuse worth making splits a pass for nothing.
+        self.prefix_cache = PrefixCache(
+            settings.prefix_cache_bytes, settings.min_prefix_reuse_tokens, name=name
+        )
+        # Every model run, and those that were one chunk of a wider batch.
+        self.model_runs = 0
+        self.chunk_runs = 0
+        self._chunk_metric = metrics.PREFILL_CHUNKS.labels(name)
+        # A shared thread is its owner's to shut down.
+        self._owns_thread = model_thread is None
+        self.thread: Executor = model_thread or new_model_thread()
+
+    def close(self) -> None:
+        if self._owns_thread:
+            self.thread.shutdown(wait=True)
+
+    def on_idle(self) -> bool:
+        """On the model thread, when the work has run out: memory back after a burst."""
+        return self.memory.after_burst(self.model.shrink_arena)
+
+    def release_memory(self) -> bool:
+        """On the model thread: the arena and free heap pages back now, burst or not."""
+        return self.memory.release_now(self.model.shrink_arena)
+
+    def _chunked(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        target_ids: np.ndarray,
+        top_k: int,
+        past: KeyValueCache | None = None,
+        past_repeats: int = 1,
+        return_present: bool = False,
+    ) -> Steps[tuple[BatchScores, KeyValueCache | None]]:
+        """model.score over right-padded rows, in chunks of `prefill_chunk_tokens` positions
+        (each against the cache of the chunks before it); yields between the chunks."""
+        rows, width = input_ids.shape
+        chunk = self.settings.prefill_chunk_tokens or width
+        if self.max_run_tokens:  # a big vocabulary: fewer positions per run
+            chunk = min(chunk, max(1, self.max_run_tokens // rows))
+        # Equal chunks, none longer than `chunk`: 257 positions run as 129 + 128, not 256 + 1.
+        count = -(-width // chunk)
+        chunk = -(-width // count)
+        past_len = attention_mask.shape[1] - width
+        parts: list[BatchScores] = []
+        present: KeyValueCache | None = None
+        for start in range(0, width, chunk):
+            if start:
+                yield
+                self.memory.between_chunks()
+            end = min(start + chunk, width)
+            scores, present = self.model.score(
+                input_ids[:, start:end],
+                attention_mask[:, : past_len + end],
+                target_ids[:, start:end],
+                top_k,
+                past,
+                past_repeats,
+                return_present=return_present or end < width,
+            )
+            past, past_repeats = present, 1
+            parts.append(scores)
+            self.model_runs += 1
+            if width > chunk:
+                self.chunk_runs += 1
+                self._chunk_metric.inc()
+        return BatchScores.concat(parts), present
+
+    def run_sequences(
+        self, sequences: Sequence[tuple[int, ...]], top_k: int
+    ) -> Steps[list[PositionScores]]:
+        """Score right-padded full sequences (empty past): one model run, or one per chunk.
+        Sequence i's scores: position j scores token j + 1."""
+        # Every token is an input, the last one's target unused: a full pass over the sequence.
+        input_ids, attention_mask, target_ids = _padded(sequences, [ids[1:] for ids in sequences])
+        scores, _ = yield from self._chunked(input_ids, attention_mask, target_ids, top_k)
+        return [scores.row(row, len(ids) - 1) for row, ids in enumerate(sequences)]
+
+    def run_prefix_group(
+        self, prefix: tuple[int, ...], sequences: Sequence[tuple[int, ...]], top_k: int
+    ) -> Steps[list[PositionScores]]:
+        """Score `sequences`, each starting with `prefix`: one pass over the prefix, then
+        the continuations against its key/value cache.
+
+        The prefix pass runs prefix[:-1] and scores prefix[1:]; each continuation runs
+        [prefix[-1]] + its own tokens[:-1] and scores its own tokens, so every token keeps
+        exactly the context of a full pass. Sequence i's scores as run_sequences'.
+        """
+        past_len = len(prefix) - 1
+        past: KeyValueCache | None = None
+        prefix_scores = PositionScores.empty(top_k)
+        if past_len > 0:
+            past, prefix_scores = yield from self._prefix_pass(prefix, top_k)
+        # Each continuation: the prompt's last token, then the sequence's own tokens.
+        continuations = [ids[past_len:] for ids in sequences]
+        # A sequence that is the prefix itself is scored by the prefix pass alone.
+        results = [prefix_scores] * len(sequences)
+        runs = [i for i, tokens in enumerate(continuations) if len(tokens) >= 2]
+        lengths = [len(continuations[i]) - 1 for i in runs]
+        for number, batch in enumerate(pack_by_length(lengths, self.settings.max_batch_tokens)):
+            if past_len > 0 or number:
+                yield  # another request's turn before the next model run
+            rows = [continuations[runs[b]] for b in batch]
+            input_ids, attention_mask, target_ids = _padded(
+                [tokens[:-1] for tokens in rows], [tokens[1:] for tokens in rows], past_len
+            )
+            scores, _ = yield from self._chunked(
+                input_ids, attention_mask, target_ids, top_k, past, past_repeats=len(rows)
+            )
+            for row, b in enumerate(batch):
+                own = scores.row(row, len(rows[row]) - 1)
+                results[runs[b]] = PositionScores.concat([prefix_scores, own])
+        return results
+
+    def _prefix_pass(
+        self, prefix: tuple[int, ...], top_k: int
+    ) -> Steps[tuple[KeyValueCache, PositionScores]]:
+        """The pass over prefix[:-1] scoring prefix[1:]: its key/value cache and scores. The
+        part the prefix cache holds is not run again."""
+        cache = self.prefix_cache
+        tokens = np.asarray(prefix, dtype=np.int64)
+        positions = len(prefix) - 1
+        hit = cache.lookup(tokens, top_k) if cache.enabled else None
+        start = hit.length if hit is not None else 0
+        if start == positions and hit is not None:
+            return hit.past, hit.scores
+        scores, present = yield from self._chunked(
+            tokens[None, start:-1],
+            np.ones((1, positions), dtype=np.int64),
+            tokens[None, start + 1 :],
+            top_k,
+            hit.past if hit is not None else None,
+            return_present=True,
+        )
+        assert present is not None
+        own = scores.row(0, positions - start)
+        prefix_scores = PositionScores.concat([hit.scores, own]) if hit is not None else own
+        if cache.enabled:
+            cache.store(tokens, present, prefix_scores)
+        return present, prefix_scores
+
+
+def pack_by_length(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` grouped shortest first, so that rows * longest <= max_batch_tokens
+    (a single longer sequence gets a batch of its own)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[index] > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
