@@ -27,6 +27,7 @@ from lmscore.export.words import read_word_starts
 from lmscore.server import metrics
 from lmscore.server.config import ModelDirectory, ServerConfig
 from lmscore.server.engine import ScoringEngine
+from lmscore.server.http_transport import HttpServer, HttpTransport, bind_http
 from lmscore.server.interceptors import (
     BearerTokenInterceptor,
     ErrorInterceptor,
@@ -186,13 +187,17 @@ def new_server(config: ServerConfig) -> grpc.aio.Server:
     return grpc.aio.server(interceptors=interceptors, options=server_options(config))
 
 
-def add_scorer(server: grpc.aio.Server, config: ServerConfig, models: list[LoadedModel]) -> None:
+def add_scorer(
+    server: grpc.aio.Server, config: ServerConfig, models: list[LoadedModel]
+) -> ScorerServicer:
+    """The servicer of every transport: the gRPC server's, and the HTTP routes' too."""
     servicer = ScorerServicer(
         [ServedModel(loaded.engine, loaded.info) for loaded in models],
         config.max_concurrent_requests,
         config.stream_idle_timeout,
     )
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
+    return servicer
 
 
 def health_services(models: list[LoadedModel]) -> list[str]:
@@ -257,9 +262,17 @@ def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
 async def serve(config: ServerConfig) -> None:
     started = time.perf_counter()
     limit_arenas()
-    # Both ports first, so a port in use fails in a second, not after the model loaded.
+    # Every port first, so a port in use fails in a second, not after the model loaded.
     server = new_server(config)
     port = bind(server, config)
+    http_socket = None
+    if config.http_port:
+        try:
+            http_socket = bind_http(config)
+        except OSError as exc:
+            raise BindError(
+                f"cannot serve HTTP on {config.host}:{config.http_port}: {exc.strerror}"
+            ) from None
     if config.metrics_port:
         metrics_host = config.metrics_host or config.host
         try:
@@ -276,7 +289,7 @@ async def serve(config: ServerConfig) -> None:
         log.info("loading %s from %s", source.name, source.directory)
         models.append(load_model(config, source, model_thread, memory))
         warm_up(models[-1].engine)
-    add_scorer(server, config, models)
+    servicer = add_scorer(server, config, models)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection_enabled:
@@ -293,6 +306,10 @@ async def serve(config: ServerConfig) -> None:
             }
         )
     await server.start()
+    http_server = None
+    if http_socket is not None:
+        http_server = HttpServer(HttpTransport(servicer, config), config, http_socket)
+        await http_server.start()
     for service in health_services(models):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     providers = dict.fromkeys(p for loaded in models for p in loaded.runtime.providers)
@@ -304,6 +321,8 @@ async def serve(config: ServerConfig) -> None:
         ", ".join(providers),
         time.perf_counter() - started,
     )
+    if http_server is not None:
+        log.info("serving HTTP on %s:%d", config.host, http_server.port)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -312,7 +331,9 @@ async def serve(config: ServerConfig) -> None:
     await stopping.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1f s)", config.shutdown_grace)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace)
+    # Both transports drain at once: neither takes new calls, both finish theirs.
+    stopping_http = http_server.stop() if http_server is not None else asyncio.sleep(0)
+    await asyncio.gather(server.stop(config.shutdown_grace), stopping_http)
     for loaded in models:
         loaded.engine.close()
         log_stats(loaded)

@@ -221,6 +221,14 @@ class ServerConfig:
             "otherwise: it describes every service to anyone who can connect)",
         ),
     )
+    http_port: int = field(
+        default=0,
+        metadata=flag(
+            "also serve HTTP on this port (0: off): OpenAI's /v1/completions for scoring, the "
+            "gRPC API as JSON (POST /lmscore.v1.Scorer/METHOD), the tokenizer routes and "
+            "/health; same host, TLS, tokens and limits as gRPC (docs/clients.md)"
+        ),
+    )
     metrics_port: int = field(
         default=0, metadata=flag("serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
     )

@@ -106,6 +106,11 @@ class ScoringEngine:
         return self._tokenizer
 
     @property
+    def facts(self) -> ModelFacts:
+        """What the model's export says about it (context, vocabulary, BOS and EOS)."""
+        return self._planner.facts
+
+    @property
     def model(self) -> TokenScorer:
         """The model this engine runs, as it was given."""
         return self._runner.model

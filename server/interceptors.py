@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -13,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+
+from lmscore.server.auth import BearerTokens
 
 log = logging.getLogger("lmscore.server")
 
@@ -164,20 +165,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     constant time), except the methods of `exempt_services`; else UNAUTHENTICATED."""
 
     def __init__(self, tokens: Sequence[str], exempt_services: Sequence[str] = ()) -> None:
-        if not tokens or any(not t for t in tokens):
-            raise ValueError("auth needs at least one non-empty token")
-        self._tokens = [t.encode() for t in tokens]
+        self._tokens = BearerTokens(tokens)
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
 
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         header = next((v for k, v in metadata or () if k == "authorization"), "")
-        if isinstance(header, bytes):
-            header = header.decode(errors="replace")
-        scheme, _, token = header.partition(" ")
-        presented = token.strip().encode()
-        # Compare with every token so the time taken says nothing about which matched.
-        matches = [hmac.compare_digest(presented, t) for t in self._tokens]
-        return scheme.lower() == "bearer" and any(matches)
+        return self._tokens.accepts(header)
 
     async def intercept_service(
         self,
@@ -263,7 +256,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if code in ("OK", "CANCELLED"):
                     code = _end_of(context, code)
-                metrics.REQUESTS.labels(method, code, model or "").inc()
-                metrics.LATENCY.labels(method, model or "").observe(time.perf_counter() - began)
+                metrics.REQUESTS.labels(method, code, model or "", "grpc").inc()
+                elapsed = time.perf_counter() - began
+                metrics.LATENCY.labels(method, model or "", "grpc").observe(elapsed)
 
         return _with_guard(handler, measured, _each_message(handler.request_streaming, label))

@@ -14,13 +14,17 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 # a ScoreStream counts under its first request's model.
 BY_MODEL = ["model"]
 
+# The RPC counts and latencies also say which transport carried the call: "grpc", or "http"
+# (the JSON routes and the OpenAI-compatible ones of lmscore.server.http_transport).
 REQUESTS = Counter(
-    "lmscore_requests_total", "RPCs by method, status code and model", ["method", "code", *BY_MODEL]
+    "lmscore_requests_total",
+    "calls by method, status code, model and protocol",
+    ["method", "code", *BY_MODEL, "protocol"],
 )
 LATENCY = Histogram(
     "lmscore_request_seconds",
-    "RPC latency by method and model",
-    ["method", *BY_MODEL],
+    "call latency by method, model and protocol",
+    ["method", *BY_MODEL, "protocol"],
     buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("lmscore_requests_in_flight", "scoring calls in progress", BY_MODEL)

@@ -154,7 +154,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         self._stream_idle_timeout = stream_idle_timeout or None
         self.active_requests = 0
 
-    def _model(self, name: str) -> ServedModel:
+    def model(self, name: str) -> ServedModel:
         """The model a request's `model` field names (empty: the first); ModelNotFound."""
         if not name:
             return self._first
@@ -169,7 +169,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         self, context: grpc.aio.ServicerContext, name: str, field_prefix: str = ""
     ) -> ServedModel:
         try:
-            return self._model(name)
+            return self.model(name)
         except ModelNotFound as exc:
             await _abort_with_field(context, field_prefix + "model", str(exc), code_pb2.NOT_FOUND)
         _unreachable()

@@ -157,5 +157,9 @@ class TextTokenizer:
         blank = [not self.decode_token(i).strip() for i in ids]
         return starts, blank
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens written out (what /detokenize returns)."""
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
     def _decode_token(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)

@@ -36,15 +36,16 @@ def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) ->
             results = client.score([Item("The Program", [" is free", " is not"]), Item("", ["A"])])
             with pytest.raises(InvalidArgumentError):
                 client.score([Item("x", ["y"])], ScoreOptions(top_k=-1))
-        calls = {"method": SCORE, "model": "tiny-llama"}
+        calls = {"method": SCORE, "model": "tiny-llama", "protocol": "grpc"}
         counted = value(before, "lmscore_request_seconds_count", **calls) + 2
         after = scrape_metrics_until(
             port, lambda s: value(s, "lmscore_request_seconds_count", **calls) >= counted
         )
 
-    assert delta("lmscore_requests_total", method=SCORE, code="OK") == 1
-    assert delta("lmscore_requests_total", method=SCORE, code="INVALID_ARGUMENT") == 1
-    assert delta("lmscore_request_seconds_count", method=SCORE) == 2
+    grpc = {"method": SCORE, "protocol": "grpc"}
+    assert delta("lmscore_requests_total", code="OK", **grpc) == 1
+    assert delta("lmscore_requests_total", code="INVALID_ARGUMENT", **grpc) == 1
+    assert delta("lmscore_request_seconds_count", **grpc) == 2
     assert delta("lmscore_completions_scored_total") == 3
     tokens = sum(int(r.bos_added) + r.prompt_tokens + r.completion_tokens for r in results)
     assert delta("lmscore_tokens_scored_total") == tokens

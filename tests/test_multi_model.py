@@ -174,7 +174,12 @@ def test_metrics_and_health_per_model(client, two_models, metrics_port: int) -> 
         client.score([Item("a", [" b"])], ScoreOptions(model="unknown"))
     not_found = (
         "lmscore_requests_total",
-        (("code", "NOT_FOUND"), ("method", f"/{SCORER}/Score"), ("model", "")),
+        (
+            ("code", "NOT_FOUND"),
+            ("method", f"/{SCORER}/Score"),
+            ("model", ""),
+            ("protocol", "grpc"),
+        ),
     )
     after = scrape_metrics_until(
         metrics_port, lambda s: s.get(not_found, 0) > before.get(not_found, 0)
@@ -187,10 +192,11 @@ def test_metrics_and_health_per_model(client, two_models, metrics_port: int) -> 
     score = f"/{SCORER}/Score"
     assert delta("lmscore_completions_scored_total", model="mistral") == 2
     assert delta("lmscore_completions_scored_total", model="llama") == 1  # the first
-    assert delta("lmscore_requests_total", method=score, code="OK", model="mistral") == 1
-    assert delta("lmscore_requests_total", method=score, code="OK", model="llama") == 1
+    calls = {"method": score, "protocol": "grpc"}
+    assert delta("lmscore_requests_total", code="OK", model="mistral", **calls) == 1
+    assert delta("lmscore_requests_total", code="OK", model="llama", **calls) == 1
     # An unknown name adds no series of its own.
-    assert delta("lmscore_requests_total", method=score, code="NOT_FOUND", model="") == 1
+    assert delta("lmscore_requests_total", code="NOT_FOUND", model="", **calls) == 1
     assert delta("lmscore_batch_sequences_sum", model="mistral") == 2
     infos = {
         dict(labels)["model"]: dict(labels) for (n, labels) in after if n == "lmscore_model_info"
