@@ -15,6 +15,7 @@ import signal
 import time
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import onnxruntime
@@ -25,9 +26,10 @@ from lmscore.export.cpu import REQUIRES_KEY, cpu_flags
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest, ManifestError
 from lmscore.export.words import read_word_starts
 from lmscore.server import metrics
+from lmscore.server.asgi_server import AsgiServer, bind_tcp
 from lmscore.server.config import ModelDirectory, ServerConfig
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.http_transport import HttpServer, HttpTransport, bind_http
+from lmscore.server.http_transport import HttpTransport, ssl_context
 from lmscore.server.interceptors import (
     BearerTokenInterceptor,
     ErrorInterceptor,
@@ -100,6 +102,7 @@ def load_model(
         memory=memory,
         model_thread=model_thread,
         name=source.name,
+        message_limit=config.max_message_bytes,
     )
     info = scoring_pb2.ModelInfo(
         name=source.name,
@@ -142,6 +145,14 @@ def warm_up(engine: ScoringEngine) -> None:
 
 class BindError(RuntimeError):
     """A port of the server (gRPC or metrics) cannot be bound."""
+
+
+def _bind(host: str, port: int, what: str) -> Any:
+    """A listening socket for the HTTP or metrics port; BindError in one line."""
+    try:
+        return bind_tcp(host, port)
+    except OSError as exc:
+        raise BindError(f"cannot serve {what} on {host}:{port}: {exc.strerror}") from None
 
 
 def _ms(seconds: float) -> int:
@@ -265,22 +276,10 @@ async def serve(config: ServerConfig) -> None:
     # Every port first, so a port in use fails in a second, not after the model loaded.
     server = new_server(config)
     port = bind(server, config)
-    http_socket = None
-    if config.http_port:
-        try:
-            http_socket = bind_http(config)
-        except OSError as exc:
-            raise BindError(
-                f"cannot serve HTTP on {config.host}:{config.http_port}: {exc.strerror}"
-            ) from None
+    http_socket = _bind(config.host, config.http_port, "HTTP") if config.http_port else None
+    metrics_socket = None
     if config.metrics_port:
-        metrics_host = config.metrics_host or config.host
-        try:
-            metrics.serve_metrics(metrics_host, config.metrics_port)
-        except OSError as exc:
-            raise BindError(
-                f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc.strerror}"
-            ) from None
+        metrics_socket = _bind(config.metrics_host or config.host, config.metrics_port, "metrics")
 
     model_thread = new_model_thread()
     memory = MemoryPolicy()
@@ -306,9 +305,20 @@ async def serve(config: ServerConfig) -> None:
             }
         )
     await server.start()
-    http_server = None
+    http_servers: list[AsgiServer] = []
+    http_transport = None
+    if metrics_socket is not None:
+        # /metrics from the event loop: slow or idle scrapers cost no thread.
+        metrics_server = AsgiServer(
+            metrics.metrics_app(), metrics_socket, config.shutdown_grace, max_connections=1000
+        )
+        http_servers.append(metrics_server)
     if http_socket is not None:
-        http_server = HttpServer(HttpTransport(servicer, config), config, http_socket)
+        http_transport = HttpTransport(servicer, config)
+        http_servers.append(
+            AsgiServer(http_transport.app, http_socket, config.shutdown_grace, ssl_context(config))
+        )
+    for http_server in http_servers:
         await http_server.start()
     for service in health_services(models):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -321,8 +331,8 @@ async def serve(config: ServerConfig) -> None:
         ", ".join(providers),
         time.perf_counter() - started,
     )
-    if http_server is not None:
-        log.info("serving HTTP on %s:%d", config.host, http_server.port)
+    if http_socket is not None:
+        log.info("serving HTTP on %s:%d", config.host, http_socket.getsockname()[1])
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -331,9 +341,12 @@ async def serve(config: ServerConfig) -> None:
     await stopping.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1f s)", config.shutdown_grace)
     await health_servicer.enter_graceful_shutdown()
+    if http_transport is not None:
+        http_transport.serving = False
     # Both transports drain at once: neither takes new calls, both finish theirs.
-    stopping_http = http_server.stop() if http_server is not None else asyncio.sleep(0)
-    await asyncio.gather(server.stop(config.shutdown_grace), stopping_http)
+    await asyncio.gather(
+        server.stop(config.shutdown_grace), *(http.stop() for http in http_servers)
+    )
     for loaded in models:
         loaded.engine.close()
         log_stats(loaded)

@@ -29,6 +29,8 @@ from lmscore.server.config import (
     ModelDirectory,
     RuntimeOptions,
     ServerConfig,
+    SettingOutOfRange,
+    describe_range,
     is_flag,
 )
 
@@ -44,7 +46,7 @@ _GROUPS: tuple[tuple[type, str | None], ...] = (
 def _flag_options(field: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
     """argparse keywords for one settings field, from its type hint and metadata."""
     options: dict[str, Any] = {
-        k: v for k, v in field.metadata.items() if k not in ("help", "group")
+        k: v for k, v in field.metadata.items() if k not in ("help", "group", "low", "high")
     }
     options["default"] = field.default
     help_text = field.metadata["help"]
@@ -62,6 +64,9 @@ def _flag_options(field: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
             options["type"] = kind
         if field.default is not None:
             help_text += " (default: %(default)s)"
+    low, high = field.metadata.get("low"), field.metadata.get("high")
+    if low is not None or high is not None:
+        help_text += f"; {describe_range(low, high)}"
     options["help"] = help_text
     return options
 
@@ -163,6 +168,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
             engine=EngineSettings(**_settings(EngineSettings, args)),
             **_settings(ServerConfig, args),
         )
+    except SettingOutOfRange as exc:  # a flag's value outside its field's range
+        flag = "--" + exc.name.replace("_", "-")
+        raise ConfigError(f"{flag} {exc.value}: must be {exc.allowed}") from None
     except ValueError as exc:  # ServerConfig's own checks: the models' names
         raise ConfigError(f"--model: {exc}") from None
 

@@ -26,10 +26,43 @@ LIMITS_GROUP = "batching and limits"
 SECURITY_GROUP = "security"
 
 
-def flag(help: str, **argparse_keywords: Any) -> dict[str, Any]:
+def flag(
+    help: str, *, low: float | None = None, high: float | None = None, **argparse_keywords: Any
+) -> dict[str, Any]:
     """The metadata that makes a field a flag of `lmscore serve` (extra keywords: metavar,
-    and group: the --help group, else its class's)."""
-    return {"help": help, **argparse_keywords}
+    and group: the --help group, else its class's); `low` and `high`: its valid range,
+    checked when the settings are made (check_ranges)."""
+    limits = {k: v for k, v in (("low", low), ("high", high)) if v is not None}
+    return {"help": help, **limits, **argparse_keywords}
+
+
+class SettingOutOfRange(ValueError):
+    """A setting outside the range its field declares; `name` is the field's."""
+
+    def __init__(self, name: str, value: Any, low: float | None, high: float | None) -> None:
+        self.name, self.value = name, value
+        self.allowed = describe_range(low, high)
+        super().__init__(f"{name} = {value!r}: must be {self.allowed}")
+
+
+def describe_range(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    return f">= {low}" if low is not None else f"<= {high}"
+
+
+def check_ranges(settings: Any) -> None:
+    """SettingOutOfRange for the first field of `settings` outside its declared range, so a
+    nonsense value stops the server before anything loads, not at warm-up or at every call."""
+    for setting in dataclasses.fields(settings):
+        low, high = setting.metadata.get("low"), setting.metadata.get("high")
+        value = getattr(settings, setting.name)
+        if value is None or (low is None and high is None):
+            continue
+        above = low is None or value >= low
+        below = high is None or value <= high
+        if not (above and below):  # NaN fails both
+            raise SettingOutOfRange(setting.name, value, low, high)
 
 
 def is_flag(setting: dataclasses.Field[Any]) -> bool:
@@ -45,7 +78,8 @@ class RuntimeOptions:
         metadata=flag("cuda fails unless CUDA actually loads; auto falls back to CPU"),
     )
     intra_op_threads: int = field(
-        default=0, metadata=flag("ONNX Runtime threads per run; 0 = one per physical core")
+        default=0,
+        metadata=flag("ONNX Runtime threads per run; 0 = one per physical core", low=0, high=1024),
     )
     # ORT's CPU arena keeps the peak of every batch shape (onnxruntime #11627) until it is
     # shrunk, which the model thread does when it goes idle after a burst. Without it every
@@ -82,13 +116,17 @@ class RuntimeOptions:
     # to each other).
     io_binding: bool = True
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """Batching, prefix reuse and the per-request limits of the scoring engine."""
 
     max_batch_tokens: int = field(
-        default=1536, metadata=flag("padded tokens per model run (batch size x longest sequence)")
+        default=1536,
+        metadata=flag("padded tokens per model run (batch size x longest sequence)", low=1),
     )
     max_queue_delay_ms: float = field(
         default=0.0,
@@ -96,6 +134,8 @@ class EngineSettings:
             "dynamic batching: how long queued sequences wait for others to share a model "
             "run, unless --max-batch-tokens are already waiting (0: none; what queued "
             "during the previous run shares the next one anyway)",
+            low=0,
+            high=60_000,
         ),
     )
     cross_request_batching: bool = field(
@@ -119,6 +159,7 @@ class EngineSettings:
             "reuse a shared prompt's pass only when it saves at least N tokens, "
             "(completions - 1) x prompt tokens; shorter prompts batch better as full passes",
             metavar="N",
+            low=0,
         ),
     )
     prefix_cache_bytes: int = field(
@@ -129,6 +170,7 @@ class EngineSettings:
             "--min-prefix-reuse-tokens of the same tokens runs only the rest; scores equal "
             "to float32 rounding (0: off)",
             metavar="BYTES",
+            low=0,
         ),
     )
     # A chunk is what a short request from another client waits for at most; smaller chunks
@@ -141,6 +183,7 @@ class EngineSettings:
             "memory bounded by the chunk, deadlines and cancellations checked and other "
             "requests' runs interleaved between chunks (0: one pass however long)",
             metavar="N",
+            low=0,
         ),
     )
     # The scoring head holds ~3 tensors of [tokens, vocab] float32 while it runs, which a
@@ -152,28 +195,36 @@ class EngineSettings:
             "bytes of [tokens, vocabulary] float32 scores one model run may hold; a batch "
             "over it runs in chunks of positions, as --prefill-chunk-tokens",
             metavar="BYTES",
+            low=1,
         ),
     )
-    max_top_k: int = field(default=20, metadata=flag("largest top_k a request may ask for"))
-    max_items_per_request: int = field(default=1024, metadata=flag("items in one request"))
-    max_completions_per_item: int = field(default=256, metadata=flag("completions of one item"))
+    max_top_k: int = field(
+        default=20, metadata=flag("largest top_k a request may ask for", low=0, high=1_000_000)
+    )
+    max_items_per_request: int = field(default=1024, metadata=flag("items in one request", low=1))
+    max_completions_per_item: int = field(
+        default=256, metadata=flag("completions of one item", low=1)
+    )
     max_tokens_per_item: int = field(
         default=0,
-        metadata=flag("tokens of one joint sequence, BOS included (0: the model's context)"),
+        metadata=flag("tokens of one joint sequence, BOS included (0: the model's context)", low=0),
     )
     max_tokens_per_request: int = field(
-        default=262_144, metadata=flag("tokens over all sequences of one request")
+        default=262_144, metadata=flag("tokens over all sequences of one request", low=1)
     )
     max_text_bytes: int = field(
         default=1024 * 1024,
         metadata=flag(
             "UTF-8 bytes of one prompt, completion or rolling text, checked before tokenizing",
             metavar="BYTES",
+            low=32,
         ),
     )
     max_request_id_bytes: int = field(
         default=256,
-        metadata=flag("UTF-8 bytes of a request_id (echoed in every result)", metavar="BYTES"),
+        metadata=flag(
+            "UTF-8 bytes of a request_id (echoed in every result)", metavar="BYTES", low=0
+        ),
     )
     max_response_bytes: int = field(
         default=64 * 1024 * 1024,
@@ -181,11 +232,15 @@ class EngineSettings:
             "estimated bytes of one request's results (texts echoed, token details, top-k); "
             "a request over it is refused before any work",
             metavar="BYTES",
+            low=1024,
         ),
     )
     max_queue_length: int = field(
-        default=4096, metadata=flag("sequences waiting for the model, all requests together")
+        default=4096, metadata=flag("sequences waiting for the model, all requests together", low=1)
     )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +267,7 @@ class ServerConfig:
     # Shorthand for one model named after its directory: models=(ModelDirectory.named_after(d),).
     model_dir: dataclasses.InitVar[Path | None] = None
     host: str = field(default="127.0.0.1", metadata=flag("bind address"))
-    port: int = field(default=50051, metadata=flag("port"))
+    port: int = field(default=50051, metadata=flag("port", low=0, high=65_535))
     # gRPC server reflection; None: on when listening on loopback only.
     reflection: bool | None = field(
         default=None,
@@ -226,22 +281,28 @@ class ServerConfig:
         metadata=flag(
             "also serve HTTP on this port (0: off): OpenAI's /v1/completions for scoring, the "
             "gRPC API as JSON (POST /lmscore.v1.Scorer/METHOD), the tokenizer routes and "
-            "/health; same host, TLS, tokens and limits as gRPC (docs/clients.md)"
+            "/health; same host, TLS, tokens and limits as gRPC (docs/clients.md)",
+            low=0,
+            high=65_535,
         ),
     )
     metrics_port: int = field(
-        default=0, metadata=flag("serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
+        default=0,
+        metadata=flag(
+            "serve Prometheus metrics at http://HOST:PORT/metrics (0: off)", low=0, high=65_535
+        ),
     )
     metrics_host: str | None = field(
         default=None, metadata=flag("bind address of the metrics port (default: --host)")
     )
     shutdown_grace: float = field(
-        default=10.0, metadata=flag("seconds in-flight requests get to finish after SIGTERM")
+        default=10.0,
+        metadata=flag("seconds in-flight requests get to finish after SIGTERM", low=0, high=3600),
     )
     log_level: str = field(default="INFO", metadata=flag("logging level"))
     max_message_bytes: int = field(
         default=DEFAULT_MAX_MESSAGE_BYTES,
-        metadata=flag("size of one gRPC message", group=LIMITS_GROUP),
+        metadata=flag("size of one gRPC message", group=LIMITS_GROUP, low=1024, high=2_147_483_647),
     )
     max_concurrent_requests: int = field(
         default=64,
@@ -249,6 +310,7 @@ class ServerConfig:
             "requests being scored at once (a ScoreStream counts only while one of its "
             "requests is)",
             group=LIMITS_GROUP,
+            low=1,
         ),
     )
     stream_idle_timeout: float = field(
@@ -258,6 +320,7 @@ class ServerConfig:
             "with DEADLINE_EXCEEDED (0: never)",
             group=LIMITS_GROUP,
             metavar="SECONDS",
+            low=0,
         ),
     )
     keepalive_time: float = field(
@@ -266,6 +329,7 @@ class ServerConfig:
             "ping a connection after this many idle seconds to find dead peers (0: never)",
             group=LIMITS_GROUP,
             metavar="SECONDS",
+            low=0,
         ),
     )
     keepalive_timeout: float = field(
@@ -274,6 +338,7 @@ class ServerConfig:
             "close a connection whose keepalive ping gets no answer in this many seconds",
             group=LIMITS_GROUP,
             metavar="SECONDS",
+            low=0,
         ),
     )
     max_connection_idle: float = field(
@@ -282,6 +347,7 @@ class ServerConfig:
             "close a connection with no RPC for this many seconds (0: never)",
             group=LIMITS_GROUP,
             metavar="SECONDS",
+            low=0,
         ),
     )
     max_connection_age: float = field(
@@ -291,6 +357,7 @@ class ServerConfig:
             "calls, so clients spread over new servers (0: never)",
             group=LIMITS_GROUP,
             metavar="SECONDS",
+            low=0,
         ),
     )
     max_connection_age_grace: float = field(
@@ -299,6 +366,7 @@ class ServerConfig:
             "seconds the calls of a connection past --max-connection-age get to finish",
             group=LIMITS_GROUP,
             metavar="SECONDS",
+            low=0,
         ),
     )
     # Security: TLS (PEM bytes; a client CA turns on mutual TLS) and bearer tokens, read from
@@ -318,6 +386,7 @@ class ServerConfig:
     engine: EngineSettings = EngineSettings()
 
     def __post_init__(self, model_dir: Path | None) -> None:
+        check_ranges(self)
         if model_dir is not None:
             if self.models:
                 raise ValueError("give models or model_dir, not both")

@@ -31,6 +31,7 @@ from lmscore.server.model_runs import ModelRunner, TokenScorer
 from lmscore.server.planning import Planner, RollingPlan, ScoringPlan
 from lmscore.server.requests import ItemInput, ModelFacts, TokenInput
 from lmscore.server.tokenization import TextTokenizer
+from lmscore.v1.limits import DEFAULT_MAX_MESSAGE_BYTES
 from lmscore.v1.options import RollingOptions, ScoreOptions
 from lmscore.v1.results import RollingResult, ScoreResult
 
@@ -61,7 +62,8 @@ class EngineStats:
 class ScoringEngine:
     """One model's engine. `memory`: the server's memory policy, shared by its models
     (default: one of this engine's own); `model_thread`: a thread shared with other
-    models' engines (default: its own); `name`: the model's label in the metrics."""
+    models' engines (default: its own); `name`: the model's label in the metrics;
+    `message_limit`: the largest message the transport sends (one result each)."""
 
     def __init__(
         self,
@@ -73,10 +75,11 @@ class ScoringEngine:
         memory: MemoryPolicy | None = None,
         model_thread: Executor | None = None,
         name: str = "",
+        message_limit: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         settings = settings or EngineSettings()
         self._tokenizer = tokenizer
-        self._planner = Planner(tokenizer, facts, settings)
+        self._planner = Planner(tokenizer, facts, settings, message_limit)
         self._runner = ModelRunner(
             model,
             settings,

@@ -1,10 +1,10 @@
 """The HTTP transport (`lmscore serve --http-port`): the gRPC API as JSON, OpenAI's legacy
 completions for scoring, and the tokenizer routes lm-eval's remote tokenizer calls.
 
-It runs on uvicorn in the gRPC server's process and event loop, and computes nothing:
-every scoring route builds the request message of the contract (lmscore.v1) and calls the
-same ScorerServicer a gRPC call reaches, through `HttpCallContext`, which stands for the
-gRPC call context. So HTTP and gRPC requests batch together, share the prefix cache, the
+It runs on uvicorn in the gRPC server's process and event loop (lmscore.server.asgi_server),
+and computes nothing: every scoring route builds the request message of the contract
+(lmscore.v1) and calls the same ScorerServicer a gRPC call reaches, through
+`HttpCallContext`, which stands for the gRPC call context. So HTTP and gRPC requests batch together, share the prefix cache, the
 admission limit, the model routing and the errors, and a JSON route answers exactly
 what its RPC answers.
 
@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import socket
 import ssl
 import tempfile
 import time
@@ -42,7 +41,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
-import uvicorn
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -584,7 +582,7 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     """The gRPC port's certificate, key and client CA for the HTTP port too."""
     if config.tls_cert is None or config.tls_key is None:
         return None
@@ -600,54 +598,3 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
         context.load_verify_locations(cadata=config.tls_client_ca.decode())
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def bind_http(config: ServerConfig) -> socket.socket:
-    """The HTTP port's listening socket (bound before the models load, as the gRPC port)."""
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only on sockets that say they
-    # are TCP, and with it on every response waited ~40 ms for the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.http_port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-class HttpServer:
-    """uvicorn serving `transport.app` on `sock`, in the running event loop; stop() lets
-    in-flight calls finish within the shutdown grace, as the gRPC server does."""
-
-    def __init__(self, transport: HttpTransport, config: ServerConfig, sock: socket.socket):
-        self.transport = transport
-        self._sock = sock
-        uvicorn_config = uvicorn.Config(
-            transport.app,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=max(1, math.ceil(config.shutdown_grace)),
-            http="httptools",
-        )
-        uvicorn_config.load()
-        uvicorn_config.ssl = _ssl_context(config)
-        self._server = uvicorn.Server(uvicorn_config)
-        self._main: asyncio.Task[None] | None = None
-
-    @property
-    def port(self) -> int:
-        return int(self._sock.getsockname()[1])
-
-    async def start(self) -> None:
-        server = self._server
-        server.lifespan = server.config.lifespan_class(server.config)
-        await server.startup(sockets=[self._sock])
-        self._main = asyncio.get_running_loop().create_task(server.main_loop())
-
-    async def stop(self) -> None:
-        self.transport.serving = False
-        self._server.should_exit = True
-        if self._main is not None:
-            await self._main
-        await self._server.shutdown(sockets=[self._sock])

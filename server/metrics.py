@@ -5,7 +5,9 @@ Module-level collectors in the default registry: one server per process.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, Info, make_asgi_app
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Every collector has a `model` label: the served model's name (ModelInfo.name). On the
@@ -74,9 +76,11 @@ RUNS_ABANDONED = Counter(
 MODEL = Info("lmscore_model", "the served models", BY_MODEL)
 
 
-def serve_metrics(host: str, port: int) -> None:
-    """Expose /metrics over HTTP on a daemon thread."""
-    start_http_server(port, addr=host)
+def metrics_app() -> Any:
+    """The ASGI app answering GET /metrics (served in the event loop by
+    lmscore.server.asgi_server: a thread-per-connection server let 200 idle connections
+    hold 200 threads)."""
+    return make_asgi_app()
 
 
 PREFIX_CACHE_LOOKUPS = Counter(

@@ -23,6 +23,7 @@ from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, Request
 from lmscore.server.rolling import rolling_windows
 from lmscore.server.scoring import SequenceLayout, WordSpan, split_words
 from lmscore.server.tokenization import EncodedPair, Offsets, TextTokenizer
+from lmscore.v1.limits import DEFAULT_MAX_MESSAGE_BYTES
 from lmscore.v1.options import RollingOptions, ScoreOptions
 
 
@@ -98,25 +99,35 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def response_bytes(plan: ScoringPlan, request_id: str) -> int:
-    """About how many bytes the results of `plan` take as messages (request_id echoed in
-    each): the texts counted exactly, token details by TOKEN_BYTES and TOP_TOKEN_BYTES."""
+def result_sizes(plan: ScoringPlan, request_id: str) -> list[int]:
+    """About how many bytes each result of `plan` takes as a message (request_id echoed in
+    each), in plan.completions order: the texts counted exactly, token details by
+    TOKEN_BYTES and TOP_TOKEN_BYTES."""
     per_token = TOKEN_BYTES + plan.top_k * TOP_TOKEN_BYTES if plan.options.token_details else 0
     fixed = RESULT_BYTES + PMI_BYTES * plan.options.pmi + _utf8_len(request_id)
-    return sum(
+    return [
         fixed
         + _utf8_len(c.scored_prompt)
         + _utf8_len(c.scored_completion)
         + per_token * c.layout.length
         + sum(WORD_BYTES + _utf8_len(w.text) for w in c.words + c.prompt_words)
         for c in plan.completions
-    )
+    ]
+
+
+def response_bytes(plan: ScoringPlan, request_id: str) -> int:
+    """About how many bytes all the results of `plan` take as messages."""
+    return sum(result_sizes(plan, request_id))
+
+
+def rolling_result_sizes(plan: RollingPlan, request_id: str) -> list[int]:
+    per_token = ROLLING_TOKEN_BYTES if plan.options.token_logprobs else 0
+    fixed = ROLLING_RESULT_BYTES + _utf8_len(request_id)
+    return [fixed + per_token * len(ids) for ids in plan.texts]
 
 
 def rolling_response_bytes(plan: RollingPlan, request_id: str) -> int:
-    per_token = ROLLING_TOKEN_BYTES if plan.options.token_logprobs else 0
-    fixed = ROLLING_RESULT_BYTES + _utf8_len(request_id)
-    return sum(fixed + per_token * len(ids) for ids in plan.texts)
+    return sum(rolling_result_sizes(plan, request_id))
 
 
 def _spans(spans: Offsets | None, ids: list[int]) -> tuple[tuple[int, int] | None, ...]:
@@ -155,10 +166,20 @@ class _PlanBuilder:
 
 
 class Planner:
-    def __init__(self, tokenizer: TextTokenizer, facts: ModelFacts, settings: EngineSettings):
+    """`message_limit`: the largest message the transport sends (gRPC's --max-message-bytes):
+    a result that would not fit one is refused before any model run."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        facts: ModelFacts,
+        settings: EngineSettings,
+        message_limit: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
         self.tokenizer = tokenizer
         self.facts = facts
         self.settings = settings
+        self.message_limit = message_limit
 
     # Checks of the request as a whole, before anything is tokenized.
 
@@ -241,6 +262,16 @@ class Planner:
                 f"the results would take about {size} bytes, over the limit of {limit} bytes "
                 f"per request (--max-response-bytes); {advice}",
             )
+
+    def _check_messages(self, sizes: list[int], fields: list[str], advice: str) -> None:
+        """Each result is one message: none may exceed the transport's message limit."""
+        for size, field in zip(sizes, fields, strict=True):
+            if size > self.message_limit:
+                raise RequestTooLarge(
+                    field,
+                    f"its result would take about {size} bytes, over the message limit of "
+                    f"{self.message_limit} bytes (--max-message-bytes); {advice}",
+                )
 
     # Checks and steps of one item and completion.
 
@@ -471,8 +502,14 @@ class Planner:
         bos = self._bos(options.add_bos)
         self._check_item_texts(items)  # every size, before any tokenizing
         plan = self._plan_items(items, options, bos, self.settings.max_tokens_per_request)
+        sizes = result_sizes(plan, request_id)
+        self._check_messages(
+            sizes,
+            [f"items[{c.item_index}].completions[{c.completion_index}]" for c in plan.completions],
+            "ask fewer token details (a smaller top_k) or send a shorter text",
+        )
         self._check_response(
-            response_bytes(plan, request_id),
+            sum(sizes),
             self.settings.max_response_bytes,
             "items",
             "send fewer items, or fewer token details (a smaller top_k)",
@@ -595,8 +632,14 @@ class Planner:
             scoring = ScoreOptions(token_details=options.token_logprobs, add_bos=False)
             plan = self._plan_items(items, scoring, [], token_budget=None)
         rolling = RollingPlan(options, prefix, encoded, windows_of, plan)
+        sizes = rolling_result_sizes(rolling, request_id)
+        self._check_messages(
+            sizes,
+            [f"texts[{t}]" for t in range(len(sizes))],
+            "leave token_logprobs off for a text this long",
+        )
         self._check_response(
-            rolling_response_bytes(rolling, request_id),
+            sum(sizes),
             self.settings.max_response_bytes,
             "texts",
             "send fewer texts, or leave token_logprobs off",

@@ -117,3 +117,72 @@ def test_model_flags_name_and_order_the_models(tmp_path: Path) -> None:
 def test_bad_model_flags_are_config_errors(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(*argv)
+
+
+NUMERIC = (int, float)
+
+
+def numeric_settings() -> list[tuple[type, dataclasses.Field[Any]]]:
+    found = []
+    for settings in (ServerConfig, RuntimeOptions, EngineSettings):
+        hints = typing.get_type_hints(settings)
+        for setting in dataclasses.fields(settings):
+            if is_flag(setting) and hints[setting.name] in NUMERIC:
+                found.append((settings, setting))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting"), numeric_settings(), ids=lambda v: getattr(v, "name", "")
+)
+def test_every_numeric_setting_declares_its_range(settings: type, setting: Any) -> None:
+    """A new limit must say which values make sense, so nonsense stops the server at once."""
+    low, high = setting.metadata.get("low"), setting.metadata.get("high")
+    assert low is not None or high is not None, f"{settings.__name__}.{setting.name}"
+    if low is not None and high is not None:
+        assert low <= setting.default <= high
+
+
+# Values issue 23 found starting a server that died at warm-up or refused every call.
+NONSENSE = [
+    ("--max-text-bytes", "1", "must be >= 32"),
+    ("--prefill-chunk-tokens", "-1", "must be >= 0"),
+    ("--max-top-k", "-5", "must be in [0, 1000000]"),
+    ("--metrics-port", "99999", "must be in [0, 65535]"),
+    ("--http-port", "-2", "must be in [0, 65535]"),
+    ("--max-items-per-request", "0", "must be >= 1"),
+    ("--max-concurrent-requests", "0", "must be >= 1"),
+    ("--max-queue-length", "0", "must be >= 1"),
+    ("--shutdown-grace", "nan", "must be in [0, 3600]"),
+    ("--intra-op-threads", "-1", "must be in [0, 1024]"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "rule"), NONSENSE)
+def test_a_value_out_of_range_exits_2_with_one_line_before_loading(
+    flag: str, value: str, rule: str, tmp_path: Path
+) -> None:
+    """Checked before anything loads: the model directory does not even exist."""
+    import subprocess
+
+    from conftest import LMSCORE
+
+    run = subprocess.run(
+        [LMSCORE, "serve", "--model", str(tmp_path / "absent"), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"lmscore serve: {flag} {value}: {rule}"
+
+
+def test_settings_made_in_python_are_checked_too(tmp_path: Path) -> None:
+    from lmscore.server.config import SettingOutOfRange
+
+    with pytest.raises(SettingOutOfRange, match=r"max_top_k = -5: must be in \[0, 1000000\]"):
+        EngineSettings(max_top_k=-5)
+    with pytest.raises(SettingOutOfRange, match="port = 70000"):
+        ServerConfig(model_dir=tmp_path, port=70000)
+    with pytest.raises(SettingOutOfRange, match="intra_op_threads"):
+        RuntimeOptions(intra_op_threads=-3)

@@ -477,15 +477,14 @@ def test_a_client_that_leaves_cancels_its_call(server) -> None:
     assert get(port, "/health") == (200, {"status": "SERVING"})
 
 
-def test_the_http_socket_says_it_is_tcp(tiny_export: Path) -> None:
+def test_the_http_socket_says_it_is_tcp() -> None:
     """asyncio turns Nagle's algorithm off only on sockets created as IPPROTO_TCP; without
     that every response waited for the client's delayed ACK (~40 ms a call)."""
     import socket
 
-    from lmscore.server.config import ServerConfig
-    from lmscore.server.http_transport import bind_http
+    from lmscore.server.asgi_server import bind_tcp
 
-    sock = bind_http(ServerConfig(model_dir=tiny_export, http_port=free_port()))
+    sock = bind_tcp("127.0.0.1", free_port())
     try:
         assert sock.proto == socket.IPPROTO_TCP
     finally:

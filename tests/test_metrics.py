@@ -53,3 +53,32 @@ def test_metrics_count_requests_results_tokens_and_batches(tiny_export: Path) ->
     assert delta("lmscore_queue_seconds_count") == delta("lmscore_batch_sequences_sum")
     assert delta("lmscore_compute_seconds_count") == delta("lmscore_batch_sequences_count")
     assert value(after, "lmscore_requests_in_flight", model="tiny-llama") == 0
+
+
+def test_slow_metrics_connections_cost_no_threads(tiny_export: Path) -> None:
+    """200 scrapers that connect and never finish their request: the metrics port is served
+    from the event loop, so the server's threads stay as they were and /metrics answers."""
+    import socket
+
+    def threads(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("Threads"))
+        )
+
+    port = free_port()
+    with running_server(tiny_export, "--metrics-port", str(port)) as server:
+        scrape_metrics(port)
+        before = threads(server.process.pid)
+        held = []
+        try:
+            for _ in range(200):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")  # never finished
+                held.append(sock)
+            samples = scrape_metrics(port)
+            assert any(name == "lmscore_model_info" for name, _ in samples)
+            assert threads(server.process.pid) <= before + 2
+        finally:
+            for sock in held:
+                sock.close()

@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import running_server
 from lmscore.client import (
     Item,
+    RollingOptions,
+    ScoreOptions,
     ScoringClient,
     ScoringError,
     TlsOptions,
@@ -221,3 +223,34 @@ def test_unexpected_exceptions_become_internal_with_a_request_id(caplog) -> None
     request_id = error.details().split("request id ")[1].split(",")[0]
     assert request_id in caplog.text and "KeyError" in caplog.text
     assert second == b"ok"
+
+
+def test_a_result_over_the_message_limit_is_refused_before_any_run(tiny_export: Path) -> None:
+    """One result is one gRPC message: a result that would not fit --max-message-bytes is
+    refused naming its completion, before the model runs (no "Sent message larger than max"
+    after the work), while the same request without token details is served."""
+    from conftest import free_port, scrape_metrics
+
+    metrics_port = free_port()
+    flags = ("--max-message-bytes", "8192", "--max-top-k", "8", "--metrics-port", str(metrics_port))
+    prompt = list(range(5, 90))
+    with running_server(tiny_export, *flags) as server, ScoringClient(server.address) as client:
+        runs = "lmscore_batch_sequences_count"
+
+        def model_runs() -> float:
+            return sum(v for (name, _), v in scrape_metrics(metrics_port).items() if name == runs)
+
+        before = model_runs()
+        with pytest.raises(ScoringError) as refused:
+            client.score(
+                [Item("a", ["b"]), Item(prompt, [[7]])], ScoreOptions(token_details=True, top_k=8)
+            )
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert list(refused.value.field_violations) == ["items[1].completions[0]"]
+        assert "message limit of 8192 bytes (--max-message-bytes)" in str(refused.value)
+        assert model_runs() == before
+        [served] = client.score([Item(prompt, [[7]])])
+        assert served.completion_tokens == 1
+        with pytest.raises(ScoringError) as rolling:
+            client.score_rolling([list(range(5, 90)) * 10], RollingOptions(token_logprobs=True))
+        assert list(rolling.value.field_violations) == ["texts[0]"]
