@@ -18,22 +18,28 @@ here: plan() -> PlanExecutor.score() -> DynamicBatcher -> ModelRunner.run_sequen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor
 
 from lmscore.server.assembly import rolling_result
-from lmscore.server.batching import DynamicBatcher
+from lmscore.server.batching import IDLE_DELAY_S, DynamicBatcher
 from lmscore.server.config import EngineSettings
 from lmscore.server.execution import PlanExecutor
 from lmscore.server.memory import MemoryPolicy
 from lmscore.server.model_runs import ModelRunner, TokenScorer
-from lmscore.server.planning import Planner, RollingPlan, ScoringPlan
-from lmscore.server.requests import ItemInput, ModelFacts, TokenInput
+from lmscore.server.planning import Planner, RollingPlan, ScoringPlan, StopCheck
+from lmscore.server.requests import Cancelled, InvalidInput, ItemInput, ModelFacts, TokenInput
 from lmscore.server.tokenization import TextTokenizer
 from lmscore.v1.limits import DEFAULT_MAX_MESSAGE_BYTES
 from lmscore.v1.options import RollingOptions, ScoreOptions
 from lmscore.v1.results import RollingResult, ScoreResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +105,8 @@ class ScoringEngine:
         self._executor = PlanExecutor(
             self._runner, self._batcher, tokenizer.decode_token, settings.max_queue_length
         )
+        self._release_lock = threading.Lock()
+        self._release_timer: threading.Timer | None = None
 
     @property
     def settings(self) -> EngineSettings:
@@ -125,11 +133,19 @@ class ScoringEngine:
         return self._runner.max_run_tokens
 
     def plan(
-        self, items: Sequence[ItemInput], options: ScoreOptions, *, request_id: str = ""
+        self,
+        items: Sequence[ItemInput],
+        options: ScoreOptions,
+        *,
+        request_id: str = "",
+        stop: StopCheck = None,
     ) -> ScoringPlan:
         """Validate and tokenize a Score request; InvalidInput names the first bad field,
-        RequestTooLarge a size limit (the results, `request_id` echoed in each, included)."""
-        return self._planner.plan(items, options, request_id=request_id)
+        RequestTooLarge a size limit (the results, `request_id` echoed in each, included),
+        Cancelled when `stop` (asked between items) says so. The memory a refused or
+        stopped request took goes back as after a burst."""
+        with self._released_when_refused():
+            return self._planner.plan(items, options, request_id=request_id, stop=stop)
 
     def plan_rolling(
         self,
@@ -137,9 +153,44 @@ class ScoringEngine:
         options: RollingOptions,
         *,
         request_id: str = "",
+        stop: StopCheck = None,
     ) -> RollingPlan:
-        """The same for whole texts, cut into windows."""
-        return self._planner.plan_rolling(texts, options, request_id=request_id)
+        """The same for whole texts, cut into windows (`stop` asked between texts)."""
+        with self._released_when_refused():
+            return self._planner.plan_rolling(texts, options, request_id=request_id, stop=stop)
+
+    @contextlib.contextmanager
+    def _released_when_refused(self) -> Iterator[None]:
+        """A request refused or stopped while it was planned may have tokenized megabytes
+        for nothing, which no model run will reuse: once the refusal is over (its traceback
+        still holds the tokens now), that memory goes back as after a burst."""
+        try:
+            yield
+        except (InvalidInput, Cancelled):
+            self._release_later()
+            raise
+
+    def _release_later(self) -> None:
+        """Memory back on the model thread IDLE_DELAY_S from now, burst or not (a refused
+        request grew the heap, maybe less than a burst does); one pending at a time."""
+        with self._release_lock:
+            if self._release_timer is not None:
+                return
+
+            def release() -> None:
+                with self._release_lock:
+                    self._release_timer = None
+                self._tokenizer.forget_recent()  # the refused texts' ids
+                # The refusal's traceback (its frames hold the tokens) is a reference cycle
+                # the transport may keep until the cyclic collector runs: run it now.
+                gc.collect()
+                with contextlib.suppress(RuntimeError):  # the engine closed meanwhile
+                    self._runner.thread.submit(self._runner.release_memory)
+                log.debug("memory released after a refused request")
+
+            self._release_timer = threading.Timer(IDLE_DELAY_S, release)
+            self._release_timer.daemon = True
+            self._release_timer.start()
 
     def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
         """Results as they complete, through the dynamic batcher; Overloaded when its queue
@@ -203,4 +254,7 @@ class ScoringEngine:
         return self._runner.thread.submit(self._runner.release_memory).result()
 
     def close(self) -> None:
+        with self._release_lock:
+            if self._release_timer is not None:
+                self._release_timer.cancel()
         self._runner.close()

@@ -4,9 +4,9 @@ completions for scoring, and the tokenizer routes lm-eval's remote tokenizer cal
 It runs on uvicorn in the gRPC server's process and event loop (lmscore.server.asgi_server),
 and computes nothing: every scoring route builds the request message of the contract
 (lmscore.v1) and calls the same ScorerServicer a gRPC call reaches, through
-`HttpCallContext`, which stands for the gRPC call context. So HTTP and gRPC requests batch together, share the prefix cache, the
-admission limit, the model routing and the errors, and a JSON route answers exactly
-what its RPC answers.
+`HttpCallContext`, which stands for the gRPC call context. So HTTP and gRPC requests batch
+together, share the prefix cache, the admission limit, the model routing and the errors,
+and a JSON route answers exactly what its RPC answers.
 
 Routes:
 - `POST /lmscore.v1.Scorer/{Method}`, one per RPC of the service descriptor, with the

@@ -16,10 +16,17 @@ windows go through the same validation, batching and sums as any item.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lmscore.server.config import EngineSettings
-from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts, RequestTooLarge, TokenInput
+from lmscore.server.requests import (
+    Cancelled,
+    InvalidInput,
+    ItemInput,
+    ModelFacts,
+    RequestTooLarge,
+    TokenInput,
+)
 from lmscore.server.rolling import rolling_windows
 from lmscore.server.scoring import SequenceLayout, WordSpan, split_words
 from lmscore.server.tokenization import EncodedPair, Offsets, TextTokenizer
@@ -133,6 +140,16 @@ def rolling_response_bytes(plan: RollingPlan, request_id: str) -> int:
 def _spans(spans: Offsets | None, ids: list[int]) -> tuple[tuple[int, int] | None, ...]:
     """One span per token; all None for tokens given as ids."""
     return tuple(spans) if spans is not None else (None,) * len(ids)
+
+
+# Asked between the items (or texts) of a request being planned: True stops it, e.g. once its
+# caller has gone or its deadline has passed (None: never).
+StopCheck = Callable[[], bool] | None
+
+
+def _check_stop(stop: StopCheck) -> None:
+    if stop is not None and stop():
+        raise Cancelled("the request was cancelled or its deadline passed while it was planned")
 
 
 class _PlanBuilder:
@@ -472,11 +489,14 @@ class Planner:
         options: ScoreOptions,
         bos: list[int],
         token_budget: int | None,
+        stop: StopCheck = None,
     ) -> ScoringPlan:
-        """Every completion of every item planned, then the prefix groups and full passes."""
+        """Every completion of every item planned, then the prefix groups and full passes;
+        `stop` is asked between items (Cancelled)."""
         builder = _PlanBuilder(token_budget)
         completions = []
         for item_index, item in enumerate(items):
+            _check_stop(stop)
             self._check_completion_count(item, item_index)
             for completion_index, completion in enumerate(item.completions):
                 completions.append(
@@ -491,17 +511,24 @@ class Planner:
         return ScoringPlan(options, sequences, completions, full_passes, groups)
 
     def plan(
-        self, items: Sequence[ItemInput], options: ScoreOptions, *, request_id: str = ""
+        self,
+        items: Sequence[ItemInput],
+        options: ScoreOptions,
+        *,
+        request_id: str = "",
+        stop: StopCheck = None,
     ) -> ScoringPlan:
         """Validate and tokenize; raises InvalidInput naming the first bad field, and
         RequestTooLarge when the request or its results (`request_id` echoed in each) would
-        exceed a limit."""
+        exceed a limit; Cancelled when `stop`, asked between items, says so."""
         self._check_request_id(request_id)
         self._check_count(items, "items", "item")
         self._check_options(options)
         bos = self._bos(options.add_bos)
         self._check_item_texts(items)  # every size, before any tokenizing
-        plan = self._plan_items(items, options, bos, self.settings.max_tokens_per_request)
+        plan = self._plan_items(
+            items, options, bos, self.settings.max_tokens_per_request, stop=stop
+        )
         sizes = result_sizes(plan, request_id)
         self._check_messages(
             sizes,
@@ -570,28 +597,36 @@ class Planner:
             )
         return window, min_context
 
-    def _encode_texts(self, texts: Sequence[TokenInput | None], bos: list[int]) -> list[list[int]]:
-        """Each text's tokens (BOS first when asked), token ids checked and kept verbatim."""
-        encoded: list[list[int]] = []
-        for index, text in enumerate(texts):
-            if text is None:
-                raise InvalidInput(f"texts[{index}]", "has neither text nor token_ids")
-            if isinstance(text, str):
-                encoded.append(bos + self.tokenizer.encode(text))
-            else:
-                encoded.append(self._check_ids(text, f"texts[{index}].token_ids"))
-        return encoded
+    def _encode_text_ids(self, text: TokenInput | None, index: int, bos: list[int]) -> list[int]:
+        """A text's tokens (BOS first when asked), token ids checked and kept verbatim."""
+        if text is None:
+            raise InvalidInput(f"texts[{index}]", "has neither text nor token_ids")
+        if isinstance(text, str):
+            return bos + self.tokenizer.encode(text)
+        return self._check_ids(text, f"texts[{index}].token_ids")
 
     def _windows(
-        self, encoded: list[list[int]], prefix: int, window: int, min_context: int
-    ) -> tuple[list[ItemInput], list[list[int]]]:
-        """Every text's windows as items (context as prompt, the tokens it scores as the
-        completion), and each text's item indices; RequestTooLarge past the token budget."""
+        self,
+        texts: Sequence[TokenInput | None],
+        bos: list[int],
+        prefix: int,
+        window: int,
+        min_context: int,
+        stop: StopCheck,
+    ) -> tuple[list[list[int]], list[ItemInput], list[list[int]]]:
+        """Each text's tokens, its windows as items (context as prompt, the tokens it scores
+        as the completion), and each text's item indices. A text is tokenized only once the
+        ones before it fit the token budget, so a request far over it is refused after the
+        text that crosses it, not after tokenizing all (RequestTooLarge); `stop` is asked
+        between texts (Cancelled)."""
         budget = self.settings.max_tokens_per_request
+        encoded: list[list[int]] = []
         items: list[ItemInput] = []
         windows_of: list[list[int]] = []
         model_tokens = 0
-        for index, ids in enumerate(encoded):
+        for index, text in enumerate(texts):
+            _check_stop(stop)
+            ids = self._encode_text_ids(text, index, bos)
             own = []
             for w in rolling_windows(ids, prefix, window, min_context):
                 own.append(len(items))
@@ -603,8 +638,9 @@ class Planner:
                     f"more than {budget} tokens in model windows in one request (reached at "
                     f"texts[{index}], {len(ids)} tokens); send fewer texts",
                 )
+            encoded.append(ids)
             windows_of.append(own)
-        return items, windows_of
+        return encoded, items, windows_of
 
     def plan_rolling(
         self,
@@ -612,10 +648,12 @@ class Planner:
         options: RollingOptions,
         *,
         request_id: str = "",
+        stop: StopCheck = None,
     ) -> RollingPlan:
         """Validate and tokenize texts, cut them into windows; InvalidInput names the field.
         The windows are planned as items (token ids verbatim, no BOS of their own); the
-        request's limits are checked in terms of texts."""
+        request's limits are checked in terms of texts. `stop`: asked between texts; when it
+        says so, Cancelled."""
         self._check_request_id(request_id)
         self._check_count(texts, "texts", "text")
         prefix = self.prefix_token_id
@@ -625,12 +663,11 @@ class Planner:
         for index, text in enumerate(texts):
             self._check_text(text, f"texts[{index}].text")
         bos = self._bos(options.add_bos) if options.add_bos else []
-        encoded = self._encode_texts(texts, bos)
-        items, windows_of = self._windows(encoded, prefix, window, min_context)
+        encoded, items, windows_of = self._windows(texts, bos, prefix, window, min_context, stop)
         plan = None
         if items:
             scoring = ScoreOptions(token_details=options.token_logprobs, add_bos=False)
-            plan = self._plan_items(items, scoring, [], token_budget=None)
+            plan = self._plan_items(items, scoring, [], token_budget=None, stop=stop)
         rolling = RollingPlan(options, prefix, encoded, windows_of, plan)
         sizes = rolling_result_sizes(rolling, request_id)
         self._check_messages(

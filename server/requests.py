@@ -29,6 +29,10 @@ class RequestTooLarge(InvalidInput):
     """A request exceeds a size limit (items, completions, tokens): RESOURCE_EXHAUSTED."""
 
 
+class Cancelled(RuntimeError):
+    """Planning stopped because the request's caller left or its deadline passed."""
+
+
 class Overloaded(RuntimeError):
     """The server's queue is full: RESOURCE_EXHAUSTED, try again later."""
 

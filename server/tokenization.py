@@ -96,6 +96,12 @@ class TextTokenizer:
                 self._recent.popitem(last=False)
         return list(ids)
 
+    def forget_recent(self) -> None:
+        """Drop the kept ids of the last long texts (after a request that was refused: its
+        texts will not be asked for again)."""
+        with self._recent_lock:
+            self._recent.clear()
+
     def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
         """encode(text) and each token's [start, end) in `text` (code points). Not cached:
         only token details ask for offsets."""

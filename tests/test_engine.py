@@ -12,7 +12,7 @@ import pytest
 
 from lmscore.server.config import EngineSettings
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import InvalidInput, ItemInput, ModelFacts
+from lmscore.server.requests import Cancelled, InvalidInput, ItemInput, ModelFacts, RequestTooLarge
 from lmscore.server.scoring import BatchScores, score_positions
 from lmscore.server.tokenization import TextTokenizer, move_trailing_whitespace
 from lmscore.v1.options import RollingOptions, ScoreOptions
@@ -415,3 +415,59 @@ def test_text_bytes_and_rolling_bos_are_checked_naming_the_field(tokenizer: Text
     with pytest.raises(InvalidInput) as error:
         no_bos.plan_rolling(["some text"], RollingOptions(add_bos=True))
     assert error.value.field == "options.add_bos"
+
+
+class CountingEncodes:
+    """Wraps a tokenizer's encode to count the texts it was given."""
+
+    def __init__(self, engine: ScoringEngine) -> None:
+        self.texts = 0
+        tokenizer = engine.tokenizer
+        encode = tokenizer.encode
+
+        def counted(text: str) -> list[int]:
+            self.texts += 1
+            return encode(text)
+
+        tokenizer.encode = counted  # type: ignore[method-assign]
+        self._restore = lambda: setattr(tokenizer, "encode", encode)
+
+    def close(self) -> None:
+        self._restore()
+
+
+def test_a_request_over_the_token_budget_is_refused_at_the_text_that_crosses_it(
+    tokenizer: TextTokenizer,
+) -> None:
+    """Texts are tokenized one by one against the budget: 15 texts of which the second
+    crosses it cost two tokenizations, not fifteen."""
+    engine = make_engine(tokenizer, max_tokens_per_request=200)
+    text = "free software " * 40  # 121 tokens, more with its windows' contexts
+    counting = CountingEncodes(engine)
+    try:
+        with pytest.raises(RequestTooLarge, match=r"reached at texts\[1\]"):
+            engine.plan_rolling([text] * 15, RollingOptions(max_window_tokens=32))
+        assert counting.texts == 2
+    finally:
+        counting.close()
+
+
+def test_a_stopped_request_stops_planning_between_items_and_texts(tokenizer: TextTokenizer) -> None:
+    """`stop` (a cancelled call, a passed deadline) is asked between items and texts."""
+    engine = make_engine(tokenizer)
+    asked: list[int] = []
+
+    def stop_after_two() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    counting = CountingEncodes(engine)
+    try:
+        with pytest.raises(Cancelled):
+            engine.plan_rolling(["one text"] * 10, RollingOptions(), stop=stop_after_two)
+        assert counting.texts == 2
+        asked.clear()
+        with pytest.raises(Cancelled):
+            engine.plan([ItemInput([5], [[6]])] * 10, ScoreOptions(), stop=stop_after_two)
+    finally:
+        counting.close()
