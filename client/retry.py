@@ -1,5 +1,7 @@
-"""Retry with exponential backoff, on UNAVAILABLE only (the server is down or restarting), and
-resuming a result stream that a dying replica cut off mid-way."""
+"""Retry with exponential backoff on UNAVAILABLE (the server is down or restarting) and on
+RESOURCE_EXHAUSTED that says when to come back (an overloaded server's retry pushback, not a
+request over a size limit), and resuming a result stream that a dying replica cut off
+mid-way."""
 
 from __future__ import annotations
 
@@ -29,7 +31,26 @@ class RetryPolicy:
 
     @staticmethod
     def retryable(error: grpc.RpcError) -> bool:
-        return error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        code = error.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return code == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_seconds(error) is not None
+
+
+# The metadata key of gRPC's retry pushback: how long an overloaded server asks clients to wait.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def pushback_seconds(error: grpc.RpcError) -> float | None:
+    """The wait an overloaded server asked for, in seconds; None when it asked none."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -77,4 +98,5 @@ class ResumableStream:
         delay = next(self._delays, None)
         if not self._resumable or delay is None or not self._policy.retryable(error):
             raise error_from_rpc(error) from None
-        return delay
+        # No sooner than the server asked: retrying at once only adds refusals.
+        return max(delay, pushback_seconds(error) or 0.0)

@@ -58,7 +58,7 @@ from lmscore.server.openai_api import (
     param_of,
     parse_completion_request,
 )
-from lmscore.server.servicer import ModelNotFound, ScorerServicer
+from lmscore.server.servicer import RETRY_PUSHBACK_KEY, ModelNotFound, ScorerServicer
 from lmscore.v1 import scoring_pb2 as pb
 
 log = logging.getLogger("lmscore.server")
@@ -98,11 +98,19 @@ ERROR_TYPES = {
 class CallError(Exception):
     """A call ended with a status: the gRPC code, its message, and the field at fault."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        field: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        # When an overloaded server asks the client to come back (gRPC's retry pushback).
+        self.retry_after_ms = retry_after_ms
 
     @property
     def http_status(self) -> int:
@@ -151,7 +159,8 @@ class HttpCallContext:
         field = _violated_field(trailing_metadata)
         if field is not None:
             details = details.removeprefix(f"{field}: ")
-        raise CallError(code, details, field)
+        pushback = dict(trailing_metadata or ()).get(RETRY_PUSHBACK_KEY)
+        raise CallError(code, details, field, int(pushback) if pushback else None)
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()
@@ -167,7 +176,12 @@ class HttpCallContext:
 
 
 def _error_response(error: CallError, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error.body(param), status_code=error.http_status)
+    headers = {}
+    if error.retry_after_ms is not None:
+        # HTTP's Retry-After is in whole seconds; OpenAI's SDKs read retry-after-ms first.
+        headers["retry-after-ms"] = str(error.retry_after_ms)
+        headers["retry-after"] = str(math.ceil(error.retry_after_ms / 1000))
+    return JSONResponse(error.body(param), status_code=error.http_status, headers=headers)
 
 
 def _api_error(error: ApiError) -> CallError:

@@ -43,6 +43,10 @@ Options = TypeVar("Options")
 INLINE_PLAN_BYTES = 16 * 1024
 # Results with more token details than this are converted to messages on a worker thread.
 INLINE_TOKEN_DETAILS = 256
+# An overloaded server asks clients to retry after this many milliseconds (the metadata key
+# of gRPC's retry throttling, which its own retry policies honour too).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_PUSHBACK_MS = 250
 # Characters of an unknown model name echoed in the NOT_FOUND message.
 ECHOED_NAME_CHARS = 64
 
@@ -121,6 +125,17 @@ def _result_message(result: ScoreResult, request: pb.ScoreRequest, index: int) -
 
 def _rolling_message(result: RollingResult, request: pb.RollingRequest) -> pb.RollingResult:
     return pb.RollingResult(**{**dataclasses.asdict(result), "request_id": request.request_id})
+
+
+async def _abort_overloaded(context: grpc.aio.ServicerContext, message: str) -> None:
+    """RESOURCE_EXHAUSTED for a server at its limit, telling the client when to come back
+    (gRPC's retry pushback; the project's clients wait that long before retrying): clients
+    that retry at once would spend the server's CPU on refusals."""
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),),
+    )
 
 
 async def _abort_with_field(
@@ -240,7 +255,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                 else:
                     yield _result_message(result, request, index)
         except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await _abort_overloaded(context, str(exc))
 
     @contextlib.asynccontextmanager
     async def _admitted(
@@ -249,8 +264,8 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         """Counts the call in flight, or aborts it when the server is at its limit (all
         models together)."""
         if self.active_requests >= self._max_concurrent:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await _abort_overloaded(
+                context,
                 f"{self.active_requests} requests in flight, limit {self._max_concurrent} "
                 "(--max-concurrent-requests); retry later",
             )
@@ -310,7 +325,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                     tokens.inc(result.token_count)
                     yield _rolling_message(result, request)
             except Overloaded as exc:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                await _abort_overloaded(context, str(exc))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
