@@ -261,7 +261,7 @@ class HttpTransport:
                     request, context, handler(request, body, context)
                 )
                 if isinstance(response, StreamingResponse):
-                    return response  # counted by _counted_stream when it ends
+                    return response  # counted by _stream when its last line is sent
                 if response.status_code >= 400:
                     code = _code_of(response)
                 return response
