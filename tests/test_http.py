@@ -519,3 +519,34 @@ def test_an_http_port_in_use_exits_with_one_line_before_loading(tiny_export: Pat
     assert run.returncode != 0 and "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert "HTTP" in last and str(port) in last
+
+
+def test_http_and_grpc_requests_share_a_batch(tiny_export: Path) -> None:
+    """One engine behind both transports: an HTTP call and a gRPC call that arrive together
+    are scored in one model run (the batcher waits up to --max-queue-delay-ms for both)."""
+    http_port, metrics_port = free_port(), free_port()
+    flags = ("--http-port", str(http_port), "--metrics-port", str(metrics_port))
+    flags += ("--max-queue-delay-ms", "500")
+    with running_server(tiny_export, *flags) as server:
+        label = (("model", "tiny-llama"),)
+        count, total = (
+            ("lmscore_batch_sequences_count", label),
+            ("lmscore_batch_sequences_sum", label),
+        )
+        before = scrape_metrics_until(metrics_port, lambda s: True)
+        answers: list[Any] = []
+
+        def over_http() -> None:
+            answers.append(post(http_port, "/v1/completions", {"prompt": [[5, 6, 7, 8]]}))
+
+        call = threading.Thread(target=over_http)
+        call.start()
+        with ScoringClient(server.address) as client:
+            client.score([Item([9, 10, 11], [[12]])])
+        call.join(timeout=60)
+        assert answers and answers[0][0] == 200
+        after = scrape_metrics_until(
+            metrics_port, lambda s: s.get(total, 0) - before.get(total, 0) >= 2
+        )
+        assert after[count] - before.get(count, 0) == 1  # one model run
+        assert after[total] - before.get(total, 0) == 2  # of both sequences
