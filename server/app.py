@@ -147,6 +147,24 @@ class BindError(RuntimeError):
     """A port of the server (gRPC or metrics) cannot be bound."""
 
 
+def asgi_servers(
+    config: ServerConfig,
+    http_transport: HttpTransport | None,
+    http_socket: Any,
+    metrics_socket: Any,
+) -> list[AsgiServer]:
+    """The event-loop HTTP servers: /metrics (slow or idle scrapers cost no thread) and the
+    HTTP transport, each where its port was bound."""
+    servers = []
+    if metrics_socket is not None:
+        grace = config.shutdown_grace
+        servers.append(AsgiServer(metrics.metrics_app(), metrics_socket, grace, None, 1000))
+    if http_transport is not None:
+        grace, tls = config.shutdown_grace, ssl_context(config)
+        servers.append(AsgiServer(http_transport.app, http_socket, grace, tls))
+    return servers
+
+
 def _bind(host: str, port: int, what: str) -> Any:
     """A listening socket for the HTTP or metrics port; BindError in one line."""
     try:
@@ -305,19 +323,8 @@ async def serve(config: ServerConfig) -> None:
             }
         )
     await server.start()
-    http_servers: list[AsgiServer] = []
-    http_transport = None
-    if metrics_socket is not None:
-        # /metrics from the event loop: slow or idle scrapers cost no thread.
-        metrics_server = AsgiServer(
-            metrics.metrics_app(), metrics_socket, config.shutdown_grace, max_connections=1000
-        )
-        http_servers.append(metrics_server)
-    if http_socket is not None:
-        http_transport = HttpTransport(servicer, config)
-        http_servers.append(
-            AsgiServer(http_transport.app, http_socket, config.shutdown_grace, ssl_context(config))
-        )
+    http_transport = HttpTransport(servicer, config) if http_socket is not None else None
+    http_servers = asgi_servers(config, http_transport, http_socket, metrics_socket)
     for http_server in http_servers:
         await http_server.start()
     for service in health_services(models):
