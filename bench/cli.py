@@ -1,4 +1,4 @@
-"""`lmscore bench`: PyTorch eager, ONNX Runtime in-process and gRPC, side by side."""
+"""`lmscore bench`: PyTorch eager, ONNX Runtime in-process, gRPC and HTTP, side by side."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch path")
     parser.add_argument(
+        "--no-lm-eval",
+        action="store_true",
+        help="skip lm-eval's multiple-choice task through local-completions (HTTP) beside "
+        "`lmscore eval` (gRPC), best of 2 runs each (about 2 minutes)",
+    )
+    parser.add_argument(
+        "--repo-root",
+        type=Path,
+        default=None,
+        help="the lmscore checkout with tests/lm_eval_tasks, where lm-eval runs "
+        "(default: the one this package is installed from)",
+    )
+    parser.add_argument(
         "--long",
         action="store_true",
         help="the long-sequence workload instead (lmscore.bench.long: one request of 512, "
@@ -43,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.output_dir}/long.json and long.png", file=sys.stderr)
         return 0
 
+    from lmscore.bench.lm_eval_wall import default_repo_root
     from lmscore.bench.report import table, write
     from lmscore.bench.runner import run_bench
     from lmscore.export.paths import default_model_dir
@@ -58,8 +72,15 @@ def run(args: argparse.Namespace) -> int:
         quantized = next((c for c in candidates if c.is_dir()), None)
     else:
         quantized = Path(args.quantized)
+    lm_eval_root = None if args.no_lm_eval else args.repo_root or default_repo_root()
     results = run_bench(
-        model_dir, args.source, quantized, args.repeats, args.concurrency, not args.no_pytorch
+        model_dir,
+        args.source,
+        quantized,
+        args.repeats,
+        args.concurrency,
+        not args.no_pytorch,
+        lm_eval_root,
     )
     json_path, png_path = write(results, args.output_dir)
     print(table(results))

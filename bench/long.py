@@ -30,29 +30,15 @@ from typing import Any
 
 import grpc
 
-from lmscore.bench.runner import ServerUnderTest, percentile
+from lmscore.bench.runner import ServerUnderTest, cpu_description, percentile
 from lmscore.bench.workloads import LICENSES
 from lmscore.client import Item, ScoringClient
-from lmscore.export.cpu import vector_flags
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.export.paths import default_model_dir
 from lmscore.server.tokenization import TextTokenizer
 
 LENGTHS = (512, 2048, 8192)
 DEADLINE_S = 5.0
-
-
-def cpu_description() -> str:
-    """The CPU's model and the vector extensions that decide ORT's and PyTorch's kernels."""
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-    return f"{model}, {os.cpu_count()} CPUs, {' '.join(vector_flags())}"
 
 
 @contextmanager

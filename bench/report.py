@@ -24,6 +24,53 @@ class Check:
         return f"| {self.name} | {value} | {self.target} | {status} |"
 
 
+# The HTTP port's batch paths (results["http"]["batch"]): what each sends, as the report
+# names it.
+HTTP_BATCH = {
+    "http_json": "HTTP /lmscore.v1.Scorer/Score (JSON)",
+    "http_completions": "HTTP /v1/completions (echo, logprobs 1, max_tokens 0)",
+    "http_completions_lm_eval": "HTTP /v1/completions as lm-eval sends it (max_tokens 1)",
+}
+# Beside them: the work echo with logprobs 1 asks for, through gRPC.
+GRPC_DETAILS = "gRPC, token details with top_k 1"
+# The short pair's HTTP paths (results["http"]["short_pair"]).
+HTTP_PAIR = {
+    "json": "HTTP /lmscore.v1.Scorer/Score (JSON)",
+    "completions": "HTTP /v1/completions (text, echo, logprobs 1)",
+}
+
+
+def http_checks(http: dict[str, Any]) -> list[Check]:
+    """The HTTP port against gRPC on the same server: issue 22's targets."""
+    pair, ratios = http["short_pair"], http["batch_ratio_to_grpc"]
+    out = [
+        Check(
+            f"short pair: p50 {name} overhead over gRPC",
+            pair[f"{key}_overhead_p50_ms"],
+            "<= 3 ms",
+            pair[f"{key}_overhead_p50_ms"] <= 3,
+            " ms",
+        )
+        for key, name in HTTP_PAIR.items()
+    ]
+    out += [
+        Check(f"{name} / gRPC, batch scoring", ratios[key], ">= 0.9", ratios[key] >= 0.9, "x")
+        for key, name in HTTP_BATCH.items()
+    ]
+    lm_eval = http.get("lm_eval", {})
+    measured = "ratio" in lm_eval
+    out.append(
+        Check(
+            "lm-eval multiple choice wall time: local-completions (HTTP) / lmscore eval (gRPC)",
+            lm_eval["ratio"] if measured else None,
+            "reported, same acc",
+            len(set(lm_eval["acc"].values())) == 1 if measured else None,
+            "x",
+        )
+    )
+    return out
+
+
 def checks(results: dict[str, Any]) -> list[Check]:
     ort = results["ort"]["batch"]["rate_median"]
     grpc = results.get("grpc", {})
@@ -134,26 +181,60 @@ def checks(results: dict[str, Any]) -> list[Check]:
                 "x",
             ),
         ]
+    if "http" in results:
+        out += http_checks(results["http"])
     return out
 
 
+def http_rows(http: dict[str, Any]) -> list[str]:
+    """The workload table's rows of the HTTP port: short pair latencies, lm-eval's time."""
+    pair = http["short_pair"]
+    lines = [
+        f"| short pair, one server, the paths in turn: p50 / p99 gRPC (ms) | "
+        f"{pair['grpc_p50_ms']:.1f} / {pair['grpc_p99_ms']:.1f} |"
+    ]
+    lines += [
+        f"| short pair, same rounds: p50 / p99 {name}, median overhead over gRPC (ms) | "
+        f"{pair[f'{key}_p50_ms']:.1f} / {pair[f'{key}_p99_ms']:.1f}, "
+        f"{pair[f'{key}_overhead_p50_ms']:.2f} |"
+        for key, name in HTTP_PAIR.items()
+    ]
+    lm_eval = http.get("lm_eval")
+    if lm_eval is None:
+        return lines
+    label = "| lm-eval lmscore_license_mc wall time, local-completions (HTTP) / lmscore eval (gRPC)"
+    if "skipped" in lm_eval:
+        return [*lines, f"{label} | skipped: {lm_eval['skipped']} |"]
+    acc = lm_eval["acc"]
+    return [
+        *lines,
+        f"{label}, best of {lm_eval['rounds']} (s) | {lm_eval['local_completions_s']:.1f} / "
+        f"{lm_eval['lmscore_eval_s']:.1f} (acc {acc['local_completions']:.3f} / "
+        f"{acc['lmscore_eval']:.3f}) |",
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
-    lines = []
-    rates = [
+    machine = results["machine"]
+    load = [f"{machine[key][0]:.1f}" for key in ("load_average_at_start", "load_average_at_end")]
+    lines = [f"{results['model']} on {machine['cpu']}; load average {' -> '.join(load)}", ""]
+    sections = [
         ("PyTorch eager", results.get("pytorch")),
         ("ONNX Runtime in-process", results["ort"]),
         ("gRPC end to end", results.get("grpc")),
+        ("ONNX Runtime quantized", results.get("quantized")),
     ]
-    if results.get("quantized"):
-        rates.append(("ONNX Runtime quantized", results["quantized"]))
+    rates = [
+        (name, section["batch"]) for name, section in sections if section and "batch" in section
+    ]
+    http = results.get("http", {})
+    if "batch" in http:
+        rates.append((GRPC_DETAILS, http["batch"]["grpc_token_details"]))
+        rates += [(name, http["batch"][key]) for key, name in HTTP_BATCH.items()]
     lines.append("| path | batch tokens/s (median) | min s | max s |")
     lines.append("|---|---|---|---|")
-    for name, section in rates:
-        if section and "batch" in section:
-            b = section["batch"]
-            lines.append(
-                f"| {name} | {b['rate_median']:.0f} | {b['min_s']:.3f} | {b['max_s']:.3f} |"
-            )
+    for name, b in rates:
+        lines.append(f"| {name} | {b['rate_median']:.0f} | {b['min_s']:.3f} | {b['max_s']:.3f} |")
     ort = results["ort"]
     lines += [
         "",
@@ -200,6 +281,8 @@ def table(results: dict[str, Any]) -> str:
                 f"| server RSS after the runs / peak, `--low-memory` (MB) | "
                 f"{low['rss_bytes'] / 2**20:.0f} / {low['peak_rss_bytes'] / 2**20:.0f} |",
             ]
+    if http:
+        lines += http_rows(http)
     torch_pair = results.get("pytorch", {}).get("short_pair_p50_ms")
     if torch_pair is not None:
         lines.append(f"| short pair p50 PyTorch eager, one pass (ms) | {torch_pair:.1f} |")
@@ -233,6 +316,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if section and "batch" in section:
             names.append(name)
             values.append(section["batch"]["rate_median"])
+    for name, key in [("HTTP\nJSON", "http_json"), ("HTTP\ncompletions", "http_completions")]:
+        if "batch" in results.get("http", {}):
+            names.append(name)
+            values.append(results["http"]["batch"][key]["rate_median"])
     rates.bar(names, values, color="#4477aa")
     rates.set_title("batch scoring, 8 x 128 tokens")
     rates.set_ylabel("tokens scored / s (median)")

@@ -2,7 +2,9 @@
 
 Paths: PyTorch eager on the same weights (what lm-eval's HFLM does), ONNX
 Runtime in-process (the engine without gRPC), the full gRPC path through the
-client (a real `lmscore serve` process), and the quantized variant when one is
+client (a real `lmscore serve` process), the same server's HTTP port (the Score RPC
+as JSON, OpenAI's /v1/completions, and lm-eval's local-completions on a
+multiple-choice task beside `lmscore eval`), and the quantized variant when one is
 exported. Each timing is repeated after a warm-up; the report gives median, min
 and max. The paths run one after another, never at the same time, so they do
 not compete for the cores.
@@ -24,8 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from lmscore.bench.http_paths import LM_EVAL, SCORING, HttpScorer
+from lmscore.bench.lm_eval_wall import measure_lm_eval
 from lmscore.bench.workloads import Workloads, build_workloads
 from lmscore.client import Item, ScoringClient
+from lmscore.client import ScoreOptions as ClientOptions
+from lmscore.export.cpu import vector_flags
 from lmscore.export.manifest import Manifest, model_bytes
 from lmscore.server.app import load_model, warm_up
 from lmscore.server.batching import IDLE_DELAY_S
@@ -80,16 +86,43 @@ def _as_client_item(item: ItemInput) -> Item:
     return Item(item.prompt, [_ids(completion) for completion in item.completions])
 
 
+def _sequence(item: ItemInput) -> list[int]:
+    """An item's prompt and first completion as one list of token ids."""
+    prompt = [] if item.prompt is None else _ids(item.prompt)
+    return prompt + _ids(item.completions[0])
+
+
+def cpu_description() -> str:
+    """The CPU's model and the vector extensions that decide ORT's and PyTorch's kernels."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    return f"{model}, {os.cpu_count()} CPUs, {' '.join(vector_flags())}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class ServerUnderTest:
-    """A real `lmscore serve` process on a free loopback port."""
+    """A real `lmscore serve` process on a free loopback port; `http`: with --http-port on
+    another one."""
 
-    def __init__(self, model_dir: Path, *flags: str) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+    def __init__(self, model_dir: Path, *flags: str, http: bool = False) -> None:
+        self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_port = _free_port() if http else 0
+        if http:
+            flags = (*flags, "--http-port", str(self.http_port))
         lmscore = str(Path(sys.executable).parent / "lmscore")
         began = time.perf_counter()
         self.process = subprocess.Popen(
@@ -309,6 +342,57 @@ def measure_short_pair(
     }
 
 
+def measure_short_pair_http(
+    client: ScoringClient, http: HttpScorer, model: str, work: Workloads, calls: int = 50
+) -> dict[str, float]:
+    """The short pair through gRPC, the JSON Score route and /v1/completions (its text as one
+    prompt, echoed with log-probs), one after another on one server, the order rotated every
+    round: an HTTP path's overhead is the median of its per-round differences from gRPC, so
+    that the machine's drift falls on every path alike."""
+    pair = [_as_client_item(work.short_pair)]
+    paths: dict[str, Callable[[], object]] = {
+        "grpc": functools.partial(client.score, pair),
+        "json": functools.partial(http.score, pair),
+        "completions": functools.partial(http.complete, model, work.short_pair_text, SCORING),
+    }
+    names = list(paths)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for call in range(calls + 5):  # the first 5 warm up
+        turn = call % len(names)
+        for name in names[turn:] + names[:turn]:
+            began = time.perf_counter()
+            paths[name]()
+            if call >= 5:
+                seconds[name].append(time.perf_counter() - began)
+    result: dict[str, float] = {"calls": calls}
+    for name, values in seconds.items():
+        result[f"{name}_p50_ms"] = 1000 * percentile(values, 50)
+        result[f"{name}_p99_ms"] = 1000 * percentile(values, 99)
+    for name in ("json", "completions"):
+        differences = [h - g for h, g in zip(seconds[name], seconds["grpc"], strict=True)]
+        result[f"{name}_overhead_p50_ms"] = 1000 * percentile(differences, 50)
+    return result
+
+
+def server_batch_paths(
+    client: ScoringClient, http: HttpScorer, model: str, work: Workloads
+) -> dict[str, Callable[[], object]]:
+    """The batch through one server: gRPC; gRPC with each token's log-prob and best
+    alternative (what /v1/completions' echo with logprobs 1 computes besides, apart from
+    the transport); the Score RPC as JSON; /v1/completions with the 8 items' token ids as
+    its prompts, echoed (max_tokens 0), and as lm-eval sends them."""
+    items = [_as_client_item(item) for item in work.batch]
+    sequences = [_sequence(item) for item in work.batch]
+    details = ClientOptions(token_details=True, top_k=1)
+    return {
+        "grpc": functools.partial(client.score, items),
+        "grpc_token_details": functools.partial(client.score, items, details),
+        "http_json": functools.partial(http.score, items),
+        "http_completions": functools.partial(http.complete, model, sequences, SCORING),
+        "http_completions_lm_eval": functools.partial(http.complete, model, sequences, LM_EVAL),
+    }
+
+
 def measure_grpc(
     model_dir: Path,
     work: Workloads,
@@ -316,12 +400,16 @@ def measure_grpc(
     concurrency: int,
     engine: ScoringEngine | None = None,
     pytorch_batch: Callable[[], object] | None = None,
+    lm_eval_root: Path | None = None,
 ) -> dict[str, Any]:
-    """The full gRPC path, on three servers in turn: the default one (the prefix cache off),
-    one without cross-request batching, and one with --low-memory. `engine`: the same model
-    in-process, and `pytorch_batch`, PyTorch's batch run: with them, the batch runs side by
-    side with gRPC's and the short pair is measured paired."""
-    result = measure_default_server(model_dir, work, repeats, concurrency, engine, pytorch_batch)
+    """The full gRPC path, on three servers in turn: the default one (the prefix cache off,
+    HTTP on too), one without cross-request batching, and one with --low-memory. `engine`:
+    the same model in-process, and `pytorch_batch`, PyTorch's batch run: with them, the
+    batch runs side by side with gRPC's and the short pair is measured paired.
+    `lm_eval_root`: the repository with lm-eval's task files, None to leave lm-eval out."""
+    result = measure_default_server(
+        model_dir, work, repeats, concurrency, engine, pytorch_batch, lm_eval_root
+    )
     result.update(measure_unbatched_server(model_dir, work, concurrency))
     result["concurrency_speedup"] = (
         result["concurrent_batched"]["pairs_per_s"] / result["concurrent_unbatched"]["pairs_per_s"]
@@ -337,16 +425,20 @@ def measure_default_server(
     concurrency: int,
     engine: ScoringEngine | None,
     pytorch_batch: Callable[[], object] | None,
+    lm_eval_root: Path | None = None,
 ) -> dict[str, Any]:
     """`lmscore serve` with its defaults but the prefix cache off: the multiple-choice figure
     is reuse within one request, as the in-process one (the few-shot workload measures the
-    cache). Its start, memory, batch (beside the other paths), latencies and concurrency."""
-    with ServerUnderTest(model_dir, "--prefix-cache-bytes", "0") as server:
-        with ScoringClient(server.address, timeout=600) as client:
-            batch_items = [_as_client_item(i) for i in work.batch]
-            paths: dict[str, Callable[[], object]] = {
-                "grpc": functools.partial(client.score, batch_items)
-            }
+    cache). Its start, memory, batch (beside the other paths and its own HTTP port),
+    latencies and concurrency; then the HTTP port's latencies and lm-eval through it."""
+    with ServerUnderTest(model_dir, "--prefix-cache-bytes", "0", http=True) as server:
+        with (
+            ScoringClient(server.address, timeout=600) as client,
+            HttpScorer(server.http_port) as http,
+        ):
+            model = client.model_info().name
+            server_paths = server_batch_paths(client, http, model, work)
+            paths = dict(server_paths)
             if engine is not None:
                 paths["ort"] = functools.partial(_in_process, engine, work.batch, ScoreOptions())
             if pytorch_batch is not None:
@@ -369,6 +461,26 @@ def measure_default_server(
         if engine is not None:
             with ScoringClient(server.address, timeout=600) as client:
                 result["short_pair_paired"] = measure_short_pair(engine, client, work)
+        with (
+            ScoringClient(server.address, timeout=600) as client,
+            HttpScorer(server.http_port) as http,
+        ):
+            short_pair = measure_short_pair_http(client, http, model, work)
+        # The batch through the server's other paths, as tokens/s and against gRPC's.
+        http_rates = {name: side_by_side[name] for name in server_paths if name != "grpc"}
+        result["http"] = {
+            "short_pair": short_pair,
+            "batch": http_rates,
+            "batch_ratio_to_grpc": {
+                name: rate["rate_median"] / side_by_side["grpc"]["rate_median"]
+                for name, rate in http_rates.items()
+            },
+        }
+        if lm_eval_root is not None:
+            print("timing lm-eval: local-completions over HTTP, lmscore eval ...", file=sys.stderr)
+            result["http"]["lm_eval"] = measure_lm_eval(
+                lm_eval_root, server.address, server.http_port, model
+            )
     return result
 
 
@@ -444,7 +556,10 @@ def run_bench(
     repeats: int,
     concurrency: int,
     include_pytorch: bool = True,
+    lm_eval_root: Path | None = None,
 ) -> dict[str, Any]:
+    """Every path; `lm_eval_root`: the repository with lm-eval's task files, None to leave
+    the lm-eval comparison out."""
     manifest = Manifest.read(model_dir)
     loaded = load_model(ServerConfig(model_dir=model_dir))
     # Warmed up as the server is: ONNX Runtime keeps the memory pattern of the first shapes it
@@ -454,7 +569,14 @@ def run_bench(
     work = build_workloads(loaded.engine.tokenizer)
     results: dict[str, Any] = {
         "model": manifest.name,
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": sys.platform,
+            "cpu": cpu_description(),
+            # Other processes' load: the paired and rotated figures hold under it, the
+            # absolute ones do not.
+            "load_average_at_start": os.getloadavg(),
+        },
         "model_file_bytes": model_bytes(model_dir),  # the graph and its weights file
         "repeats": repeats,
     }
@@ -481,13 +603,21 @@ def run_bench(
         results["pytorch"] = measure_pytorch(torch_runs, work, repeats)
     print("measuring gRPC end to end, the batch beside the other paths ...", file=sys.stderr)
     results["grpc"] = measure_grpc(
-        model_dir, work, repeats, concurrency, loaded.engine, torch_runs and torch_runs[0]
+        model_dir,
+        work,
+        repeats,
+        concurrency,
+        loaded.engine,
+        torch_runs and torch_runs[0],
+        lm_eval_root,
     )
     loaded.engine.close()
+    results["http"] = results["grpc"].pop("http")
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     # The batch figures of the report: the side-by-side ones (each path's alone phase, minutes
     # apart from the others, stays in its section as batch_alone).
     for path, summary in results["grpc"]["batch_side_by_side"].items():
-        if path != "grpc":
+        if path in ("ort", "pytorch"):
             results[path]["batch_alone"] = results[path]["batch"]
             results[path]["batch"] = summary
     return results

@@ -19,6 +19,7 @@ class Workloads:
     batch_tokens: int
     choice: ItemInput  # one 256-token prompt, 8 completions of 16 tokens
     short_pair: ItemInput  # 16-token prompt, 4-token completion
+    short_pair_text: str  # the short pair's prompt and completion as one text
     held_out: list[ItemInput]  # deviation checks of the quantized variant
     # A 5-shot task: a 600-token preamble shared by 64 questions of 40 tokens, each with 4
     # choices of 5 tokens, one question per request (as lm-eval sends them).
@@ -43,6 +44,7 @@ def build_workloads(tokenizer: TextTokenizer) -> Workloads:
         batch_tokens=sum(len(w.completions[0]) for w in batch),
         choice=ItemInput(prompt, completions),
         short_pair=ItemInput(gpl[4000:4016], [gpl[4016:4020]]),
+        short_pair_text=tokenizer.decode(gpl[4000:4020]),
         held_out=held_out,
         few_shot=few_shot_items(gpl),
     )
