@@ -181,9 +181,24 @@ def checks(results: dict[str, Any]) -> list[Check]:
                 "x",
             ),
         ]
+    if "after_idle" in grpc:
+        out += after_idle_checks(grpc["after_idle"])
     if "http" in results:
         out += http_checks(results["http"])
     return out
+
+
+def after_idle_checks(after_idle: dict[str, Any]) -> list[Check]:
+    """Requests after idle as fast as back to back (issue 23): back-to-back time over the
+    after-idle one, for the batch and the short pair, after each gap."""
+    checks = []
+    for name, row in after_idle.items():
+        for key, ratio in row.items():
+            if key.endswith("_ratio"):
+                gap = key.removeprefix("after_").removesuffix("_ratio")
+                label = f"{name.replace('_', ' ')} after {gap} idle: back to back / after idle"
+                checks.append(Check(label, ratio, ">= 0.95", ratio >= 0.95, "x"))
+    return checks
 
 
 def http_rows(http: dict[str, Any]) -> list[str]:

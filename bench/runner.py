@@ -461,6 +461,9 @@ def measure_default_server(
         if engine is not None:
             with ScoringClient(server.address, timeout=600) as client:
                 result["short_pair_paired"] = measure_short_pair(engine, client, work)
+        print("timing requests after idle (3 s, 15 s) ...", file=sys.stderr)
+        with ScoringClient(server.address, timeout=600) as client:
+            result["after_idle"] = measure_after_idle(client, work)
         with (
             ScoringClient(server.address, timeout=600) as client,
             HttpScorer(server.http_port) as http,
@@ -481,6 +484,35 @@ def measure_default_server(
             result["http"]["lm_eval"] = measure_lm_eval(
                 lm_eval_root, server.address, server.http_port, model
             )
+    return result
+
+
+# Idle gaps before a request, as sporadic traffic leaves them (issue 23): the server's idle
+# release runs after about a second.
+IDLE_GAPS_S = (3.0, 15.0)
+
+
+def measure_after_idle(client: ScoringClient, work: Workloads, repeats: int = 3) -> dict[str, Any]:
+    """The batch and the short pair back to back, and each after IDLE_GAPS_S of idleness:
+    median seconds of `repeats` each, and the back-to-back time over the after-idle one."""
+    batch = [_as_client_item(item) for item in work.batch]
+    pair = [_as_client_item(work.short_pair)]
+    result: dict[str, Any] = {}
+    for name, items in (("batch", batch), ("short_pair", pair)):
+        client.score(items)  # warm
+        back_to_back = timed(lambda items=items: client.score(items), repeats).median
+        row: dict[str, Any] = {"back_to_back_s": back_to_back}
+        for gap in IDLE_GAPS_S:
+            seconds = []
+            for _ in range(repeats):
+                time.sleep(gap)
+                began = time.perf_counter()
+                client.score(items)
+                seconds.append(time.perf_counter() - began)
+            after = statistics.median(seconds)
+            row[f"after_{gap:g}s_s"] = after
+            row[f"after_{gap:g}s_ratio"] = back_to_back / after
+        result[name] = row
     return result
 
 
