@@ -117,6 +117,19 @@ def exported_default() -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_gemma() -> Path:
+    """Gemma-3 270M from its chunk wheels, exported by `lmscore export` (skipped when
+    already exported)."""
+    import subprocess
+
+    from lmscore.export.paths import lmscore_home
+    from lmscore.export.source import GEMMA_NAME
+
+    subprocess.run([LMSCORE, "export", "--source", GEMMA_NAME], check=True, timeout=3600)
+    return lmscore_home(os.environ) / "models" / GEMMA_NAME
+
+
+@pytest.fixture(scope="session")
 def torch_default():
     """(model, tokenizer) of the default model: the weights loaded by transformers from the
     same GGUF, the tokenizer rebuilt from it (transformers' own is not faithful; the rebuilt

@@ -10,14 +10,13 @@ test_gguf_tokenizer). Tolerance 1e-3 nats per item.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import LMSCORE, ServerProcess, running_server
+from conftest import ServerProcess, running_server
 from lmscore.client import Item, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
 from lmscore.export.paths import lmscore_home
@@ -32,12 +31,6 @@ from reference import (
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
 GEMMA_BOS = 2
-
-
-@pytest.fixture(scope="module")
-def exported_gemma() -> Path:
-    subprocess.run([LMSCORE, "export", "--source", GEMMA_NAME], check=True, timeout=3600)
-    return lmscore_home(os.environ) / "models" / GEMMA_NAME
 
 
 @pytest.fixture(scope="module")

@@ -41,21 +41,29 @@ def read_run(output: Path) -> tuple[dict, dict[str, list[dict]]]:
     return json.loads(results_file.read_text())["results"], samples
 
 
-def run_lmscore_eval(address: str, output: Path, *model_args: str) -> tuple[dict, dict]:
+def run_lm_eval_cli(
+    command: list[str],
+    model: str,
+    model_args: list[str],
+    output: Path,
+    batch_size: int,
+    timeout: float,
+) -> subprocess.CompletedProcess[str]:
+    """lm-eval's CLI (`lm_eval`, or `lmscore eval`) with `model` on the local tasks,
+    offline, its samples logged to `output`; asserts it ran to its results table."""
     run = subprocess.run(
         [
-            LMSCORE,
-            "eval",
+            *command,
             "--model",
-            "lmscore",
+            model,
             "--model_args",
-            ",".join([f"server={address}", "concurrency=2", *model_args]),
+            ",".join(model_args),
             "--tasks",
             f"{MC_TASK},{ROLLING_TASK}",
             "--include_path",
             TASK_DIR,
             "--batch_size",
-            "8",
+            str(batch_size),
             "--output_path",
             str(output),
             "--log_samples",
@@ -64,10 +72,16 @@ def run_lmscore_eval(address: str, output: Path, *model_args: str) -> tuple[dict
         env={**os.environ, **OFFLINE},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "lmscore_license_mc" in run.stdout  # lm-eval's results table
+    assert MC_TASK in run.stdout  # lm-eval's results table
+    return run
+
+
+def run_lmscore_eval(address: str, output: Path, *model_args: str) -> tuple[dict, dict]:
+    args = [f"server={address}", "concurrency=2", *model_args]
+    run_lm_eval_cli([LMSCORE, "eval"], "lmscore", args, output, batch_size=8, timeout=600)
     return read_run(output)
 
 

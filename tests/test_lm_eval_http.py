@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -39,8 +38,6 @@ from typing import Any
 
 import pytest
 from test_lm_eval import (
-    MC_TASK,
-    OFFLINE,
     REPO,
     ROLLING_TASK,
     TASK_DIR,
@@ -49,11 +46,12 @@ from test_lm_eval import (
     assert_rolling_equal,
     read_run,
     run_hflm,
+    run_lm_eval_cli,
     run_lmscore_eval,
     samples_by_doc,
 )
 
-from conftest import LMSCORE, ServerProcess, free_port, running_server, scrape_metrics
+from conftest import ServerProcess, free_port, running_server, scrape_metrics
 from tiny_model import MAX_CONTEXT
 
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
@@ -119,32 +117,8 @@ def run_local_completions(
         f"max_length={max_length}",
         *model_args,
     ]
-    run = subprocess.run(
-        [
-            LM_EVAL,
-            "--model",
-            "local-completions",
-            "--model_args",
-            ",".join(args),
-            "--tasks",
-            f"{MC_TASK},{ROLLING_TASK}",
-            "--include_path",
-            TASK_DIR,
-            "--batch_size",
-            "4",
-            "--output_path",
-            str(output),
-            "--log_samples",
-        ],
-        cwd=REPO,
-        env={**os.environ, **OFFLINE},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    run = run_lm_eval_cli([LM_EVAL], "local-completions", args, output, batch_size=4, timeout=1200)
     assert "API request failed" not in run.stderr, run.stderr[-4000:]
-    assert MC_TASK in run.stdout  # lm-eval's results table
     return read_run(output)
 
 
@@ -302,16 +276,6 @@ def test_default_model_local_completions_equals_lmscore_eval_and_hflm(
     for reference in (ours, hflm):
         assert_multiple_choice_equal(theirs, reference)
         assert_rolling_equal(theirs, reference)
-
-
-@pytest.fixture(scope="module")
-def exported_gemma() -> Path:
-    """As test_e2e_gemma's: `lmscore export` skips a model already exported."""
-    from lmscore.export.paths import lmscore_home
-    from lmscore.export.source import GEMMA_NAME
-
-    subprocess.run([LMSCORE, "export", "--source", GEMMA_NAME], check=True, timeout=3600)
-    return lmscore_home(os.environ) / "models" / GEMMA_NAME
 
 
 @pytest.fixture(scope="module")
