@@ -43,7 +43,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which server and model, and how to reach them (`connection`):
+    shared by the client's commands (`lmscore score`, `lmscore surprisal`)."""
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server")
     parser.add_argument(
         "--model",
@@ -52,6 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the served model to score with, one of those `lmscore serve --model` named "
         "(default: the server's first)",
     )
+    parser.add_argument("--timeout", type=float, help="deadline of each request in seconds")
+    parser.add_argument(
+        "--token-file", type=Path, help="bearer token for the server (else $LMSCORE_TOKEN)"
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to trust; implies --tls")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
+    parser.add_argument("--tls-server-name", help="expected name in the server certificate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
     parser.add_argument("--prompt", help="the prompt x (with --completion)")
     parser.add_argument(
         "--completion",
@@ -118,15 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="log base of the printed table; bits also adds NAME_bits beside every log-prob "
         "of the JSON lines, whose nats fields stay (default: %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, help="deadline of each request in seconds")
-    parser.add_argument(
-        "--token-file", type=Path, help="bearer token for the server (else $LMSCORE_TOKEN)"
-    )
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
-    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to trust; implies --tls")
-    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
-    parser.add_argument("--tls-server-name", help="expected name in the server certificate")
     parser.add_argument(
         "--items-per-request",
         type=positive_int,
