@@ -3,6 +3,7 @@
     export  lmscore.export.cli   source model -> ONNX directory
     serve   lmscore.server.cli   the gRPC server
     score   lmscore.client.cli   pairs or a JSONL file scored on a server
+    surprisal  lmscore.client.surprisal  per-word surprisal of a stimuli file, on a server
     bench   lmscore.bench.cli    PyTorch, ONNX Runtime and gRPC side by side
     eval    lmscore.client.lmeval  lm-evaluation-harness with the `lmscore` model
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 from lmscore.bench import cli as bench_cli
 from lmscore.client import cli as score_cli
+from lmscore.client import surprisal as surprisal_cli
 from lmscore.export import cli as export_cli
 from lmscore.server import cli as server_cli
 
@@ -27,6 +29,7 @@ SUBCOMMANDS = (
     ("export", export_cli, "export a model to ONNX"),
     ("serve", server_cli, "run the gRPC server"),
     ("score", score_cli, "score prompt/completion pairs on a server"),
+    ("surprisal", surprisal_cli, "per-word surprisal of a stimuli file (psycholinguistics)"),
     ("bench", bench_cli, "benchmark PyTorch, ONNX Runtime and gRPC paths"),
 )
 # What a subcommand that fails for a missing module needs installed.

