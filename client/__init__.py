@@ -29,11 +29,12 @@ from lmscore.client.types import (
     ScoreOptions,
     ScoreRequest,
 )
-from lmscore.v1.results import RollingResult, ScoreResult, Token, TopToken, Word
+from lmscore.v1.results import Distribution, RollingResult, ScoreResult, Token, TopToken, Word
 
 __all__ = [
     "AsyncScoringClient",
     "DeadlineExceededError",
+    "Distribution",
     "InternalServerError",
     "InvalidArgumentError",
     "Item",

@@ -127,6 +127,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='per-word log-probs of the prompt too; JSON lines get "prompt_words"',
     )
     parser.add_argument(
+        "--entropy",
+        action="store_true",
+        help="the entropy (nats) of the next-token distribution in token details and words "
+        '(docs/research.md); JSON lines get "entropy" in each token and word',
+    )
+    parser.add_argument(
+        "--label-token",
+        dest="label_tokens",
+        action="append",
+        metavar="TEXT",
+        help="a candidate label, a string of one token (repeat it): log P(label | prompt + "
+        'completion) in one pass, JSON lines get "label_logprobs" in this order',
+    )
+    parser.add_argument(
+        "--label-token-id",
+        dest="label_token_ids",
+        action="append",
+        type=int,
+        metavar="ID",
+        help="a candidate label as a token id (repeat it; instead of --label-token)",
+    )
+    parser.add_argument(
+        "--distribution-position",
+        dest="distribution_positions",
+        action="append",
+        type=int,
+        metavar="P",
+        help="a position of the joint sequence (negative from its end, -1 after the last "
+        "token) whose whole distribution comes back (repeat it); JSON lines get "
+        '"distributions", each {"position", "logprobs": base64 of little-endian float32}',
+    )
+    parser.add_argument(
         "--unit",
         choices=UNITS,
         default="nats",
@@ -238,7 +270,10 @@ def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str
 
 def score_options(args: argparse.Namespace) -> ScoreOptions:
     """The options from the flags of the same names (--top-k is top_k, --bos is add_bos)."""
-    return ScoreOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreOptions)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreOptions)}
+    for name in ("label_tokens", "label_token_ids", "distribution_positions"):
+        values[name] = tuple(values[name] or ())  # repeated flags: None when never given
+    return ScoreOptions(**values)
 
 
 def run_batch(client: ScoringClient, args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from lmscore.client.types import (
 from lmscore.v1 import messages
 from lmscore.v1 import scoring_pb2 as pb
 from lmscore.v1.results import (
+    Distribution,
     RollingResult,
     ScoreResult,
     Segment,
@@ -89,6 +90,10 @@ def result_from_pb(message: pb.ScoreResult) -> ScoreResult:
     values["tokens"] = tuple(_token_from_pb(t) for t in message.tokens)
     values["words"] = tuple(Word(**_fields_of(Word, w)) for w in message.words)
     values["prompt_words"] = tuple(Word(**_fields_of(Word, w)) for w in message.prompt_words)
+    values["label_logprobs"] = tuple(message.label_logprobs)
+    values["distributions"] = tuple(
+        Distribution(d.position, d.logprobs) for d in message.distributions
+    )
     return ScoreResult(**values)
 
 

@@ -3,6 +3,7 @@ completion), a result or an error, and the repair of an earlier run's output for
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -23,6 +24,8 @@ _NOT_IN_LINES |= {"scored_prompt", "tokens"}
 _PMI_FIELDS = ("unconditional_logprob", "pmi")
 # Lists only a request with words / prompt_words fills: left out when empty.
 _WORD_FIELDS = ("words", "prompt_words")
+# Lists only candidate labels and distribution_positions fill: left out when empty.
+_RESEARCH_LISTS = ("label_logprobs", "distributions")
 # Log-probs in nats that --unit bits gives again in bits, as NAME_bits = NAME / ln 2.
 BITS_FIELDS = (
     "joint_logprob",
@@ -61,9 +64,12 @@ def result_record(
             del values[name]
     record.update((k, v) for k, v in values.items() if k not in _NOT_IN_LINES)
     # Words only where asked; prompt words index the scored prompt, which then comes along.
-    for name in _WORD_FIELDS:
+    for name in (*_WORD_FIELDS, *_RESEARCH_LISTS):
         if not record[name]:
             del record[name]
+    for distribution in record.get("distributions", ()):
+        # bytes as the proto3 JSON mapping writes them (and the HTTP routes do): base64.
+        distribution["logprobs"] = base64.b64encode(distribution["logprobs"]).decode("ascii")
     if "prompt_words" in record:
         record["scored_prompt"] = result.scored_prompt
     bits = unit == "bits"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmscore.export.half import DTYPE_FLOAT16, DTYPES, MAX_VALIDATION_DIFF, variant_name
-from lmscore.export.manifest import Manifest, ManifestError, model_bytes
+from lmscore.export.manifest import FORMAT_VERSION, Manifest, ManifestError, model_bytes
 from lmscore.export.paths import lmscore_home
 from lmscore.export.quiet import quiet_libraries
 from lmscore.export.source import SourceError, resolve_source
@@ -110,6 +110,7 @@ def _export(args: argparse.Namespace, source, output: Path, dtype: str) -> int:
             existing = None
         if (
             existing is not None
+            and existing.format_version == FORMAT_VERSION  # an older export: again
             and existing.source_sha256 == source.sha256()
             and existing.dtype == dtype
         ):

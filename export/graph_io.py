@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lmscore.export.head import TARGET_IDS, TOP_K
+from lmscore.export.head import GATHER_IDS, GATHER_POSITIONS, TARGET_IDS, TOP_K
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -62,12 +62,15 @@ def model_feeds(
     past: Mapping[str, Any] | None = None,
     target_ids: np.ndarray | None = None,
     top_k: int = 0,
+    gather_positions: np.ndarray | None = None,
+    gather_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Feeds for right-padded `input_ids` [batch, seq].
 
     `attention_mask` covers past + new tokens; `past` maps past_key_values names to
     tensors [batch, kv_heads, past_len, head_dim], host arrays or (for an IO binding) values
-    on the device (None: an empty past).
+    on the device (None: an empty past). `gather_positions` [batch, P] and `gather_ids` [K]:
+    the distributions the head reads whole or in part (None: none).
     """
     batch, new_len = input_ids.shape
     past_len = attention_mask.shape[1] - new_len
@@ -96,6 +99,18 @@ def model_feeds(
             )
         elif name == TOP_K:
             feeds[name] = np.array([top_k], dtype=np.int64)
+        elif name == GATHER_POSITIONS:
+            feeds[name] = (
+                np.zeros((batch, 0), np.int64)
+                if gather_positions is None
+                else gather_positions.astype(np.int64, copy=False)
+            )
+        elif name == GATHER_IDS:
+            feeds[name] = (
+                np.zeros(0, np.int64)
+                if gather_ids is None
+                else gather_ids.astype(np.int64, copy=False)
+            )
         else:
             raise ValueError(f"unexpected ONNX model input {name!r}")
     return feeds

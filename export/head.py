@@ -9,6 +9,15 @@ Added outputs: target_logprobs [batch, seq] float32 = log_softmax(logits)[target
                with a word-start mask (lmscore.export.words),
                word_start_logprobs [batch, seq] float32 = log sum of p(v) over the
                tokens v that begin a word (or are EOS), for word scores.
+With the research outputs (exports of manifest format 7 on):
+  added inputs:  gather_positions [batch, P] int64 (positions whose distributions are
+                 read; P may be 0), gather_ids [K] int64 (the vocabulary ids read there),
+  added outputs: entropy [batch, seq] float32 = -sum_v p(v) log p(v) in nats, the
+                 entropy of each position's next-token distribution;
+                 gathered_logprobs [batch, P, K] float32 =
+                 log_softmax(logits[b, gather_positions[b, p]])[gather_ids[k]]:
+                 candidate labels (K ids at the last position) and whole distributions
+                 (K = vocab, ids 0..vocab-1) without the [batch, seq, vocab] logits.
 The logits output is removed, so they never leave ONNX Runtime.
 
 log p = logit - logsumexp(logits), in float32 whatever the model dtype, with the
@@ -18,6 +27,9 @@ vocabulary (49152 terms on SmolLM2) into one accumulator and drops the tail of
 tiny probabilities that fall below its rounding step: every log-prob comes out
 too high, a bias that adds up over a text. The two-level sum stays close to
 float64 with no bias (docs/design.md, "The fused scoring head").
+The entropy is log S - (sum_v e_v s_v) / S with s = logits - max, e = exp(s) and
+S = sum e: both terms are >= 0 (s <= 0), so nothing cancels, and the sum of e*s is taken
+in the same two levels as S.
 lmscore.server.scoring.score_positions is the same computation in numpy, and
 the tests hold the two to each other.
 """
@@ -38,6 +50,9 @@ TARGET_LOGPROBS, TARGET_RANKS = "target_logprobs", "target_ranks"
 TOP_LOGPROBS, TOP_IDS = "top_logprobs", "top_ids"
 HEAD_OUTPUTS = (TARGET_LOGPROBS, TARGET_RANKS, TOP_LOGPROBS, TOP_IDS)
 WORD_START_OUTPUT = "word_start_logprobs"
+GATHER_POSITIONS, GATHER_IDS = "gather_positions", "gather_ids"
+ENTROPY_OUTPUT, GATHERED_OUTPUT = "entropy", "gathered_logprobs"
+RESEARCH_OUTPUTS = (ENTROPY_OUTPUT, GATHERED_OUTPUT)
 # Every tensor and node the head adds is named with this prefix.
 HEAD_PREFIX = "lmscore_"
 SUM_BLOCK = 256
@@ -47,19 +62,28 @@ def is_head_node(node) -> bool:  # node: onnx.NodeProto
     """Whether a node is the scoring head's (its outputs or its name are lmscore's), not the
     model's: quantization and float16 passes rewrite the model's linear layers only."""
     return node.name.startswith(HEAD_PREFIX) or any(
-        o.startswith(HEAD_PREFIX) or o in HEAD_OUTPUTS or o == WORD_START_OUTPUT
+        o.startswith(HEAD_PREFIX)
+        or o in HEAD_OUTPUTS
+        or o == WORD_START_OUTPUT
+        or o in RESEARCH_OUTPUTS
         for o in node.output
     )
 
 
 def add_scoring_head(
-    onnx_path: Path, vocab_size: int | None = None, word_start_mask: np.ndarray | None = None
+    onnx_path: Path,
+    vocab_size: int | None = None,
+    word_start_mask: np.ndarray | None = None,
+    *,
+    research: bool = True,
 ) -> None:
     """Rewrite the model at `onnx_path` in place with the scoring head.
 
     `vocab_size` (the output layer's width) is needed where the graph's logits do not
     declare it (shape inference stops at contrib ops such as fused attention).
-    `word_start_mask` (bool [vocab]): also output word_start_logprobs."""
+    `word_start_mask` (bool [vocab]): also output word_start_logprobs. `research`: also
+    the entropy and gathered_logprobs outputs and their inputs (off: the head of manifest
+    format 6, for tests of older exports)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -113,17 +137,8 @@ def add_scoring_head(
     if padding:
         pads = np.array([0, 0, 0, 0, 0, padding], np.int64)
         graph.initializer.append(numpy_helper.from_array(pads, "lmscore_pad"))
-        nodes.append(node("Pad", [exps, "lmscore_pad"], ["lmscore_exp_padded"], mode="constant"))
-        exps = "lmscore_exp_padded"
+    nodes += _two_level_sum(exps, "lmscore_sum", padding)
     nodes += [
-        node("Reshape", [exps, "lmscore_blocks"], ["lmscore_exp_blocks"]),
-        node(
-            "ReduceSum",
-            ["lmscore_exp_blocks", "lmscore_last_axis"],
-            ["lmscore_block_sums"],
-            keepdims=0,
-        ),
-        node("ReduceSum", ["lmscore_block_sums", "lmscore_last_axis"], ["lmscore_sum"]),
         node("Log", ["lmscore_sum"], ["lmscore_log_sum"]),
         node("Add", ["lmscore_max", "lmscore_log_sum"], ["lmscore_lse"]),
         node("Unsqueeze", [TARGET_IDS, "lmscore_last_axis"], ["lmscore_targets"]),
@@ -179,6 +194,19 @@ def add_scoring_head(
         word_outputs.append(
             helper.make_tensor_value_info(WORD_START_OUTPUT, TensorProto.FLOAT, [batch, seq])
         )
+    research_outputs = []
+    if research:
+        nodes += _research_nodes(graph, source, vocab, padding)
+        graph.input.extend(
+            [
+                helper.make_tensor_value_info(GATHER_POSITIONS, TensorProto.INT64, [batch, "P"]),
+                helper.make_tensor_value_info(GATHER_IDS, TensorProto.INT64, ["K"]),
+            ]
+        )
+        research_outputs = [
+            helper.make_tensor_value_info(ENTROPY_OUTPUT, TensorProto.FLOAT, [batch, seq]),
+            helper.make_tensor_value_info(GATHERED_OUTPUT, TensorProto.FLOAT, [batch, "P", "K"]),
+        ]
     graph.node.extend(nodes)
     kept = [o for o in graph.output if o.name != LOGITS]
     del graph.output[:]
@@ -189,7 +217,67 @@ def add_scoring_head(
             helper.make_tensor_value_info(TOP_LOGPROBS, TensorProto.FLOAT, [batch, seq, TOP_K]),
             helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, [batch, seq, TOP_K]),
             *word_outputs,
+            *research_outputs,
             *kept,
         ]
     )
     save_graph(model, onnx_path)
+
+
+def _two_level_sum(tensor: str, output: str, padding: int) -> list:  # onnx NodeProtos
+    """`output` [batch, seq, 1] = the sum of `tensor` [batch, seq, vocab] over the vocabulary
+    in blocks of SUM_BLOCK, then over the block sums (zeros pad the last block)."""
+    from onnx import helper
+
+    node = helper.make_node
+    nodes = []
+    if padding:
+        padded = f"{tensor}_padded"
+        nodes.append(node("Pad", [tensor, "lmscore_pad"], [padded], mode="constant"))
+        tensor = padded
+    return [
+        *nodes,
+        node("Reshape", [tensor, "lmscore_blocks"], [f"{tensor}_blocks"]),
+        node(
+            "ReduceSum",
+            [f"{tensor}_blocks", "lmscore_last_axis"],
+            [f"{tensor}_block_sums"],
+            keepdims=0,
+        ),
+        node("ReduceSum", [f"{tensor}_block_sums", "lmscore_last_axis"], [output]),
+    ]
+
+
+def _research_nodes(graph, source: str, vocab: int, padding: int) -> list:  # onnx objects
+    """The entropy at every position, and the log-probs of gather_ids at gather_positions,
+    from the float32 logits `source` and the normalizer's tensors (lmscore_shifted,
+    lmscore_exp, lmscore_sum, lmscore_lse)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    node = helper.make_node
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1, 1, vocab], np.int64), "lmscore_vocab_shape"),
+            numpy_helper.from_array(np.array([1, 1, -1], np.int64), "lmscore_ids_shape"),
+        ]
+    )
+    # sum of e*s in the normalizer's two levels.
+    nodes = [node("Mul", ["lmscore_exp", "lmscore_shifted"], ["lmscore_exp_shifted"])]
+    nodes += _two_level_sum("lmscore_exp_shifted", "lmscore_wsum", padding)
+    nodes += [
+        node("Div", ["lmscore_wsum", "lmscore_sum"], ["lmscore_mean_shifted"]),
+        node("Sub", ["lmscore_log_sum", "lmscore_mean_shifted"], ["lmscore_entropy"]),
+        node("Squeeze", ["lmscore_entropy", "lmscore_last_axis"], [ENTROPY_OUTPUT]),
+        # The logits of the gathered positions, [batch, P, vocab], then their ids, [batch, P, K].
+        node("Unsqueeze", [GATHER_POSITIONS, "lmscore_last_axis"], ["lmscore_positions"]),
+        node("Expand", ["lmscore_positions", "lmscore_vocab_shape"], ["lmscore_row_index"]),
+        node("GatherElements", [source, "lmscore_row_index"], ["lmscore_rows"], axis=1),
+        node("GatherElements", ["lmscore_lse", "lmscore_positions"], ["lmscore_row_lse"], axis=1),
+        node("Reshape", [GATHER_IDS, "lmscore_ids_shape"], ["lmscore_ids"]),
+        node("Shape", ["lmscore_positions"], ["lmscore_positions_shape"]),
+        node("Expand", ["lmscore_ids", "lmscore_positions_shape"], ["lmscore_id_index"]),
+        node("GatherElements", ["lmscore_rows", "lmscore_id_index"], ["lmscore_row_ids"], axis=2),
+        node("Sub", ["lmscore_row_ids", "lmscore_row_lse"], [GATHERED_OUTPUT]),
+    ]
+    return nodes

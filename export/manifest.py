@@ -21,8 +21,13 @@ CONFIG_NAME = "config.json"
 PAST_TILE_NAME = "past_tile.onnx"
 # Bumped when the layout of an exported directory changes incompatibly, or its content
 # (5: tokenizers of GGUF sources rebuilt faithfully, lmscore.export.gguf_tokenizer;
-# 6: the head's word_start_logprobs and word_starts.npy, lmscore.export.words).
-FORMAT_VERSION = 6
+# 6: the head's word_start_logprobs and word_starts.npy, lmscore.export.words;
+# 7: the head's entropy and gathered_logprobs, lmscore.export.head).
+FORMAT_VERSION = 7
+# Older formats the server still loads: 6 lacks only the head's research outputs, so its
+# exports serve everything but entropy, candidate labels and distributions (refused by
+# name); `lmscore export` exports them again (they are not this FORMAT_VERSION).
+READABLE_FORMAT_VERSIONS = (6, FORMAT_VERSION)
 
 
 class ManifestError(ValueError):
@@ -75,9 +80,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ManifestError(
-                f"manifest format_version is {version!r}, this lmscore reads {FORMAT_VERSION}; "
+                f"manifest format_version is {version!r}, this lmscore reads "
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}; "
                 "export the model again with `lmscore export`"
             )
         names = {f.name for f in dataclasses.fields(cls)}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
+
 from lmscore.server.planning import PlannedCompletion, RollingPlan, ScoringPlan
 from lmscore.server.rolling import perplexity, text_logprob
 from lmscore.server.scoring import (
@@ -22,7 +24,15 @@ from lmscore.server.scoring import (
     sum_pmi,
     sum_sequence,
 )
-from lmscore.v1.results import RollingResult, ScoreResult, Segment, Token, TopToken, Word
+from lmscore.v1.results import (
+    Distribution,
+    RollingResult,
+    ScoreResult,
+    Segment,
+    Token,
+    TopToken,
+    Word,
+)
 
 # A token id's text (lmscore.server.tokenization.TextTokenizer.decode_token).
 DecodeToken = Callable[[int], str]
@@ -47,10 +57,13 @@ def build_result(
     pmi = None
     if completion.unconditional is not None:
         pmi = sum_pmi(layout, sums.conditional, scored[completion.unconditional])
+    entropy = plan.options.entropy
     tokens: tuple[Token, ...] = ()
     if plan.options.token_details:
         ids = plan.sequences[completion.joint]
-        tokens = token_details(ids, layout, scores, completion.offsets, decode)
+        tokens = token_details(ids, layout, scores, completion.offsets, decode, entropy)
+    last = layout.length - 1
+    labels = tuple(label_logprobs(plan, scores.gathered_at(last))) if plan.label_ids else ()
     return ScoreResult(
         item_index=completion.item_index,
         completion_index=completion.completion_index,
@@ -71,9 +84,26 @@ def build_result(
         conditional_logprob_per_byte=normalized.per_byte,
         unconditional_logprob=pmi.unconditional if pmi is not None else None,
         pmi=pmi.pmi if pmi is not None else None,
-        words=tuple(word_result(span, scores) for span in completion.words),
-        prompt_words=tuple(word_result(span, scores) for span in completion.prompt_words),
+        words=tuple(word_result(span, scores, entropy) for span in completion.words),
+        prompt_words=tuple(word_result(span, scores, entropy) for span in completion.prompt_words),
+        label_logprobs=labels,
+        distributions=tuple(
+            Distribution(p, distribution_bytes(scores.gathered_at(p)))
+            for p in completion.distribution_positions
+        ),
     )
+
+
+def label_logprobs(plan: ScoringPlan, gathered: np.ndarray) -> list[float]:
+    """The labels' log-probs from the gathered log-probs of the last position: the labels'
+    own, or (with whole distributions) those of the labels' ids."""
+    values = gathered if plan.gather_ids == plan.label_ids else gathered[list(plan.label_ids)]
+    return [float(v) for v in values]
+
+
+def distribution_bytes(logprobs: np.ndarray) -> bytes:
+    """A whole distribution as the contract packs it: little-endian float32."""
+    return logprobs.astype("<f4", copy=False).tobytes()
 
 
 def token_details(
@@ -82,30 +112,53 @@ def token_details(
     scores: PositionScores,
     offsets: tuple[tuple[int, int] | None, ...] | None,
     decode: DecodeToken,
+    entropy: bool = False,
 ) -> tuple[Token, ...]:
     """One Token per id of the joint sequence: its score (none for the first), rank, top
-    alternatives and span in its segment's text."""
+    alternatives and span in its segment's text; with `entropy`, the entropy it was scored
+    from."""
+    if entropy and scores.entropies is None:
+        raise ValueError("token entropies need a model that computes them")
     spans = offsets if offsets is not None else (None,) * len(ids)
     details = []
     for j, token_id in enumerate(ids):
         start, end = spans[j] or (None, None)
+        token_entropy = None
         if j == 0:  # Token 0 opens the sequence: nothing precedes it, so it has no score.
             logprob, rank, top = None, 0, ()
         else:
+            if entropy:
+                token_entropy = float(scores.entropies[j - 1])  # type: ignore[index]
             top = tuple(
                 TopToken(int(t), decode(int(t)), float(lp))
                 for t, lp in zip(scores.top_ids[j - 1], scores.top_logprobs[j - 1], strict=True)
             )
             logprob, rank = float(scores.logprobs[j - 1]), int(scores.ranks[j - 1])
         details.append(
-            Token(token_id, decode(token_id), layout.segment(j), logprob, rank, top, start, end)
+            Token(
+                token_id,
+                decode(token_id),
+                layout.segment(j),
+                logprob,
+                rank,
+                top,
+                start,
+                end,
+                token_entropy,
+            )
         )
     return tuple(details)
 
 
-def word_result(span: WordSpan, scores: PositionScores) -> Word:
-    """One word of a segment, beginning-of-word corrected (lmscore.server.scoring.score_word)."""
+def word_result(span: WordSpan, scores: PositionScores, entropy: bool = False) -> Word:
+    """One word of a segment, beginning-of-word corrected (lmscore.server.scoring.score_word);
+    with `entropy`, the entropy of the distribution before it."""
     score = score_word(span, scores)
+    before = None
+    if entropy and span.token_start > 0:
+        if scores.entropies is None:
+            raise ValueError("word entropies need a model that computes them")
+        before = float(scores.entropies[span.token_start - 1])
     return Word(
         span.text,
         span.start,
@@ -114,6 +167,7 @@ def word_result(span: WordSpan, scores: PositionScores) -> Word:
         score.logprob_uncorrected,
         span.token_start,
         span.token_end,
+        before,
     )
 
 

@@ -84,6 +84,13 @@ class ScoringEngine:
         message_limit: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         settings = settings or EngineSettings()
+        # What the model's scoring head computes beyond the scores (lmscore.server.runtime's
+        # OnnxCausalLM says; a model without the attributes has neither).
+        facts = dataclasses.replace(
+            facts,
+            entropy=bool(getattr(model, "entropy", False)),
+            gathers=bool(getattr(model, "gathers", False)),
+        )
         self._tokenizer = tokenizer
         self._planner = Planner(tokenizer, facts, settings, message_limit)
         self._runner = ModelRunner(

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmscore.server.assembly import DecodeToken, build_result
 from lmscore.server.batching import DynamicBatcher
+from lmscore.server.gather_runs import gathered_batches, run_gathered
 from lmscore.server.model_runs import ModelRunner, Steps, pack_by_length, run_to_end
 from lmscore.server.planning import PlannedCompletion, PrefixGroup, ScoringPlan
 from lmscore.server.requests import Overloaded
@@ -53,7 +54,14 @@ class PlanProgress:
     def start(self) -> list[PlannedCompletion]:
         """Sequences of one token or none need no model run: they are scored already."""
         empty = PositionScores.empty(self._plan.top_k)
-        return self.add({i: empty for i, ids in enumerate(self._plan.sequences) if len(ids) <= 1})
+        gathered = self._plan.gather_positions  # a lone token still has a distribution to read
+        return self.add(
+            {
+                i: empty
+                for i, ids in enumerate(self._plan.sequences)
+                if len(ids) <= 1 and i not in gathered
+            }
+        )
 
     def add(self, scored: Scored) -> list[PlannedCompletion]:
         """Record `scored`; the completions it completes."""
@@ -80,6 +88,35 @@ def prefix_group_steps(
 
 def _group_scored(group: PrefixGroup, scores: list[PositionScores]) -> Scored:
     return dict(zip(group.members, scores, strict=True))
+
+
+def gathered_steps(
+    runner: ModelRunner, plan: ScoringPlan, indices: list[int]
+) -> Steps[list[PositionScores]]:
+    """The model runs of the plan's sequences `indices` that read distributions
+    (lmscore.server.gather_runs): their scores, in `indices` order."""
+    assert plan.gather_ids is not None
+    return run_gathered(
+        runner,
+        [plan.sequences[i] for i in indices],
+        [plan.gather_positions[i] for i in indices],
+        plan.gather_ids,
+        plan.top_k,
+    )
+
+
+def gathered_batches_of(runner: ModelRunner, plan: ScoringPlan) -> list[list[int]]:
+    """The plan's sequences that read distributions, packed into runs (sequence indices)."""
+    indices = list(plan.gather_positions)
+    sequences = [plan.sequences[i] for i in indices]
+    return [
+        [indices[b] for b in batch]
+        for batch in gathered_batches(sequences, runner.settings.max_batch_tokens)
+    ]
+
+
+def _indices_scored(indices: list[int], scores: list[PositionScores]) -> Scored:
+    return dict(zip(indices, scores, strict=True))
 
 
 class PlanExecutor:
@@ -117,6 +154,8 @@ class PlanExecutor:
             yield {plan.full_passes[b]: s for b, s in zip(batch, scores, strict=True)}
         for group in plan.prefix_groups:
             yield _group_scored(group, run_to_end(prefix_group_steps(self._runner, plan, group)))
+        for indices in gathered_batches_of(self._runner, plan):
+            yield _indices_scored(indices, run_to_end(gathered_steps(self._runner, plan, indices)))
 
     async def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
         """Run a plan through the dynamic batcher, yielding results as they complete (each
@@ -128,7 +167,8 @@ class PlanExecutor:
         """
         queued = self._batcher.pending_count()
         limit = self._max_queue_length
-        if queued + len(plan.full_passes) + len(plan.prefix_groups) > limit:
+        work = len(plan.full_passes) + len(plan.prefix_groups) + len(plan.gather_positions)
+        if queued + work > limit:
             raise Overloaded(f"queue full: {queued} sequences waiting, limit {limit}")
         progress = PlanProgress(plan, self._decode)
         for result in await self._results(plan, progress, progress.start()):
@@ -159,6 +199,11 @@ class PlanExecutor:
             steps = functools.partial(prefix_group_steps, self._runner, plan, group)
             future = self._batcher.submit_call(steps, owner, len(group.prefix))
             waiting[future] = functools.partial(_group_scored, group)
+        for indices in gathered_batches_of(self._runner, plan):
+            steps = functools.partial(gathered_steps, self._runner, plan, indices)
+            held = sum(len(plan.sequences[i]) for i in indices)  # its chunks' cache
+            future = self._batcher.submit_call(steps, owner, held)
+            waiting[future] = functools.partial(_indices_scored, indices)
         return waiting
 
     @staticmethod

@@ -53,6 +53,8 @@ class PlannedCompletion:
     # With the words / prompt_words options: where each word of the segment is.
     words: tuple[WordSpan, ...] = ()
     prompt_words: tuple[WordSpan, ...] = ()
+    # With distribution_positions: the positions of the joint sequence, resolved (>= 0).
+    distribution_positions: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -71,6 +73,12 @@ class ScoringPlan:
     # Sequences scored by full passes, and the groups scored by prefix reuse.
     full_passes: list[int]
     prefix_groups: list[PrefixGroup]
+    # Candidate labels and whole distributions: the ids read (the labels, or every id when
+    # whole distributions are asked), and the sequences whose runs read them, with the
+    # positions read in each (lmscore.server.gather_runs); those are not in full_passes.
+    label_ids: tuple[int, ...] = ()
+    gather_ids: tuple[int, ...] | None = None
+    gather_positions: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def top_k(self) -> int:
@@ -95,6 +103,9 @@ class RollingPlan:
 # bytes a token; tests/test_security_limits.py holds the estimate to real responses).
 RESULT_BYTES = 124
 PMI_BYTES = 18
+ENTROPY_BYTES = 9  # a tag and a double, per token detail and per word
+LABEL_BYTES = 8  # a packed double
+DISTRIBUTION_BYTES = 16  # its tags, position and length, beside 4 bytes a vocabulary entry
 TOKEN_BYTES = 38
 TOP_TOKEN_BYTES = 24
 WORD_BYTES = 40  # and its text
@@ -106,25 +117,34 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def result_sizes(plan: ScoringPlan, request_id: str) -> list[int]:
+def result_sizes(plan: ScoringPlan, request_id: str, vocab_size: int = 0) -> list[int]:
     """About how many bytes each result of `plan` takes as a message (request_id echoed in
     each), in plan.completions order: the texts counted exactly, token details by
-    TOKEN_BYTES and TOP_TOKEN_BYTES."""
-    per_token = TOKEN_BYTES + plan.top_k * TOP_TOKEN_BYTES if plan.options.token_details else 0
-    fixed = RESULT_BYTES + PMI_BYTES * plan.options.pmi + _utf8_len(request_id)
+    TOKEN_BYTES and TOP_TOKEN_BYTES, whole distributions by `vocab_size` float32s."""
+    options = plan.options
+    entropy = ENTROPY_BYTES * options.entropy
+    per_token = TOKEN_BYTES + plan.top_k * TOP_TOKEN_BYTES + entropy if options.token_details else 0
+    fixed = (
+        RESULT_BYTES
+        + PMI_BYTES * options.pmi
+        + _utf8_len(request_id)
+        + (LABEL_BYTES * len(plan.label_ids) + 4 if plan.label_ids else 0)
+    )
+    distribution = DISTRIBUTION_BYTES + 4 * vocab_size
     return [
         fixed
         + _utf8_len(c.scored_prompt)
         + _utf8_len(c.scored_completion)
         + per_token * c.layout.length
-        + sum(WORD_BYTES + _utf8_len(w.text) for w in c.words + c.prompt_words)
+        + sum(WORD_BYTES + entropy + _utf8_len(w.text) for w in c.words + c.prompt_words)
+        + distribution * len(c.distribution_positions)
         for c in plan.completions
     ]
 
 
-def response_bytes(plan: ScoringPlan, request_id: str) -> int:
+def response_bytes(plan: ScoringPlan, request_id: str, vocab_size: int = 0) -> int:
     """About how many bytes all the results of `plan` take as messages."""
-    return sum(result_sizes(plan, request_id))
+    return sum(result_sizes(plan, request_id, vocab_size))
 
 
 def rolling_result_sizes(plan: RollingPlan, request_id: str) -> list[int]:
@@ -135,6 +155,21 @@ def rolling_result_sizes(plan: RollingPlan, request_id: str) -> list[int]:
 
 def rolling_response_bytes(plan: RollingPlan, request_id: str) -> int:
     return sum(rolling_result_sizes(plan, request_id))
+
+
+def _gather_positions(
+    completions: Sequence[PlannedCompletion], labels: bool
+) -> dict[int, tuple[int, ...]]:
+    """The positions each joint sequence's run reads: the completions' distributions, and the
+    last position when there are labels (read there)."""
+    positions: dict[int, set[int]] = {}
+    for c in completions:
+        wanted = set(c.distribution_positions)
+        if labels:
+            wanted.add(c.layout.length - 1)
+        if wanted:
+            positions.setdefault(c.joint, set()).update(wanted)
+    return {joint: tuple(sorted(p)) for joint, p in positions.items()}
 
 
 def _spans(spans: Offsets | None, ids: list[int]) -> tuple[tuple[int, int] | None, ...]:
@@ -238,6 +273,70 @@ class Planner:
                     "this model's export has no word-start mask; export it again with "
                     "`lmscore export` to score words",
                 )
+        if options.entropy and not (options.token_details or options.words or options.prompt_words):
+            raise InvalidInput(
+                "options.entropy",
+                "is returned in token details and words: ask token_details, words or "
+                "prompt_words with it",
+            )
+        needs = [("entropy", self.facts.entropy, "entropy")]
+        needs += [
+            (name, self.facts.gathers, "gathered_logprobs")
+            for name in ("label_token_ids", "label_tokens", "distribution_positions")
+        ]
+        for name, served, output in needs:
+            if getattr(options, name) and not served:
+                raise InvalidInput(
+                    f"options.{name}",
+                    f"this model's export has no {output} output (exported before it was "
+                    "added); export it again with `lmscore export` to ask for it",
+                )
+
+    def _label_ids(self, options: ScoreOptions) -> tuple[int, ...]:
+        """The candidate labels as ids: ids checked against the vocabulary, strings that are
+        exactly one token each (as the tokenizer encodes text, no special tokens)."""
+        if options.label_token_ids and options.label_tokens:
+            raise InvalidInput(
+                "options.label_tokens", "give label_token_ids or label_tokens, not both"
+            )
+        field = "options.label_tokens" if options.label_tokens else "options.label_token_ids"
+        count = len(options.label_tokens) or len(options.label_token_ids)
+        vocab_size = self.facts.vocab_size
+        if count > vocab_size:
+            raise InvalidInput(
+                field, f"{count} labels exceed the vocabulary of {vocab_size} tokens"
+            )
+        if options.label_token_ids:
+            return tuple(self._check_ids(options.label_token_ids, field))
+        ids = []
+        for index, text in enumerate(options.label_tokens):
+            encoded = self.tokenizer.encode(text)
+            if len(encoded) != 1:
+                raise InvalidInput(
+                    f"{field}[{index}]",
+                    f"{text!r} is {len(encoded)} tokens {encoded}, not one; give a string "
+                    "that is one token (mind the leading space) or its id in label_token_ids",
+                )
+            ids.extend(encoded)
+        return tuple(ids)
+
+    def _distribution_positions(
+        self, options: ScoreOptions, layout: SequenceLayout, field: str
+    ) -> tuple[int, ...]:
+        """options.distribution_positions in the joint sequence of `layout` (negative ones
+        counted from its end), each checked to be one of its positions."""
+        resolved = []
+        for index, position in enumerate(options.distribution_positions):
+            at = position + layout.length if position < 0 else position
+            if not 0 <= at < layout.length:
+                raise InvalidInput(
+                    f"options.distribution_positions[{index}]",
+                    f"position {position} is outside the {layout.length}-token joint "
+                    f"sequence of {field} (positions 0 to {layout.length - 1}, or -1 to "
+                    f"-{layout.length} from its end)",
+                )
+            resolved.append(at)
+        return tuple(resolved)
 
     def _bos(self, add_bos: bool | None) -> list[int]:
         """[BOS] or []: as `add_bos` says, or (None) as the model's tokenizer does."""
@@ -452,6 +551,13 @@ class Planner:
             marginal = builder.intern(bos + prompt_ids)
         if options.pmi:
             unconditional = builder.intern([self.prefix_token_id or 0, *completion_ids])
+        distribution_positions = self._distribution_positions(options, layout, field)
+        if (options.label_token_ids or options.label_tokens) and layout.length == 0:
+            raise InvalidInput(
+                field,
+                "candidate labels are read after the joint sequence's last token, and this "
+                "one has none (no BOS, an empty prompt and completion)",
+            )
         words = prompt_words = ()
         if options.words:
             words = self._words(
@@ -481,6 +587,7 @@ class Planner:
             ),
             words=words,
             prompt_words=prompt_words,
+            distribution_positions=distribution_positions,
         )
 
     def _plan_items(
@@ -493,6 +600,7 @@ class Planner:
     ) -> ScoringPlan:
         """Every completion of every item planned, then the prefix groups and full passes;
         `stop` is asked between items (Cancelled)."""
+        label_ids = self._label_ids(options)  # before anything is tokenized
         builder = _PlanBuilder(token_budget)
         completions = []
         for item_index, item in enumerate(items):
@@ -507,8 +615,27 @@ class Planner:
         sequences = list(builder.index)
         groups = self._prefix_groups(builder.prefixes, options)
         grouped = {m for g in groups for m in g.members}
-        full_passes = [i for i, ids in enumerate(sequences) if len(ids) > 1 and i not in grouped]
-        return ScoringPlan(options, sequences, completions, full_passes, groups)
+        gather_positions = _gather_positions(completions, bool(label_ids))
+        gather_ids: tuple[int, ...] | None = None
+        if options.distribution_positions:
+            gather_ids = tuple(range(self.facts.vocab_size))  # whole distributions
+        elif label_ids:
+            gather_ids = label_ids
+        full_passes = [
+            i
+            for i, ids in enumerate(sequences)
+            if len(ids) > 1 and i not in grouped and i not in gather_positions
+        ]
+        return ScoringPlan(
+            options,
+            sequences,
+            completions,
+            full_passes,
+            groups,
+            label_ids=label_ids,
+            gather_ids=gather_ids,
+            gather_positions=gather_positions,
+        )
 
     def plan(
         self,
@@ -529,17 +656,23 @@ class Planner:
         plan = self._plan_items(
             items, options, bos, self.settings.max_tokens_per_request, stop=stop
         )
-        sizes = result_sizes(plan, request_id)
+        sizes = result_sizes(plan, request_id, self.facts.vocab_size)
+        # Whole distributions (4 bytes a vocabulary entry) outweigh everything else.
+        distributions = "options.distribution_positions" if options.distribution_positions else ""
         self._check_messages(
             sizes,
-            [f"items[{c.item_index}].completions[{c.completion_index}]" for c in plan.completions],
-            "ask fewer token details (a smaller top_k) or send a shorter text",
+            [
+                distributions or f"items[{c.item_index}].completions[{c.completion_index}]"
+                for c in plan.completions
+            ],
+            "ask fewer whole distributions, fewer token details (a smaller top_k) or send a "
+            "shorter text",
         )
         self._check_response(
             sum(sizes),
             self.settings.max_response_bytes,
-            "items",
-            "send fewer items, or fewer token details (a smaller top_k)",
+            distributions or "items",
+            "send fewer items, or ask fewer whole distributions or token details (a smaller top_k)",
         )
         return plan
 
@@ -564,6 +697,8 @@ class Planner:
             # A word's correction needs B after the last token, which only a full pass
             # (every token an input) computes.
             return []
+        if options.label_token_ids or options.label_tokens or options.distribution_positions:
+            return []  # so do labels (read there) and distributions (at any position)
         by_prefix: dict[tuple[int, ...], list[int]] = {}
         for joint, prefix in prefixes.items():
             if prefix:

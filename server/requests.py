@@ -48,6 +48,10 @@ class ModelFacts:
     # A sequence starts with BOS, unless a request says otherwise, exactly when this is
     # set: the model's own tokenizer adds BOS (TextTokenizer.adds_bos).
     bos_by_default: bool = True
+    # The scoring head's research outputs (manifest format 7 on): each position's entropy,
+    # and chosen ids of chosen positions' distributions (labels, whole distributions).
+    entropy: bool = False
+    gathers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,8 @@ from lmscore.export.graph_io import (
     tiled_name,
 )
 from lmscore.export.head import (
+    ENTROPY_OUTPUT,
+    GATHERED_OUTPUT,
     HEAD_OUTPUTS,
     TARGET_LOGPROBS,
     TARGET_RANKS,
@@ -228,6 +230,10 @@ class OnnxCausalLM:
         self._present = [name for name in outputs if name.startswith(PRESENT_PREFIX)]
         # Whether the head sums the word-start tokens' probability (exports with words do).
         self.word_starts = WORD_START_OUTPUT in outputs
+        # Whether the head computes each position's entropy and reads chosen distributions
+        # (gathered_logprobs): exports of manifest format 7 on; older ones serve the rest.
+        self.entropy = ENTROPY_OUTPUT in outputs
+        self.gathers = GATHERED_OUTPUT in outputs
         self.io_binding = options.io_binding
         self.cpu_arena = options.cpu_arena and self.device == "cpu"
         self._bind_device = (
@@ -261,6 +267,8 @@ class OnnxCausalLM:
         past: Mapping[str, PastValue] | None = None,
         past_repeats: int = 1,
         return_present: bool = False,
+        gather_positions: np.ndarray | None = None,
+        gather_ids: np.ndarray | None = None,
     ) -> tuple[BatchScores, OrtCache | None]:
         """Score ``target_ids`` [batch, seq] at each position of right-padded ``input_ids``.
 
@@ -268,11 +276,18 @@ class OnnxCausalLM:
         input name (a `present` of an earlier call, or host arrays), each row repeated
         ``past_repeats`` times along the batch. With ``return_present`` the key/value cache
         of past + new tokens comes back, keyed by past input name: host arrays, or OrtValues
-        left on the device under IO binding.
+        left on the device under IO binding. ``gather_positions`` [batch, P] and
+        ``gather_ids`` [K] (a model with `gathers`): the log-probs of those ids at those
+        positions of each row come back too, [batch, P, K].
         """
         wanted = [TARGET_LOGPROBS, TARGET_RANKS]
         if self.word_starts:
             wanted.append(WORD_START_OUTPUT)
+        if self.entropy:
+            wanted.append(ENTROPY_OUTPUT)
+        gathering = gather_positions is not None and gather_positions.shape[1] > 0
+        if gathering:
+            wanted.append(GATHERED_OUTPUT)
         if top_k > 0:
             wanted += [TOP_LOGPROBS, TOP_IDS]
         if past is None:
@@ -288,6 +303,8 @@ class OnnxCausalLM:
             past=past_feeds,
             target_ids=target_ids,
             top_k=top_k,
+            gather_positions=gather_positions if gathering else None,
+            gather_ids=gather_ids if gathering else None,
         )
         values: dict[str, Any]
         if self.io_binding:
@@ -303,6 +320,8 @@ class OnnxCausalLM:
             top_logprobs=values.get(TOP_LOGPROBS, np.zeros((batch, seq, 0), np.float32)),
             top_ids=values.get(TOP_IDS, np.zeros((batch, seq, 0), np.int64)),
             word_start_logprobs=values.get(WORD_START_OUTPUT),
+            entropies=values.get(ENTROPY_OUTPUT),
+            gathered_logprobs=values.get(GATHERED_OUTPUT),
         )
         present = (
             {past_name_for(name): values[name] for name in self._present}

@@ -49,6 +49,14 @@ returns follows (the README states the same):
   Over a completion's words the corrections telescope: their sum is
   conditional + log B(last) - [first token begins a word] log B(before it).
 
+* Entropy (in nats) of the distribution at position p: H(p) = -sum_v p(v) log p(v) over
+  the whole vocabulary (the scoring head's `entropy`). A token's entropy is that of the
+  distribution it was scored from (position j - 1 for token j); a word's is that of the
+  distribution before it (at its first token).
+* Candidate labels and whole distributions: log p(v | tokens 0..p) of chosen ids v at
+  chosen positions p (the head's gathered_logprobs); labels are read at the last
+  position, after the whole joint sequence.
+
 How tokens(x) and tokens(y) are formed from text is in lmscore.server.tokenization.
 """
 
@@ -73,19 +81,25 @@ class BatchScores:
     # float32 [batch, seq]: log B at each position (the next token begins a word or is
     # EOS); None from a model without it.
     word_start_logprobs: np.ndarray | None = None
+    # float32 [batch, seq]: the entropy (nats) of each position's distribution; None from a
+    # model without it.
+    entropies: np.ndarray | None = None
+    # float32 [batch, P, K]: log-probs of the run's gather_ids at its gather_positions.
+    gathered_logprobs: np.ndarray | None = None
 
     @classmethod
     def concat(cls, parts: list[BatchScores]) -> BatchScores:
-        """Runs over consecutive chunks of the same rows, joined along the sequence."""
+        """Runs over consecutive chunks of the same rows, joined along the sequence (what
+        each gathered is the caller's: the chunks' own positions)."""
         if len(parts) == 1:
             return parts[0]
-        starts = [p.word_start_logprobs for p in parts]
         return cls(
             np.concatenate([p.logprobs for p in parts], axis=1),
             np.concatenate([p.ranks for p in parts], axis=1),
             np.concatenate([p.top_logprobs for p in parts], axis=1),
             np.concatenate([p.top_ids for p in parts], axis=1),
-            None if any(w is None for w in starts) else np.concatenate(starts, axis=1),  # type: ignore[arg-type]
+            _joined([p.word_start_logprobs for p in parts], axis=1),
+            _joined([p.entropies for p in parts], axis=1),
         )
 
     def row(self, row: int, length: int) -> PositionScores:
@@ -98,7 +112,15 @@ class BatchScores:
             self.top_ids[row, :length],
             self.top_logprobs[row, :length],
             None if starts is None or starts.shape[1] <= length else starts[row, : length + 1],
+            None if self.entropies is None else self.entropies[row, :length],
         )
+
+
+def _joined(parts: list[np.ndarray | None], axis: int = 0) -> np.ndarray | None:
+    """The parts joined, or None when any part lacks them."""
+    if any(p is None for p in parts):
+        return None
+    return np.concatenate(parts, axis=axis)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +166,19 @@ class PositionScores:
     # float32 [n]: entry p is log B(p), the next token after tokens 0..p begins a word or
     # is EOS; None where a run did not reach the position after the last token.
     word_start_logprobs: np.ndarray | None = None
+    # float32 [n-1]: entry j - 1 is the entropy (nats) of the distribution token j was
+    # scored from; None from a model without it.
+    entropies: np.ndarray | None = None
+    # float32 [P, K]: log-probs of the plan's gather ids at gathered_positions (the
+    # distribution after tokens 0..p), by lmscore.server.gather_runs.
+    gathered_positions: tuple[int, ...] = ()
+    gathered_logprobs: np.ndarray | None = None
+
+    def gathered_at(self, position: int) -> np.ndarray:
+        """The gathered log-probs of the distribution after tokens 0..position."""
+        if self.gathered_logprobs is None or position not in self.gathered_positions:
+            raise ValueError(f"position {position} was not gathered")
+        return self.gathered_logprobs[self.gathered_positions.index(position)]
 
     @classmethod
     def empty(cls, top_k: int = 0) -> PositionScores:
@@ -152,6 +187,7 @@ class PositionScores:
             ranks=np.zeros(0, np.int64),
             top_ids=np.zeros((0, top_k), np.int64),
             top_logprobs=np.zeros((0, top_k), np.float32),
+            entropies=np.zeros(0, np.float32),
         )
 
     def __len__(self) -> int:
@@ -174,6 +210,7 @@ class PositionScores:
             np.concatenate([p.ranks for p in parts]),
             np.concatenate([p.top_ids for p in parts]),
             np.concatenate([p.top_logprobs for p in parts]),
+            entropies=_joined([p.entropies for p in parts]),
         )
 
 
@@ -183,8 +220,9 @@ def score_positions(
     top_k: int = 0,
     word_start_mask: np.ndarray | None = None,
 ) -> PositionScores:
-    """Log-prob, rank and top-k of ``targets[t]`` under ``logits[t]`` (shape [t, vocab]);
-    with `word_start_mask` (bool [vocab]), log B at every given position.
+    """Log-prob, rank and top-k of ``targets[t]`` under ``logits[t]`` (shape [t, vocab]),
+    and the entropy of each position; with `word_start_mask` (bool [vocab]), log B at every
+    given position.
 
     The caller passes the logits of positions 0..n-2 and the tokens 1..n-1 (and, for word
     starts, the logits of every position, their last target any id).
@@ -196,7 +234,11 @@ def score_positions(
     logits = logits.astype(np.float32, copy=False)
     rows = np.arange(logits.shape[0])
     row_max = logits.max(axis=-1, keepdims=True)
-    log_normalizer = row_max + np.log(np.exp(logits - row_max).sum(axis=-1, keepdims=True))
+    shifted = logits - row_max
+    exps = np.exp(shifted)
+    exp_sums = exps.sum(axis=-1, keepdims=True)
+    log_normalizer = row_max + np.log(exp_sums)
+    entropies = entropy_of(shifted, exps, exp_sums)
     target_logits = logits[rows, targets]
     logprobs = (target_logits - log_normalizer[:, 0]).astype(np.float32)
     ranks = 1 + (logits > target_logits[:, None]).sum(axis=-1, dtype=np.int64)
@@ -211,10 +253,26 @@ def score_positions(
         top_logprobs = np.zeros((logits.shape[0], 0), np.float32)
     word_starts = None
     if word_start_mask is not None:
-        masked = np.exp(logits - row_max)[:, word_start_mask].sum(axis=-1, dtype=np.float64)
+        masked = exps[:, word_start_mask].sum(axis=-1, dtype=np.float64)
         with np.errstate(divide="ignore"):
             word_starts = (np.log(masked) + row_max[:, 0] - log_normalizer[:, 0]).astype(np.float32)
-    return PositionScores(logprobs, ranks, top_ids, top_logprobs, word_starts)
+    return PositionScores(logprobs, ranks, top_ids, top_logprobs, word_starts, entropies)
+
+
+def entropy_of(shifted: np.ndarray, exps: np.ndarray, exp_sums: np.ndarray) -> np.ndarray:
+    """H = log S - sum(e * s) / S per row, from s = logits - max, e = exp(s) and S = sum e
+    (as the head computes it: both terms >= 0, nothing cancels); float32 [rows]."""
+    weighted = (exps * shifted).sum(axis=-1, keepdims=True)
+    return (np.log(exp_sums) - weighted / exp_sums)[:, 0].astype(np.float32)
+
+
+def gather_logprobs(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """log_softmax(logits[p])[ids] for every row p of `logits` [P, vocab]: the head's
+    gathered_logprobs of one sequence; float32 [P, K]."""
+    logits = logits.astype(np.float32, copy=False)
+    row_max = logits.max(axis=-1, keepdims=True)
+    log_normalizer = row_max + np.log(np.exp(logits - row_max).sum(axis=-1, keepdims=True))
+    return (logits[:, ids] - log_normalizer).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

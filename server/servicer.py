@@ -101,7 +101,7 @@ def _token_message(token: Token) -> pb.TokenDetail:
         top=[pb.TopToken(**dataclasses.asdict(top)) for top in token.top],
     )
     # Optional fields: None stays unset.
-    for name in ("logprob", "start", "end"):
+    for name in ("logprob", "start", "end", "entropy"):
         if (value := getattr(token, name)) is not None:
             setattr(message, name, value)
     return message
@@ -117,6 +117,9 @@ def _result_message(result: ScoreResult, request: pb.ScoreRequest, index: int) -
         tokens=[_token_message(t) for t in result.tokens],
         words=[_word_message(w) for w in result.words],
         prompt_words=[_word_message(w) for w in result.prompt_words],
+        distributions=[
+            pb.Distribution(position=d.position, logprobs=d.logprobs) for d in result.distributions
+        ],
         request_id=request.request_id,
         request_index=index,
     )

@@ -189,6 +189,8 @@ def test_scoring_head_log_softmax_is_unbiased(tmp_path: Path, vocab: int) -> Non
             "raw": logits,
             "target_ids": targets,
             "top_k": np.array([3], np.int64),
+            "gather_positions": np.zeros((2, 0), np.int64),  # no distribution read
+            "gather_ids": np.zeros(0, np.int64),
         },
     )
     wide = logits.astype(np.float64)

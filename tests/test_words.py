@@ -67,7 +67,14 @@ def test_head_sums_word_start_probability_as_float64(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (word_starts,) = session.run(
         [WORD_START_OUTPUT],
-        {"input_ids": targets, "raw": logits, "target_ids": targets, "top_k": np.array([0])},
+        {
+            "input_ids": targets,
+            "raw": logits,
+            "target_ids": targets,
+            "top_k": np.array([0]),
+            "gather_positions": np.zeros((2, 0), np.int64),  # no distribution read
+            "gather_ids": np.zeros(0, np.int64),
+        },
     )
     wide = logits.astype(np.float64)
     total = np.log(np.exp(wide).sum(-1))

@@ -71,6 +71,10 @@ function toScoreOptions(options) {
     pmi: Boolean(options.pmi),
     words: Boolean(options.words),
     prompt_words: Boolean(options.promptWords),
+    entropy: Boolean(options.entropy),
+    label_token_ids: options.labelTokenIds || [],
+    label_tokens: options.labelTokens || [],
+    distribution_positions: options.distributionPositions || [],
   };
   // `add_bos` is proto3 optional: leave it unset for the server's default.
   if (options.addBos !== undefined) message.add_bos = options.addBos;
@@ -90,8 +94,8 @@ const OPTIONAL_RESULT_FIELDS = [
   'unconditional_logprob',
   'pmi',
 ];
-const OPTIONAL_TOKEN_FIELDS = ['logprob', 'start', 'end'];
-const OPTIONAL_WORD_FIELDS = ['logprob', 'logprob_uncorrected'];
+const OPTIONAL_TOKEN_FIELDS = ['logprob', 'start', 'end', 'entropy'];
+const OPTIONAL_WORD_FIELDS = ['logprob', 'logprob_uncorrected', 'entropy'];
 
 // proto-loader marks a set proto3-optional field with a synthetic oneof key (_logprob) and
 // gives an unset one its default (0); give unset ones as null, as the Python client's None.
@@ -114,6 +118,13 @@ function cleanToken(token) {
 // scored_prompt for prompt_words).
 function cleanWord(word) {
   return withNulls(word, OPTIONAL_WORD_FIELDS);
+}
+
+// A whole distribution: its packed little-endian float32 bytes as a Float32Array (copied,
+// so that it is aligned), one log-prob per token id.
+function cleanDistribution({ position, logprobs }) {
+  const bytes = Uint8Array.from(logprobs);
+  return { position, logprobs: new Float32Array(bytes.buffer) };
 }
 
 class ScorerClient {
@@ -182,7 +193,9 @@ class ScorerClient {
    * as they are computed; they are collected and returned in input order
    * (item_index, then completion_index).
    * options: {tokenDetails, topK, marginalMode: 'same_pass' | 'separate_pass',
-   *           truncatePromptLeft, addBos, pmi, words, promptWords, model, requestId, timeoutMs}
+   *           truncatePromptLeft, addBos, pmi, words, promptWords, entropy, labelTokenIds,
+   *           labelTokens, distributionPositions, model, requestId, timeoutMs}
+   * Distributions come as {position, logprobs: Float32Array} (one log-prob per token id).
    * Optional result fields the server leaves unset (pmi without the option, a normalized
    * score without a divisor) are null.
    */
@@ -202,6 +215,8 @@ class ScorerClient {
           tokens: tokens.map(cleanToken),
           words: (result.words || []).map(cleanWord),
           prompt_words: (result.prompt_words || []).map(cleanWord),
+          label_logprobs: result.label_logprobs || [],
+          distributions: (result.distributions || []).map(cleanDistribution),
         });
       });
       // A failed call emits 'error' before any 'end'; the promise keeps the first outcome.

@@ -11,12 +11,20 @@ const USAGE = `usage: node score.js [--server HOST:PORT] [--model NAME]
                      [--prompt TEXT --completion TEXT...]...
                      [--token-details] [--top-k K] [--timeout SECONDS]
                      [--marginal-mode same_pass|separate_pass] [--pmi]
-                     [--words] [--prompt-words]
+                     [--words] [--prompt-words] [--entropy]
+                     [--label-token TEXT]... [--label-token-id ID]...
+                     [--distribution-position P]...
 
   --model picks one of the models the server serves (default: its first).
   --pmi also scores each completion after the empty context (results' pmi).
   --words / --prompt-words: per-word log-probs, beginning-of-word corrected
   (results' words / prompt_words).
+  --entropy: each token's and word's next-token entropy in nats (with
+  --token-details or --words).
+  --label-token / --label-token-id: candidate labels (one token each), read in
+  one pass after each completion (results' label_logprobs, in order).
+  --distribution-position: whole distributions at positions of the joint
+  sequence, -1 after its last token (results' distributions, log-prob arrays).
 
   --prompt starts an item; each --completion after it is one of its completions
   (a --completion before any --prompt scores against the empty prompt).
@@ -86,6 +94,18 @@ function parseArgs(argv) {
       case '--prompt-words':
         args.options.promptWords = true;
         break;
+      case '--entropy':
+        args.options.entropy = true;
+        break;
+      case '--label-token':
+        (args.options.labelTokens ||= []).push(value());
+        break;
+      case '--label-token-id':
+        (args.options.labelTokenIds ||= []).push(number());
+        break;
+      case '--distribution-position':
+        (args.options.distributionPositions ||= []).push(number());
+        break;
       case '--timeout':
         args.timeoutMs = number() * 1000;
         break;
@@ -116,7 +136,13 @@ async function main() {
   try {
     client = await ScorerClient.connect(args.server, { timeoutMs: args.timeoutMs });
     const info = await client.modelInfo({ model: args.options.model });
-    const results = await client.score(args.items, args.options);
+    const results = (await client.score(args.items, args.options)).map((result) => ({
+      ...result,
+      distributions: result.distributions.map(({ position, logprobs }) => ({
+        position,
+        logprobs: Array.from(logprobs),
+      })),
+    }));
     process.stdout.write(
       `${JSON.stringify({ server: args.server, model: info.name, items: args.items, results }, null, 2)}\n`,
     );

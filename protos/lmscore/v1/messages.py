@@ -92,6 +92,8 @@ def from_message(message: Message, options_type: type[Options]) -> Options:
             values[declared.name] = None
         elif field.enum_type is not None:
             values[declared.name] = _enum_name(field, getattr(message, declared.name))
+        elif field.is_repeated:
+            values[declared.name] = tuple(getattr(message, declared.name))
         else:
             values[declared.name] = getattr(message, declared.name)
     return options_type(**values)

@@ -33,6 +33,16 @@ class ScoreOptions:
     # (docs/research.md); prompt_words: the prompt's too. Text input only.
     words: bool = False
     prompt_words: bool = False
+    # TokenDetail.entropy and Word.entropy: the entropy (nats) of the next-token
+    # distribution. With token_details, words or prompt_words.
+    entropy: bool = False
+    # Candidate labels, ids or one-token strings (not both): ScoreResult.label_logprobs,
+    # log P(label | [BOS] + x + y), read after the joint sequence's last token.
+    label_token_ids: tuple[int, ...] = ()
+    label_tokens: tuple[str, ...] = ()
+    # Positions of the joint sequence (negative: from the end, -1 after its last token)
+    # whose whole distribution comes back: ScoreResult.distributions.
+    distribution_positions: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

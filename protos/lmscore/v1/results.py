@@ -10,8 +10,10 @@ server's engine uses it without protobuf and the client without numpy.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import enum
+import sys
 from typing import Any, Literal
 
 # How log Pr(x) is computed: read from the joint pass over [x, y], or from a separate pass over
@@ -48,6 +50,24 @@ class Token:
     # [start, end) in code points of the segment's scored text; None for BOS and token ids.
     start: int | None = None
     end: int | None = None
+    # With the entropy option: the entropy (nats) of the distribution it was scored from.
+    entropy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+    """The whole next-token distribution after tokens 0..position of the joint sequence."""
+
+    position: int
+    # vocab_size log-probs (nats) in id order, packed little-endian float32.
+    logprobs: bytes
+
+    def values(self) -> array.array[float]:
+        """The log-probs as floats (array of float32, id order)."""
+        values = array.array("f", self.logprobs)
+        if sys.byteorder == "big":
+            values.byteswap()
+        return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +86,8 @@ class Word:
     # Its tokens [token_start, token_end) in the joint sequence (ScoreResult.tokens).
     token_start: int
     token_end: int
+    # With the entropy option: the entropy (nats) of the distribution before the word.
+    entropy: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +119,10 @@ class ScoreResult:
     # With the words option: the words of scored_completion (and of scored_prompt).
     words: tuple[Word, ...] = ()
     prompt_words: tuple[Word, ...] = ()
+    # With candidate labels: log P(label | [BOS] + x + y), in the order given.
+    label_logprobs: tuple[float, ...] = ()
+    # With distribution_positions: the whole distributions, in the order given.
+    distributions: tuple[Distribution, ...] = ()
     # Set by the transport: the request's id, and its position on a ScoreStream.
     request_id: str = ""
     request_index: int = 0

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lmscore/v1/scoring.proto\x12\nlmscore.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"P\n\nCompletion\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.lmscore.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x8c\x01\n\tScoreItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.lmscore.v1.TokenIdsH\x00\x12+\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x16.lmscore.v1.CompletionB\x0e\n\x0cprompt_input\"\xd7\x01\n\x0cScoreOptions\x12\x15\n\rtoken_details\x18\x01 \x01(\x08\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12/\n\rmarginal_mode\x18\x03 \x01(\x0e\x32\x18.lmscore.v1.MarginalMode\x12\x1c\n\x14truncate_prompt_left\x18\x04 \x01(\x08\x12\x14\n\x07\x61\x64\x64_bos\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x0b\n\x03pmi\x18\x06 \x01(\x08\x12\r\n\x05words\x18\x07 \x01(\x08\x12\x14\n\x0cprompt_words\x18\x08 \x01(\x08\x42\n\n\x08_add_bos\"\x82\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.lmscore.v1.ScoreItem\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.lmscore.v1.ScoreOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xd8\x01\n\x0bTokenDetail\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12$\n\x07segment\x18\x03 \x01(\x0e\x32\x13.lmscore.v1.Segment\x12\x14\n\x07logprob\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12!\n\x03top\x18\x06 \x03(\x0b\x32\x14.lmscore.v1.TopToken\x12\x12\n\x05start\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03\x65nd\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_logprobB\x08\n\x06_startB\x06\n\x04_end\"\xa8\x06\n\x0bScoreResult\x12\x12\n\nitem_index\x18\x01 \x01(\r\x12\x18\n\x10\x63ompletion_index\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rrequest_index\x18\x04 \x01(\r\x12\x15\n\rjoint_logprob\x18\x05 \x01(\x01\x12\x18\n\x10marginal_logprob\x18\x06 \x01(\x01\x12\x1b\n\x13\x63onditional_logprob\x18\x07 \x01(\x01\x12\x0e\n\x06greedy\x18\x08 \x01(\x08\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12\x11\n\tbos_added\x18\x0b \x01(\x08\x12\x1f\n\x17truncated_prompt_tokens\x18\x0c \x01(\r\x12\x1a\n\x12\x66irst_token_scored\x18\r \x01(\x08\x12\x15\n\rscored_prompt\x18\x0e \x01(\t\x12\x19\n\x11scored_completion\x18\x0f \x01(\t\x12\'\n\x06tokens\x18\x10 \x03(\x0b\x32\x17.lmscore.v1.TokenDetail\x12*\n\x1d\x63onditional_logprob_per_token\x18\x11 \x01(\x01H\x00\x88\x01\x01\x12)\n\x1c\x63onditional_logprob_per_char\x18\x12 \x01(\x01H\x01\x88\x01\x01\x12)\n\x1c\x63onditional_logprob_per_byte\x18\x13 \x01(\x01H\x02\x88\x01\x01\x12\"\n\x15unconditional_logprob\x18\x14 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x03pmi\x18\x15 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x05words\x18\x16 \x03(\x0b\x32\x10.lmscore.v1.Word\x12&\n\x0cprompt_words\x18\x17 \x03(\x0b\x32\x10.lmscore.v1.WordB \n\x1e_conditional_logprob_per_tokenB\x1f\n\x1d_conditional_logprob_per_charB\x1f\n\x1d_conditional_logprob_per_byteB\x18\n\x16_unconditional_logprobB\x06\n\x04_pmi\"\xb4\x01\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x14\n\x07logprob\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13logprob_uncorrected\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x11\n\ttoken_end\x18\x07 \x01(\rB\n\n\x08_logprobB\x16\n\x14_logprob_uncorrected\"Q\n\x0bRollingText\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.lmscore.v1.TokenIdsH\x00\x42\x07\n\x05input\"p\n\x0eRollingOptions\x12\x19\n\x11max_window_tokens\x18\x01 \x01(\r\x12\x1a\n\x12min_context_tokens\x18\x02 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x03 \x01(\x08\x12\x0f\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08\"\x88\x01\n\x0eRollingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x05texts\x18\x02 \x03(\x0b\x32\x17.lmscore.v1.RollingText\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.lmscore.v1.RollingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xc6\x01\n\rRollingResult\x12\x12\n\ntext_index\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12\x12\n\nperplexity\x18\x05 \x01(\x01\x12\x0f\n\x07windows\x18\x06 \x01(\r\x12\x17\n\x0fprefix_token_id\x18\x07 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x08 \x03(\x01\x12\x11\n\ttoken_ids\x18\t \x03(\r\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.lmscore.v1.ModelInfo\"\xf8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x14\n\x0c\x62os_token_id\x18\x04 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x1b\n\x13onnxruntime_version\x18\t \x01(\t\x12&\n\x1e\x65xport_validation_max_abs_diff\x18\n \x01(\x01\x12\x15\n\rsource_sha256\x18\x0b \x01(\t\x12\x11\n\tmax_top_k\x18\x0c \x01(\r\x12\x15\n\rmanifest_json\x18\r \x01(\t\x12\x32\n\x0cquantization\x18\x0e \x01(\x0b\x32\x1c.lmscore.v1.QuantizationInfo\x12\x16\n\x0e\x62os_by_default\x18\x0f \x01(\x08\"\xb2\x01\n\x10QuantizationInfo\x12\x0e\n\x06recipe\x18\x01 \x01(\t\x12\x0f\n\x07speedup\x18\x02 \x01(\x01\x12\x1a\n\x12mean_abs_deviation\x18\x03 \x01(\x01\x12\x19\n\x11max_abs_deviation\x18\x04 \x01(\x01\x12\x17\n\x0fheld_out_tokens\x18\x05 \x01(\r\x12\x15\n\rkl_divergence\x18\x06 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x07 \x01(\x01*L\n\x0cMarginalMode\x12\x1b\n\x17MARGINAL_MODE_SAME_PASS\x10\x00\x12\x1f\n\x1bMARGINAL_MODE_SEPARATE_PASS\x10\x01*_\n\x07Segment\x12\x17\n\x13SEGMENT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSEGMENT_BOS\x10\x01\x12\x12\n\x0eSEGMENT_PROMPT\x10\x02\x12\x16\n\x12SEGMENT_COMPLETION\x10\x03\x32\xea\x02\n\x06Scorer\x12<\n\x05Score\x12\x18.lmscore.v1.ScoreRequest\x1a\x17.lmscore.v1.ScoreResult0\x01\x12\x44\n\x0bScoreStream\x12\x18.lmscore.v1.ScoreRequest\x1a\x17.lmscore.v1.ScoreResult(\x01\x30\x01\x12G\n\x0cScoreRolling\x12\x1a.lmscore.v1.RollingRequest\x1a\x19.lmscore.v1.RollingResult0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.lmscore.v1.GetModelInfoRequest\x1a\x15.lmscore.v1.ModelInfo\x12K\n\nListModels\x12\x1d.lmscore.v1.ListModelsRequest\x1a\x1e.lmscore.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lmscore/v1/scoring.proto\x12\nlmscore.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"P\n\nCompletion\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.lmscore.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x8c\x01\n\tScoreItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.lmscore.v1.TokenIdsH\x00\x12+\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x16.lmscore.v1.CompletionB\x0e\n\x0cprompt_input\"\xb7\x02\n\x0cScoreOptions\x12\x15\n\rtoken_details\x18\x01 \x01(\x08\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12/\n\rmarginal_mode\x18\x03 \x01(\x0e\x32\x18.lmscore.v1.MarginalMode\x12\x1c\n\x14truncate_prompt_left\x18\x04 \x01(\x08\x12\x14\n\x07\x61\x64\x64_bos\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x0b\n\x03pmi\x18\x06 \x01(\x08\x12\r\n\x05words\x18\x07 \x01(\x08\x12\x14\n\x0cprompt_words\x18\x08 \x01(\x08\x12\x0f\n\x07\x65ntropy\x18\t \x01(\x08\x12\x17\n\x0flabel_token_ids\x18\n \x03(\r\x12\x14\n\x0clabel_tokens\x18\x0b \x03(\t\x12\x1e\n\x16\x64istribution_positions\x18\x0c \x03(\x11\x42\n\n\x08_add_bos\"\x82\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.lmscore.v1.ScoreItem\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.lmscore.v1.ScoreOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"5\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xfa\x01\n\x0bTokenDetail\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12$\n\x07segment\x18\x03 \x01(\x0e\x32\x13.lmscore.v1.Segment\x12\x14\n\x07logprob\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12!\n\x03top\x18\x06 \x03(\x0b\x32\x14.lmscore.v1.TopToken\x12\x12\n\x05start\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03\x65nd\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x14\n\x07\x65ntropy\x18\t \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08_logprobB\x08\n\x06_startB\x06\n\x04_endB\n\n\x08_entropy\"\xf1\x06\n\x0bScoreResult\x12\x12\n\nitem_index\x18\x01 \x01(\r\x12\x18\n\x10\x63ompletion_index\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rrequest_index\x18\x04 \x01(\r\x12\x15\n\rjoint_logprob\x18\x05 \x01(\x01\x12\x18\n\x10marginal_logprob\x18\x06 \x01(\x01\x12\x1b\n\x13\x63onditional_logprob\x18\x07 \x01(\x01\x12\x0e\n\x06greedy\x18\x08 \x01(\x08\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12\x11\n\tbos_added\x18\x0b \x01(\x08\x12\x1f\n\x17truncated_prompt_tokens\x18\x0c \x01(\r\x12\x1a\n\x12\x66irst_token_scored\x18\r \x01(\x08\x12\x15\n\rscored_prompt\x18\x0e \x01(\t\x12\x19\n\x11scored_completion\x18\x0f \x01(\t\x12\'\n\x06tokens\x18\x10 \x03(\x0b\x32\x17.lmscore.v1.TokenDetail\x12*\n\x1d\x63onditional_logprob_per_token\x18\x11 \x01(\x01H\x00\x88\x01\x01\x12)\n\x1c\x63onditional_logprob_per_char\x18\x12 \x01(\x01H\x01\x88\x01\x01\x12)\n\x1c\x63onditional_logprob_per_byte\x18\x13 \x01(\x01H\x02\x88\x01\x01\x12\"\n\x15unconditional_logprob\x18\x14 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x03pmi\x18\x15 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x05words\x18\x16 \x03(\x0b\x32\x10.lmscore.v1.Word\x12&\n\x0cprompt_words\x18\x17 \x03(\x0b\x32\x10.lmscore.v1.Word\x12\x16\n\x0elabel_logprobs\x18\x18 \x03(\x01\x12/\n\rdistributions\x18\x19 \x03(\x0b\x32\x18.lmscore.v1.DistributionB \n\x1e_conditional_logprob_per_tokenB\x1f\n\x1d_conditional_logprob_per_charB\x1f\n\x1d_conditional_logprob_per_byteB\x18\n\x16_unconditional_logprobB\x06\n\x04_pmi\"2\n\x0c\x44istribution\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x10\n\x08logprobs\x18\x02 \x01(\x0c\"\xd6\x01\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x14\n\x07logprob\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13logprob_uncorrected\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x11\n\ttoken_end\x18\x07 \x01(\r\x12\x14\n\x07\x65ntropy\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\n\n\x08_logprobB\x16\n\x14_logprob_uncorrectedB\n\n\x08_entropy\"Q\n\x0bRollingText\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.lmscore.v1.TokenIdsH\x00\x42\x07\n\x05input\"p\n\x0eRollingOptions\x12\x19\n\x11max_window_tokens\x18\x01 \x01(\r\x12\x1a\n\x12min_context_tokens\x18\x02 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x03 \x01(\x08\x12\x0f\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08\"\x88\x01\n\x0eRollingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x05texts\x18\x02 \x03(\x0b\x32\x17.lmscore.v1.RollingText\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.lmscore.v1.RollingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xc6\x01\n\rRollingResult\x12\x12\n\ntext_index\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12\x12\n\nperplexity\x18\x05 \x01(\x01\x12\x0f\n\x07windows\x18\x06 \x01(\r\x12\x17\n\x0fprefix_token_id\x18\x07 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x08 \x03(\x01\x12\x11\n\ttoken_ids\x18\t \x03(\r\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.lmscore.v1.ModelInfo\"\xf8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x14\n\x0c\x62os_token_id\x18\x04 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x1b\n\x13onnxruntime_version\x18\t \x01(\t\x12&\n\x1e\x65xport_validation_max_abs_diff\x18\n \x01(\x01\x12\x15\n\rsource_sha256\x18\x0b \x01(\t\x12\x11\n\tmax_top_k\x18\x0c \x01(\r\x12\x15\n\rmanifest_json\x18\r \x01(\t\x12\x32\n\x0cquantization\x18\x0e \x01(\x0b\x32\x1c.lmscore.v1.QuantizationInfo\x12\x16\n\x0e\x62os_by_default\x18\x0f \x01(\x08\"\xb2\x01\n\x10QuantizationInfo\x12\x0e\n\x06recipe\x18\x01 \x01(\t\x12\x0f\n\x07speedup\x18\x02 \x01(\x01\x12\x1a\n\x12mean_abs_deviation\x18\x03 \x01(\x01\x12\x19\n\x11max_abs_deviation\x18\x04 \x01(\x01\x12\x17\n\x0fheld_out_tokens\x18\x05 \x01(\r\x12\x15\n\rkl_divergence\x18\x06 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x07 \x01(\x01*L\n\x0cMarginalMode\x12\x1b\n\x17MARGINAL_MODE_SAME_PASS\x10\x00\x12\x1f\n\x1bMARGINAL_MODE_SEPARATE_PASS\x10\x01*_\n\x07Segment\x12\x17\n\x13SEGMENT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSEGMENT_BOS\x10\x01\x12\x12\n\x0eSEGMENT_PROMPT\x10\x02\x12\x16\n\x12SEGMENT_COMPLETION\x10\x03\x32\xea\x02\n\x06Scorer\x12<\n\x05Score\x12\x18.lmscore.v1.ScoreRequest\x1a\x17.lmscore.v1.ScoreResult0\x01\x12\x44\n\x0bScoreStream\x12\x18.lmscore.v1.ScoreRequest\x1a\x17.lmscore.v1.ScoreResult(\x01\x30\x01\x12G\n\x0cScoreRolling\x12\x1a.lmscore.v1.RollingRequest\x1a\x19.lmscore.v1.RollingResult0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.lmscore.v1.GetModelInfoRequest\x1a\x15.lmscore.v1.ModelInfo\x12K\n\nListModels\x12\x1d.lmscore.v1.ListModelsRequest\x1a\x1e.lmscore.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmscore.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MARGINALMODE']._serialized_start=3126
-  _globals['_MARGINALMODE']._serialized_end=3202
-  _globals['_SEGMENT']._serialized_start=3204
-  _globals['_SEGMENT']._serialized_end=3299
+  _globals['_MARGINALMODE']._serialized_start=3415
+  _globals['_MARGINALMODE']._serialized_end=3491
+  _globals['_SEGMENT']._serialized_start=3493
+  _globals['_SEGMENT']._serialized_end=3588
   _globals['_TOKENIDS']._serialized_start=40
   _globals['_TOKENIDS']._serialized_end=63
   _globals['_COMPLETION']._serialized_start=65
@@ -42,35 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREITEM']._serialized_start=148
   _globals['_SCOREITEM']._serialized_end=288
   _globals['_SCOREOPTIONS']._serialized_start=291
-  _globals['_SCOREOPTIONS']._serialized_end=506
-  _globals['_SCOREREQUEST']._serialized_start=509
-  _globals['_SCOREREQUEST']._serialized_end=639
-  _globals['_TOPTOKEN']._serialized_start=641
-  _globals['_TOPTOKEN']._serialized_end=694
-  _globals['_TOKENDETAIL']._serialized_start=697
-  _globals['_TOKENDETAIL']._serialized_end=913
-  _globals['_SCORERESULT']._serialized_start=916
-  _globals['_SCORERESULT']._serialized_end=1724
-  _globals['_WORD']._serialized_start=1727
-  _globals['_WORD']._serialized_end=1907
-  _globals['_ROLLINGTEXT']._serialized_start=1909
-  _globals['_ROLLINGTEXT']._serialized_end=1990
-  _globals['_ROLLINGOPTIONS']._serialized_start=1992
-  _globals['_ROLLINGOPTIONS']._serialized_end=2104
-  _globals['_ROLLINGREQUEST']._serialized_start=2107
-  _globals['_ROLLINGREQUEST']._serialized_end=2243
-  _globals['_ROLLINGRESULT']._serialized_start=2246
-  _globals['_ROLLINGRESULT']._serialized_end=2444
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2446
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2482
-  _globals['_LISTMODELSREQUEST']._serialized_start=2484
-  _globals['_LISTMODELSREQUEST']._serialized_end=2503
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2505
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2564
-  _globals['_MODELINFO']._serialized_start=2567
-  _globals['_MODELINFO']._serialized_end=2943
-  _globals['_QUANTIZATIONINFO']._serialized_start=2946
-  _globals['_QUANTIZATIONINFO']._serialized_end=3124
-  _globals['_SCORER']._serialized_start=3302
-  _globals['_SCORER']._serialized_end=3664
+  _globals['_SCOREOPTIONS']._serialized_end=602
+  _globals['_SCOREREQUEST']._serialized_start=605
+  _globals['_SCOREREQUEST']._serialized_end=735
+  _globals['_TOPTOKEN']._serialized_start=737
+  _globals['_TOPTOKEN']._serialized_end=790
+  _globals['_TOKENDETAIL']._serialized_start=793
+  _globals['_TOKENDETAIL']._serialized_end=1043
+  _globals['_SCORERESULT']._serialized_start=1046
+  _globals['_SCORERESULT']._serialized_end=1927
+  _globals['_DISTRIBUTION']._serialized_start=1929
+  _globals['_DISTRIBUTION']._serialized_end=1979
+  _globals['_WORD']._serialized_start=1982
+  _globals['_WORD']._serialized_end=2196
+  _globals['_ROLLINGTEXT']._serialized_start=2198
+  _globals['_ROLLINGTEXT']._serialized_end=2279
+  _globals['_ROLLINGOPTIONS']._serialized_start=2281
+  _globals['_ROLLINGOPTIONS']._serialized_end=2393
+  _globals['_ROLLINGREQUEST']._serialized_start=2396
+  _globals['_ROLLINGREQUEST']._serialized_end=2532
+  _globals['_ROLLINGRESULT']._serialized_start=2535
+  _globals['_ROLLINGRESULT']._serialized_end=2733
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2735
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2771
+  _globals['_LISTMODELSREQUEST']._serialized_start=2773
+  _globals['_LISTMODELSREQUEST']._serialized_end=2792
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2794
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2853
+  _globals['_MODELINFO']._serialized_start=2856
+  _globals['_MODELINFO']._serialized_end=3232
+  _globals['_QUANTIZATIONINFO']._serialized_start=3235
+  _globals['_QUANTIZATIONINFO']._serialized_end=3413
+  _globals['_SCORER']._serialized_start=3591
+  _globals['_SCORER']._serialized_end=3953
 # @@protoc_insertion_point(module_scope)

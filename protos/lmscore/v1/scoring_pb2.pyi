@@ -166,6 +166,10 @@ class ScoreOptions(_message.Message):
     PMI_FIELD_NUMBER: _builtins.int
     WORDS_FIELD_NUMBER: _builtins.int
     PROMPT_WORDS_FIELD_NUMBER: _builtins.int
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    LABEL_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LABEL_TOKENS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_POSITIONS_FIELD_NUMBER: _builtins.int
     token_details: _builtins.bool
     """Return one TokenDetail per token of the joint sequence."""
     top_k: _builtins.int
@@ -200,6 +204,34 @@ class ScoreOptions(_message.Message):
     (with or without words); a prompt given as prompt_token_ids is
     INVALID_ARGUMENT.
     """
+    entropy: _builtins.bool
+    """Return TokenDetail.entropy and Word.entropy: the entropy, in nats, of the
+    next-token distribution over the whole vocabulary, H = -sum p log p
+    (docs/research.md). Needs token_details, words or prompt_words (else
+    INVALID_ARGUMENT), and a model exported with the head's entropy output.
+    """
+    @_builtins.property
+    def label_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Candidate labels: log P(label | the whole joint sequence [BOS] + x + y)
+        of each, read from the distribution after the sequence's last token (one
+        pass, whatever their number), in ScoreResult.label_logprobs, in the order
+        given; the same labels for every item and completion (SGLang's /v1/score
+        label_token_ids). Give ids (each below ModelInfo.vocab_size) or strings
+        that are exactly one token each (encoded as the tokenizer encodes text,
+        no special tokens), not both. At most ModelInfo.vocab_size labels.
+        """
+
+    @_builtins.property
+    def label_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def distribution_positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Whole distributions: for each position p, all ModelInfo.vocab_size
+        log-probs of the distribution after tokens 0..p of the joint sequence
+        (the one token p + 1 is scored from), in ScoreResult.distributions.
+        Negative p counts from the end: -1 is the distribution after the last
+        token (the next token's). Bounded by the response and message limits.
+        """
+
     def __init__(
         self,
         *,
@@ -211,10 +243,14 @@ class ScoreOptions(_message.Message):
         pmi: _builtins.bool = ...,
         words: _builtins.bool = ...,
         prompt_words: _builtins.bool = ...,
+        entropy: _builtins.bool = ...,
+        label_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        label_tokens: _abc.Iterable[_builtins.str] | None = ...,
+        distribution_positions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos", "marginal_mode", b"marginal_mode", "pmi", b"pmi", "prompt_words", b"prompt_words", "token_details", b"token_details", "top_k", b"top_k", "truncate_prompt_left", b"truncate_prompt_left", "words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos", "add_bos", b"add_bos", "distribution_positions", b"distribution_positions", "entropy", b"entropy", "label_token_ids", b"label_token_ids", "label_tokens", b"label_tokens", "marginal_mode", b"marginal_mode", "pmi", b"pmi", "prompt_words", b"prompt_words", "token_details", b"token_details", "top_k", b"top_k", "truncate_prompt_left", b"truncate_prompt_left", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_bos: _TypeAlias = _typing.Literal["add_bos"]  # noqa: Y015
     _WhichOneofArgType__add_bos: _TypeAlias = _typing.Literal["_add_bos", b"_add_bos"]  # noqa: Y015
@@ -293,6 +329,7 @@ class TokenDetail(_message.Message):
     TOP_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    ENTROPY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     text: _builtins.str
     """The token decoded on its own (a partial UTF-8 sequence decodes to U+FFFD)."""
@@ -315,6 +352,10 @@ class TokenDetail(_message.Message):
     tokens may share a span. Unset for BOS and for tokens given as ids.
     """
     end: _builtins.int
+    entropy: _builtins.float
+    """With ScoreOptions.entropy: the entropy (nats) of the distribution this
+    token was scored from; unset where logprob is.
+    """
     @_builtins.property
     def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopToken]: ...
     def __init__(
@@ -328,19 +369,24 @@ class TokenDetail(_message.Message):
         top: _abc.Iterable[Global___TopToken] | None = ...,
         start: _builtins.int | None = ...,
         end: _builtins.int | None = ...,
+        entropy: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "_logprob", b"_logprob", "_start", b"_start", "end", b"end", "logprob", b"logprob", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "_entropy", b"_entropy", "_logprob", b"_logprob", "_start", b"_start", "end", b"end", "entropy", b"entropy", "logprob", b"logprob", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "_logprob", b"_logprob", "_start", b"_start", "end", b"end", "id", b"id", "logprob", b"logprob", "rank", b"rank", "segment", b"segment", "start", b"start", "text", b"text", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "_entropy", b"_entropy", "_logprob", b"_logprob", "_start", b"_start", "end", b"end", "entropy", b"entropy", "id", b"id", "logprob", b"logprob", "rank", b"rank", "segment", b"segment", "start", b"start", "text", b"text", "top", b"top"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end: _TypeAlias = _typing.Literal["end"]  # noqa: Y015
     _WhichOneofArgType__end: _TypeAlias = _typing.Literal["_end", b"_end"]  # noqa: Y015
+    _WhichOneofReturnType__entropy: _TypeAlias = _typing.Literal["entropy"]  # noqa: Y015
+    _WhichOneofArgType__entropy: _TypeAlias = _typing.Literal["_entropy", b"_entropy"]  # noqa: Y015
     _WhichOneofReturnType__logprob: _TypeAlias = _typing.Literal["logprob"]  # noqa: Y015
     _WhichOneofArgType__logprob: _TypeAlias = _typing.Literal["_logprob", b"_logprob"]  # noqa: Y015
     _WhichOneofReturnType__start: _TypeAlias = _typing.Literal["start"]  # noqa: Y015
     _WhichOneofArgType__start: _TypeAlias = _typing.Literal["_start", b"_start"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__end) -> _WhichOneofReturnType__end | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__entropy) -> _WhichOneofReturnType__entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob) -> _WhichOneofReturnType__logprob | None: ...
     @_typing.overload
@@ -375,6 +421,8 @@ class ScoreResult(_message.Message):
     PMI_FIELD_NUMBER: _builtins.int
     WORDS_FIELD_NUMBER: _builtins.int
     PROMPT_WORDS_FIELD_NUMBER: _builtins.int
+    LABEL_LOGPROBS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTIONS_FIELD_NUMBER: _builtins.int
     item_index: _builtins.int
     completion_index: _builtins.int
     request_id: _builtins.str
@@ -425,6 +473,18 @@ class ScoreResult(_message.Message):
     def prompt_words(self) -> _containers.RepeatedCompositeFieldContainer[Global___Word]:
         """With ScoreOptions.prompt_words: the words of scored_prompt."""
 
+    @_builtins.property
+    def label_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """With ScoreOptions.label_token_ids or label_tokens: log P(label | [BOS] +
+        x + y) of each label, in the order given.
+        """
+
+    @_builtins.property
+    def distributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Distribution]:
+        """With ScoreOptions.distribution_positions: one per position, in the order
+        given.
+        """
+
     def __init__(
         self,
         *,
@@ -451,10 +511,12 @@ class ScoreResult(_message.Message):
         pmi: _builtins.float | None = ...,
         words: _abc.Iterable[Global___Word] | None = ...,
         prompt_words: _abc.Iterable[Global___Word] | None = ...,
+        label_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        distributions: _abc.Iterable[Global___Distribution] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "pmi", b"pmi", "unconditional_logprob", b"unconditional_logprob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "bos_added", b"bos_added", "completion_index", b"completion_index", "completion_tokens", b"completion_tokens", "conditional_logprob", b"conditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "first_token_scored", b"first_token_scored", "greedy", b"greedy", "item_index", b"item_index", "joint_logprob", b"joint_logprob", "marginal_logprob", b"marginal_logprob", "pmi", b"pmi", "prompt_tokens", b"prompt_tokens", "prompt_words", b"prompt_words", "request_id", b"request_id", "request_index", b"request_index", "scored_completion", b"scored_completion", "scored_prompt", b"scored_prompt", "tokens", b"tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens", "unconditional_logprob", b"unconditional_logprob", "words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte", "_conditional_logprob_per_char", b"_conditional_logprob_per_char", "_conditional_logprob_per_token", b"_conditional_logprob_per_token", "_pmi", b"_pmi", "_unconditional_logprob", b"_unconditional_logprob", "bos_added", b"bos_added", "completion_index", b"completion_index", "completion_tokens", b"completion_tokens", "conditional_logprob", b"conditional_logprob", "conditional_logprob_per_byte", b"conditional_logprob_per_byte", "conditional_logprob_per_char", b"conditional_logprob_per_char", "conditional_logprob_per_token", b"conditional_logprob_per_token", "distributions", b"distributions", "first_token_scored", b"first_token_scored", "greedy", b"greedy", "item_index", b"item_index", "joint_logprob", b"joint_logprob", "label_logprobs", b"label_logprobs", "marginal_logprob", b"marginal_logprob", "pmi", b"pmi", "prompt_tokens", b"prompt_tokens", "prompt_words", b"prompt_words", "request_id", b"request_id", "request_index", b"request_index", "scored_completion", b"scored_completion", "scored_prompt", b"scored_prompt", "tokens", b"tokens", "truncated_prompt_tokens", b"truncated_prompt_tokens", "unconditional_logprob", b"unconditional_logprob", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__conditional_logprob_per_byte: _TypeAlias = _typing.Literal["conditional_logprob_per_byte"]  # noqa: Y015
     _WhichOneofArgType__conditional_logprob_per_byte: _TypeAlias = _typing.Literal["_conditional_logprob_per_byte", b"_conditional_logprob_per_byte"]  # noqa: Y015
@@ -480,6 +542,36 @@ class ScoreResult(_message.Message):
 Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
 
 @_typing.final
+class Distribution(_message.Message):
+    """The whole next-token distribution at one position of the joint sequence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The position p (negative ones resolved): the distribution after tokens
+    0..p, which token p + 1 (if any) was scored from.
+    """
+    logprobs: _builtins.bytes
+    """ModelInfo.vocab_size log-probs (nats), one per token id in id order, as
+    packed little-endian float32 (numpy.frombuffer(logprobs, "<f4")).
+    """
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        logprobs: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Distribution: _TypeAlias = Distribution  # noqa: Y015
+
+@_typing.final
 class Word(_message.Message):
     """A word: a beginning-of-word token (its text starts with whitespace: GPT-2's
     "\\u0120", SentencePiece's "\\u2581") and the tokens after it up to the next
@@ -496,6 +588,7 @@ class Word(_message.Message):
     LOGPROB_UNCORRECTED_FIELD_NUMBER: _builtins.int
     TOKEN_START_FIELD_NUMBER: _builtins.int
     TOKEN_END_FIELD_NUMBER: _builtins.int
+    ENTROPY_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The word's text: its characters in the segment's text (scored_completion
     or scored_prompt) without the whitespace before it; empty for a
@@ -518,6 +611,10 @@ class Word(_message.Message):
     ([BOS] + prompt + completion tokens; ScoreResult.tokens).
     """
     token_end: _builtins.int
+    entropy: _builtins.float
+    """With ScoreOptions.entropy: the entropy (nats) of the distribution before
+    the word, the one its first token was scored from; unset where logprob is.
+    """
     def __init__(
         self,
         *,
@@ -528,15 +625,20 @@ class Word(_message.Message):
         logprob_uncorrected: _builtins.float | None = ...,
         token_start: _builtins.int = ...,
         token_end: _builtins.int = ...,
+        entropy: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_logprob_uncorrected", b"_logprob_uncorrected", "logprob", b"logprob", "logprob_uncorrected", b"logprob_uncorrected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_entropy", b"_entropy", "_logprob", b"_logprob", "_logprob_uncorrected", b"_logprob_uncorrected", "entropy", b"entropy", "logprob", b"logprob", "logprob_uncorrected", b"logprob_uncorrected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_logprob_uncorrected", b"_logprob_uncorrected", "end", b"end", "logprob", b"logprob", "logprob_uncorrected", b"logprob_uncorrected", "start", b"start", "text", b"text", "token_end", b"token_end", "token_start", b"token_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entropy", b"_entropy", "_logprob", b"_logprob", "_logprob_uncorrected", b"_logprob_uncorrected", "end", b"end", "entropy", b"entropy", "logprob", b"logprob", "logprob_uncorrected", b"logprob_uncorrected", "start", b"start", "text", b"text", "token_end", b"token_end", "token_start", b"token_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__entropy: _TypeAlias = _typing.Literal["entropy"]  # noqa: Y015
+    _WhichOneofArgType__entropy: _TypeAlias = _typing.Literal["_entropy", b"_entropy"]  # noqa: Y015
     _WhichOneofReturnType__logprob: _TypeAlias = _typing.Literal["logprob"]  # noqa: Y015
     _WhichOneofArgType__logprob: _TypeAlias = _typing.Literal["_logprob", b"_logprob"]  # noqa: Y015
     _WhichOneofReturnType__logprob_uncorrected: _TypeAlias = _typing.Literal["logprob_uncorrected"]  # noqa: Y015
     _WhichOneofArgType__logprob_uncorrected: _TypeAlias = _typing.Literal["_logprob_uncorrected", b"_logprob_uncorrected"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__entropy) -> _WhichOneofReturnType__entropy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob) -> _WhichOneofReturnType__logprob | None: ...
     @_typing.overload
