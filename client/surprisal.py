@@ -232,11 +232,11 @@ class _Scorer:
 
 
 def _named(exc: ScoringError, chunk: Sequence[Stimulus]) -> ScoringError:
-    """`exc` with the stimulus it names (items[i]) as a line of the input in front."""
-    for field in exc.field_violations:
-        if field.startswith("items["):
-            stimulus = chunk[int(field[len("items[") :].split("]", 1)[0])]
-            exc.args = (f"line {stimulus.line} (item {stimulus.item!r}): {exc.args[0]}",)
+    """`exc`, its message led by the input line of the first stimulus it names (items[i])."""
+    field = next((f for f in exc.field_violations if f.startswith("items[")), None)
+    if field is not None:
+        stimulus = chunk[int(field[len("items[") :].split("]", 1)[0])]
+        exc.args = (f"line {stimulus.line} (item {stimulus.item!r}): {exc}",)
     return exc
 
 
@@ -265,7 +265,7 @@ def score_stimuli(
                 for stimulus, result in zip(chunk, results, strict=True)
                 for row in word_rows(stimulus, result, settings)
             ]
-            entropy_seen = entropy_seen or any(row[7] for row in rows)
+            entropy_seen = entropy_seen or any(row[-1] for row in rows)  # its last column
             out.write(_tsv(rows))
             out.flush()
             bar.update(len(chunk))

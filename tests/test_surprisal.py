@@ -299,6 +299,21 @@ def test_resume_keeps_the_whole_stimuli_and_scores_the_rest(
     assert len(read_tsv(output)) == len(resumed)  # left as it was
 
 
+def test_a_stimulus_the_server_refuses_stops_the_run_naming_its_line(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    source = tmp_path / "long.txt"
+    too_long = " ".join(["word"] * 200)  # over the tiny model's 96-token context
+    source.write_text(f"The old man the boat.\nThe horse fell.\n{too_long}\nThe end.\n")
+    output = tmp_path / "long.tsv"
+    run = lmscore_surprisal(tiny_server, str(source), "-o", str(output), "--items-per-request", "2")
+    assert run.returncode == 1
+    [line] = [line for line in run.stderr.splitlines() if "warning" not in line]
+    assert line.startswith(f"lmscore surprisal: {source}: line 3 (item '3'): INVALID_ARGUMENT")
+    assert line.endswith(f"rerun with --resume to go on after the stimuli {output} holds")
+    assert {row["item"] for row in read_tsv(output)} == {"1", "2"}  # the request before it
+
+
 def read_tsv_bytes(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(data.decode("utf-8").splitlines(), delimiter="\t"))
 
