@@ -154,10 +154,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _options_fields() -> set[str]:
-    return {field.name for field in dataclasses.fields(ScoreOptions)}
-
-
 def word_rows(
     stimulus: Stimulus, result: ScoreResult, settings: SurprisalSettings
 ) -> list[list[str]]:
@@ -178,8 +174,7 @@ def word_rows(
             word.text,
             settings.value(word.logprob, negate=True),
             settings.value(word.logprob_uncorrected, negate=True),
-            # Word.entropy: nats, at the word's first token; absent from servers without it.
-            settings.value(getattr(word, "entropy", None), negate=False),
+            settings.value(word.entropy, negate=False),  # nats, at the word's first token
         ]
         for index, (word, region) in enumerate(zip(words, stimulus.regions, strict=True), 1)
     ]
@@ -219,7 +214,7 @@ class _Scorer:
                 [_item(s) for s in chunk], options, timeout=self.settings.timeout
             )
         except InvalidArgumentError as exc:
-            if not getattr(options, "entropy", False) or ENTROPY_FIELD not in exc.field_violations:
+            if not options.entropy or ENTROPY_FIELD not in exc.field_violations:
                 raise _named(exc, chunk) from None
             _warn(
                 f"the server gives no entropy ({exc.field_violations[ENTROPY_FIELD]}); "
@@ -269,7 +264,7 @@ def score_stimuli(
             out.write(_tsv(rows))
             out.flush()
             bar.update(len(chunk))
-    if getattr(scorer.settings.options, "entropy", False) and not entropy_seen:
+    if scorer.settings.options.entropy and not entropy_seen:
         _warn("the server returned no entropy (an older server?); the entropy column is empty")
 
 
@@ -326,10 +321,9 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def _settings(args: argparse.Namespace) -> SurprisalSettings:
-    entropy = {} if args.no_entropy or "entropy" not in _options_fields() else {"entropy": True}
-    options = ScoreOptions(words=True, add_bos=args.add_bos, model=args.model, **entropy)
-    if not args.no_entropy and not entropy:
-        _warn("this client has no entropy option; the entropy column stays empty")
+    options = ScoreOptions(
+        words=True, entropy=not args.no_entropy, add_bos=args.add_bos, model=args.model
+    )
     return SurprisalSettings(options, args.units, args.items_per_request, args.timeout)
 
 

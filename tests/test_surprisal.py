@@ -318,6 +318,34 @@ def read_tsv_bytes(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(data.decode("utf-8").splitlines(), delimiter="\t"))
 
 
+def test_entropy_is_the_servers_entropy_before_each_word(
+    tiny_server: ServerProcess, client: ScoringClient, tmp_path: Path
+) -> None:
+    source = write_table(tmp_path / "stimuli.csv", TABLE)
+    run = lmscore_surprisal(tiny_server, str(source), "--no-plot")
+    assert run.returncode == 0, run.stderr
+    assert "warning" not in run.stderr
+    rows = read_tsv(tmp_path / "stimuli.surprisal.tsv")
+    stimuli = read_stimuli(source)
+    items = [
+        Item(s.context or None, [(" " if s.context[-1:] == ":" else "") + s.sentence])
+        for s in stimuli
+    ]
+    results = client.score(items, ScoreOptions(words=True, entropy=True))
+    entropies = [w.entropy for result in results for w in result.words]
+    assert len(rows) == len(entropies) and all(e is not None for e in entropies)
+    for row, entropy in zip(rows, entropies, strict=True):
+        assert float(row["entropy_bits"]) == pytest.approx(entropy / math.log(2), abs=1e-5)
+    regions = read_tsv(tmp_path / "stimuli.surprisal.regions.tsv")
+    first_words: dict[tuple[str, str, str], dict[str, str]] = {}
+    for row in rows:
+        first_words.setdefault((row["item"], row["condition"], row["region"]), row)
+    assert len(regions) == len(first_words) == 3 * len(stimuli)
+    for region in regions:
+        first = first_words[(region["item"], region["condition"], region["region"])]
+        assert region["entropy_before_bits"] == first["entropy_bits"]
+
+
 # The default model against minicons (e2e).
 
 
