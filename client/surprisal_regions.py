@@ -121,6 +121,7 @@ def write_plot(path: Path, regions: Sequence[Region], units: str, title: str) ->
 
     means = region_means(regions)
     conditions = list(dict.fromkeys(r.condition for r in regions))  # in input order
+    items = len({r.item for r in regions})
     figure, axis = plt.subplots(figsize=(7, 4))
     for number, condition in enumerate(conditions):
         points = [m for m in means if m.condition == condition]
@@ -135,11 +136,28 @@ def write_plot(path: Path, regions: Sequence[Region], units: str, title: str) ->
             capsize=4,
             label=condition or "(no condition)",
         )
+        for m in (m for m in points if m.items < items):  # a region some items lack
+            axis.annotate(
+                f"n={m.items}",
+                (m.region + dodge, m.mean),
+                textcoords="offset points",
+                xytext=(6, -3),
+                fontsize=7,
+            )
     axis.set_xticks(sorted({m.region for m in means}))
     axis.set_xlabel("region")
     axis.set_ylabel(f"surprisal ({units}), summed over the region")
-    items = len({r.item for r in regions})
     axis.set_title(f"{title}: mean over {items} items, ± 1 standard error", fontsize=10)
+    left_out = sorted({r.region for r in regions} - {m.region for m in means})
+    if left_out:
+        # Their sums are empty: a word without surprisal (a first word with nothing before).
+        figure.text(
+            0.01,
+            0.01,
+            f"left out, a word without surprisal in every item: region "
+            f"{', '.join(map(str, left_out))}",
+            fontsize=7,
+        )
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
