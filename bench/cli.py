@@ -43,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "writes long.json and long.png",
     )
     parser.add_argument(
+        "--research",
+        action="store_true",
+        help="only the research outputs' costs (lmscore.bench.research_costs: entropy on vs "
+        "off, 1,000 candidate labels vs one pass vs one-token completions); writes "
+        "research.json",
+    )
+    parser.add_argument(
+        "--no-research",
+        action="store_true",
+        help="skip the research outputs' costs in the full run (about a minute)",
+    )
+    parser.add_argument(
         "--output-dir", type=Path, default=Path("bench/results"), help="bench.json and bench.png"
     )
 
@@ -54,6 +66,21 @@ def run(args: argparse.Namespace) -> int:
         results = long.run(args.model, args.source, args.output_dir, not args.no_pytorch)
         print(long.table(results))
         print(f"\nwrote {args.output_dir}/long.json and long.png", file=sys.stderr)
+        return 0
+
+    if args.research:
+        import json
+
+        from lmscore.bench import research_costs
+        from lmscore.bench.report import research_table
+        from lmscore.export.paths import default_model_dir
+
+        model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
+        research = research_costs.run(model_dir, args.repeats)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "research.json").write_text(json.dumps(research, indent=2) + "\n")
+        print(research_table(research))
+        print(f"\nwrote {args.output_dir}/research.json", file=sys.stderr)
         return 0
 
     from lmscore.bench.lm_eval_wall import default_repo_root
@@ -82,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         not args.no_pytorch,
         lm_eval_root,
     )
+    if not args.no_research:
+        from lmscore.bench import research_costs
+
+        results["research"] = research_costs.run(model_dir, args.repeats)
     json_path, png_path = write(results, args.output_dir)
     print(table(results))
     print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)

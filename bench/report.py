@@ -185,7 +185,49 @@ def checks(results: dict[str, Any]) -> list[Check]:
         out += after_idle_checks(grpc["after_idle"])
     if "http" in results:
         out += http_checks(results["http"])
+    if "research" in results:
+        out += research_checks(results["research"])
     return out
+
+
+def research_checks(research: dict[str, Any]) -> list[Check]:
+    """Issue 24's targets (lmscore.bench.research_costs): entropy's share of batch
+    throughput, and K labels in one pass against one prompt's pass."""
+    cost, labels = research["entropy"]["cost"], research["labels"]
+    return [
+        Check("entropy on vs off: batch throughput lost", cost, "<= 5 %", cost <= 0.05),
+        Check(
+            f"{labels['labels']} candidate labels / one prompt's pass",
+            labels["labels_ratio"],
+            "<= 1.2",
+            labels["labels_ratio"] <= 1.2,
+            "x",
+        ),
+    ]
+
+
+def research_rows(research: dict[str, Any]) -> list[str]:
+    """The workload table's rows of lmscore.bench.research_costs."""
+    entropy, labels = research["entropy"], research["labels"]
+    k, prompt = labels["labels"], labels["prompt_tokens"]
+    return [
+        f"| batch with token details, entropy on / off (tokens/s, in-process) | "
+        f"{entropy['entropy_on_rate_median']:.0f} / {entropy['entropy_off_rate_median']:.0f} |",
+        f"| {prompt}-token prompt: one pass / {k} labels in it / {k} one-token completions (ms) | "
+        f"{labels['one_pass_s'] * 1000:.0f} / {labels['labels_s'] * 1000:.0f} / "
+        f"{labels['completions_s'] * 1000:.0f} |",
+        f"| labels vs completions, max abs difference (nats) | "
+        f"{labels['max_abs_diff_labels_vs_completions']:.1e} |",
+    ]
+
+
+def research_table(research: dict[str, Any]) -> str:
+    """`lmscore bench --research` alone: its rows and targets."""
+    lines = [f"{research['model']}, research outputs", "", "| workload | result |", "|---|---|"]
+    lines += research_rows(research)
+    lines += ["", "| target | measured | wanted | status |", "|---|---|---|---|"]
+    lines += [c.row() for c in research_checks(research)]
+    return "\n".join(lines)
 
 
 def after_idle_checks(after_idle: dict[str, Any]) -> list[Check]:
@@ -301,6 +343,8 @@ def table(results: dict[str, Any]) -> str:
     torch_pair = results.get("pytorch", {}).get("short_pair_p50_ms")
     if torch_pair is not None:
         lines.append(f"| short pair p50 PyTorch eager, one pass (ms) | {torch_pair:.1f} |")
+    if "research" in results:
+        lines += research_rows(results["research"])
     quantized = results.get("quantized")
     if quantized:
         d = quantized["deviation"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -450,33 +449,28 @@ def test_cli_writes_the_research_fields(tiny_server, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def format6_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny export with the head's research inputs and outputs cut off, as format 6."""
-    import onnx
-    from onnx.utils import Extractor
+    """The tiny export with the head's research inputs, outputs and nodes cut off (what the
+    benchmark compares entropy against), as manifest format 6."""
+    from lmscore.bench.research_costs import without_research_outputs
+    from lmscore.export.manifest import MANIFEST_NAME
 
-    from lmscore.export.head import GATHER_IDS, GATHER_POSITIONS, RESEARCH_OUTPUTS
-    from lmscore.export.manifest import MANIFEST_NAME, ONNX_NAME
-
-    output = tmp_path_factory.mktemp("format6") / "tiny-llama"
-    shutil.copytree(tiny_export, output)
-    model = onnx.load(str(output / ONNX_NAME))
-    inputs = [i.name for i in model.graph.input if i.name not in (GATHER_IDS, GATHER_POSITIONS)]
-    outputs = [o.name for o in model.graph.output if o.name not in RESEARCH_OUTPUTS]
-    cut = Extractor(model).extract_model(inputs, outputs)
-    for name in (ONNX_NAME, f"{ONNX_NAME}_data"):
-        (output / name).unlink(missing_ok=True)
-    onnx.save(cut, str(output / ONNX_NAME))
+    output = without_research_outputs(tiny_export, tmp_path_factory.mktemp("format6") / "tiny")
     manifest = json.loads((output / MANIFEST_NAME).read_text())
     manifest["format_version"] = 6
-    manifest["weights_file"] = None  # saved as one file
     (output / MANIFEST_NAME).write_text(json.dumps(manifest))
     return output
 
 
 def test_an_older_export_serves_all_but_the_research_options(
-    format6_export: Path, client: ScoringClient
+    format6_export: Path, tiny_export: Path, client: ScoringClient
 ) -> None:
     items = [Item(p, [c]) for p, c in PAIRS]
+    from lmscore.export.head import RESEARCH_OUTPUTS
+
+    graph = ort.InferenceSession(str(format6_export / "model.onnx"))
+    assert not {o.name for o in graph.get_outputs()} & set(RESEARCH_OUTPUTS)
+    current = ort.InferenceSession(str(tiny_export / "model.onnx"))
+    assert len(graph.get_inputs()) == len(current.get_inputs()) - 2  # gather_positions, _ids
     with (
         running_server(format6_export) as server,
         ScoringClient(server.address, timeout=60) as old,
