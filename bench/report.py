@@ -195,7 +195,7 @@ def research_checks(research: dict[str, Any]) -> list[Check]:
     throughput, and K labels in one pass against one prompt's pass."""
     cost, labels = research["entropy"]["cost"], research["labels"]
     return [
-        Check("entropy on vs off: batch throughput lost", cost, "<= 5 %", cost <= 0.05),
+        Check("entropy on vs off: batch throughput lost", 100 * cost, "<= 5 %", cost <= 0.05, " %"),
         Check(
             f"{labels['labels']} candidate labels / one prompt's pass",
             labels["labels_ratio"],

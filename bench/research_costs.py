@@ -67,6 +67,9 @@ def without_research_outputs(model_dir: Path, output: Path) -> Path:
             needed.update(node.input)
     del graph.node[:]
     graph.node.extend(reversed(kept_nodes))
+    kept_initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
     # A hard link (ONNX Runtime refuses weights behind a symbolic link out of the
     # directory), a copy across file systems.
     weights = model_dir / ONNX_DATA_NAME

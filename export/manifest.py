@@ -34,6 +34,19 @@ class ManifestError(ValueError):
     """The model directory is missing, incomplete or from an incompatible version."""
 
 
+def older_export(model_dir: Path) -> bool:
+    """Whether `model_dir` holds an export whose manifest is not of this FORMAT_VERSION
+    (or cannot be read): `lmscore export` makes it again. No manifest there: False."""
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     format_version: int

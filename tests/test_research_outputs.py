@@ -569,3 +569,16 @@ def test_http_json_route_carries_the_research_fields(tiny_export: Path) -> None:
     assert base64.b64decode(distribution["logprobs"]) == expected.distributions[0].logprobs
     assert refused_status == 400
     assert "options.label_tokens[1]" in json.dumps(refused)
+
+
+def test_older_exports_are_found_for_export_again(
+    format6_export: Path, tiny_export: Path, tmp_path: Path
+) -> None:
+    """What scripts/setup.sh asks before it exports a shipped model again."""
+    from lmscore.export.manifest import MANIFEST_NAME, older_export
+
+    assert older_export(format6_export)
+    assert not older_export(tiny_export)
+    assert not older_export(tmp_path)  # nothing exported there
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    assert older_export(tmp_path)
