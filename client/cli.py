@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -237,10 +238,19 @@ def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def format_words(label: str, words: Sequence[Word], unit: str = "nats") -> str:
-    """One row per word: its text, its [start, end) and both log-probs."""
+    """One row per word: its text, its [start, end) and both log-probs (and the entropy
+    before it, when the words have it)."""
     log = "log2" if unit == "bits" else "log"
+    entropy = any(w.entropy is not None for w in words)
 
-    header = ("word", "start", "end", f"{log} P(w|before)", "uncorrected")
+    header = (
+        "word",
+        "start",
+        "end",
+        f"{log} P(w|before)",
+        "uncorrected",
+        *([f"entropy ({unit})"] if entropy else []),
+    )
     rows = [
         (
             json.dumps(w.text, ensure_ascii=False),
@@ -248,10 +258,31 @@ def format_words(label: str, words: Sequence[Word], unit: str = "nats") -> str:
             str(w.end),
             _number(unit, w.logprob),
             _number(unit, w.logprob_uncorrected),
+            *([_number(unit, w.entropy)] if entropy else []),
         )
         for w in words
     ]
     return "\n".join([label, *_aligned([header, *rows])])
+
+
+def format_labels(result: ScoreResult, labels: Sequence[str | int], unit: str = "nats") -> str:
+    """One row per candidate label: log P(label | prompt + completion), and its share of
+    the labels' total probability (the labels' own softmax, SGLang's apply_softmax)."""
+    log = "log2" if unit == "bits" else "log"
+    values = result.label_logprobs
+    top = max(values)
+    total = sum(math.exp(v - top) for v in values)
+    header = ("label", f"{log} P(label|x+y)", "share of the labels")
+    rows = [
+        (
+            json.dumps(label, ensure_ascii=False),
+            _number(unit, value),
+            f"{math.exp(value - top) / total:.4f}",
+        )
+        for label, value in zip(labels, values, strict=True)
+    ]
+    text = json.dumps(result.scored_prompt + result.scored_completion, ensure_ascii=False)
+    return "\n".join([f"candidate labels after {text}:", *_aligned([header, *rows])])
 
 
 def connection(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -345,6 +376,10 @@ def run(args: argparse.Namespace) -> int:
         for result in results:
             label = f"words of {json.dumps(result.scored_completion, ensure_ascii=False)}:"
             print(format_words(label, result.words, args.unit))
+    labels = args.label_tokens or args.label_token_ids
+    if labels:
+        for result in results:
+            print(format_labels(result, labels, args.unit))
     if args.token_details:
         for result in results:
             tokens = result_record(result, 0, None, True, args.unit)["tokens"]

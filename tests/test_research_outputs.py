@@ -582,3 +582,25 @@ def test_older_exports_are_found_for_export_again(
     assert not older_export(tmp_path)  # nothing exported there
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     assert older_export(tmp_path)
+
+
+def test_cli_table_prints_labels_and_word_entropy(tiny_server, client: ScoringClient) -> None:
+    flags = ["--prompt", "The licensee", "--completion", " may copy", "--words", "--entropy"]
+    flags += ["--label-token", " the", "--label-token", " a"]
+    printed = subprocess.run(
+        [LMSCORE, "score", "--server", tiny_server.address, *flags],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    [result] = client.score(
+        [Item("The licensee", [" may copy"])],
+        ScoreOptions(words=True, entropy=True, label_tokens=(" the", " a")),
+    )
+    assert "entropy (nats)" in printed
+    assert all(f"{w.entropy:.4f}" in printed for w in result.words)
+    labels = printed.split("candidate labels after")[1].splitlines()[2:]
+    shares = np.exp(result.label_logprobs) / np.exp(result.label_logprobs).sum()
+    for line, value, share in zip(labels, result.label_logprobs, shares, strict=True):
+        assert line.split()[-2:] == [f"{value:.4f}", f"{share:.4f}"]
