@@ -39,7 +39,9 @@ PROMPT_TOKENS = 64
 def without_research_outputs(model_dir: Path, output: Path) -> Path:
     """`model_dir`'s export with the head's entropy and gathered_logprobs (and their
     inputs and nodes) cut off, as an export of manifest format 6 has it; the weights file is
-    hard-linked where `output` is on the same file system, else copied."""
+    hard-linked where `output` is on the same file system, else copied. While the link
+    exists the ONNX checker refuses the export's weights file (several links), so nothing
+    should quantize the export meanwhile; `run` removes it when done."""
     import onnx
 
     from lmscore.export.external_data import load_graph

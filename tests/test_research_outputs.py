@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -454,7 +455,11 @@ def format6_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) 
     from lmscore.bench.research_costs import without_research_outputs
     from lmscore.export.manifest import MANIFEST_NAME
 
-    output = without_research_outputs(tiny_export, tmp_path_factory.mktemp("format6") / "tiny")
+    # A copy to cut from: the weights are hard-linked, and the session's tiny export must keep
+    # one link (the ONNX checker of other tests refuses a weights file with several).
+    source = tmp_path_factory.mktemp("format7") / "tiny"
+    shutil.copytree(tiny_export, source)
+    output = without_research_outputs(source, tmp_path_factory.mktemp("format6") / "tiny")
     manifest = json.loads((output / MANIFEST_NAME).read_text())
     manifest["format_version"] = 6
     (output / MANIFEST_NAME).write_text(json.dumps(manifest))
