@@ -78,11 +78,17 @@ def result_record(
         for word in (w for name in _WORD_FIELDS for w in record.get(name, ())):
             word["logprob_bits"] = to_bits(word["logprob"])
             word["logprob_uncorrected_bits"] = to_bits(word["logprob_uncorrected"])
+            if word["entropy"] is not None:
+                word["entropy_bits"] = to_bits(word["entropy"])
+        if "label_logprobs" in record:
+            record["label_logprobs_bits"] = [to_bits(v) for v in record["label_logprobs"]]
     if token_details:
         record["tokens"] = values["tokens"]
         if bits:
             for token in record["tokens"]:
                 token["logprob_bits"] = to_bits(token["logprob"])
+                if token["entropy"] is not None:
+                    token["entropy_bits"] = to_bits(token["entropy"])
     return record
 
 

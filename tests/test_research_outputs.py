@@ -426,11 +426,18 @@ def test_cli_writes_the_research_fields(tiny_server, tmp_path: Path) -> None:
             " a",
             "--distribution-position",
             "-1",
+            "--unit",
+            "bits",
         ],
         check=True,
         timeout=60,
     )
     [line] = [json.loads(x) for x in output.read_text().splitlines()]
+    # Bits beside nats: the entropy of each token, each label's log-prob.
+    assert all(
+        abs(t["entropy_bits"] * np.log(2) - t["entropy"]) < 1e-12 for t in line["tokens"][1:]
+    )
+    assert np.allclose(np.array(line["label_logprobs_bits"]) * np.log(2), line["label_logprobs"])
     assert line["tokens"][0]["entropy"] is None
     assert all(t["entropy"] > 0 for t in line["tokens"][1:])
     assert len(line["label_logprobs"]) == 2
