@@ -92,6 +92,20 @@ class AsyncScoringClient(ClientBase):
     ) -> list[ScoreResult]:
         return await self.score([Item(prompt, completions)], options, timeout=timeout)
 
+    async def score_labels(
+        self,
+        prompt: TokenInput | None,
+        labels: Sequence[str] | Sequence[int],
+        options: ScoreOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[float, ...]:
+        """log P(label | prompt) of each candidate label (strings of one token each, or
+        token ids), in order, read in one pass after the prompt."""
+        chosen = convert.label_options(labels, options)
+        [result] = await self.score([Item(prompt, [""])], chosen, timeout=timeout)
+        return result.label_logprobs
+
     async def iter_score_rolling(
         self,
         texts: Sequence[TokenInput],

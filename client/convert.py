@@ -60,6 +60,14 @@ def build_request(items: Sequence[Item], options: ScoreOptions | None) -> pb.Sco
     return request_to_pb(ScoreRequest(items, options or ScoreOptions()))
 
 
+def label_options(
+    labels: Sequence[str] | Sequence[int], options: ScoreOptions | None
+) -> ScoreOptions:
+    """`options` asking for `labels`: as label_tokens (strings) or label_token_ids (ids)."""
+    field = "label_tokens" if labels and isinstance(labels[0], str) else "label_token_ids"
+    return dataclasses.replace(options or ScoreOptions(), **{field: tuple(labels)})
+
+
 def _fields_of(result_type: Any, message: Any) -> dict[str, Any]:
     """The values of `message`'s fields that `result_type` (a dataclass) declares: the
     contract's messages and its Python results share their field names. An optional field

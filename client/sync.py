@@ -89,6 +89,20 @@ class ScoringClient(ClientBase):
         """Score several completions of one prompt (e.g. multiple-choice answers)."""
         return self.score([Item(prompt, completions)], options, timeout=timeout)
 
+    def score_labels(
+        self,
+        prompt: TokenInput | None,
+        labels: Sequence[str] | Sequence[int],
+        options: ScoreOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[float, ...]:
+        """log P(label | prompt) of each candidate label (strings of one token each, or
+        token ids), in order, read in one pass after the prompt."""
+        chosen = convert.label_options(labels, options)
+        [result] = self.score([Item(prompt, [""])], chosen, timeout=timeout)
+        return result.label_logprobs
+
     def iter_score_rolling(
         self,
         texts: Sequence[TokenInput],

@@ -616,3 +616,21 @@ def test_cli_table_prints_labels_and_word_entropy(tiny_server, client: ScoringCl
     shares = np.exp(result.label_logprobs) / np.exp(result.label_logprobs).sum()
     for line, value, share in zip(labels, result.label_logprobs, shares, strict=True):
         assert line.split()[-2:] == [f"{value:.4f}", f"{share:.4f}"]
+
+
+def test_score_labels_sync_and_async(tiny_server, client: ScoringClient, tiny_torch) -> None:
+    from lmscore.client import AsyncScoringClient
+
+    _, hf_tokenizer = tiny_torch
+    prompt, strings = "The licensee may copy", (" the", " a", ".")
+    by_text = client.score_labels(prompt, strings)
+    [full] = client.score([Item(prompt, [""])], ScoreOptions(label_tokens=strings))
+    assert by_text == full.label_logprobs and len(by_text) == 3
+    ids = [hf_tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in strings]
+    assert client.score_labels(prompt, ids) == by_text
+
+    async def labels_async() -> tuple[float, ...]:
+        async with AsyncScoringClient(tiny_server.address, timeout=60) as async_client:
+            return await async_client.score_labels(prompt, strings)
+
+    assert asyncio.run(labels_async()) == by_text
