@@ -42,6 +42,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         (results.Token, pb.TokenDetail),
         (results.TopToken, pb.TopToken),
         (results.Word, pb.Word),
+        (results.Distribution, pb.Distribution),
         (results.RollingResult, pb.RollingResult),
         (options.ScoreOptions, pb.ScoreOptions),
         (options.RollingOptions, pb.RollingOptions),
