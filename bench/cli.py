@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "writes long.json and long.png",
     )
     parser.add_argument(
+        "--two-models",
+        action="store_true",
+        help="the two-model workload instead (lmscore.bench.two_models: the default model's "
+        "short pairs while Gemma-3 scores --long-requests of --long-tokens, with and without "
+        "--model-turn-ms); writes two_models.json",
+    )
+    parser.add_argument("--long-tokens", type=int, default=8192, help="with --two-models")
+    parser.add_argument("--long-requests", type=int, default=4, help="with --two-models")
+    parser.add_argument(
         "--research",
         action="store_true",
         help="only the research outputs' costs (lmscore.bench.research_costs: entropy on vs "
@@ -66,6 +75,20 @@ def run(args: argparse.Namespace) -> int:
         results = long.run(args.model, args.source, args.output_dir, not args.no_pytorch)
         print(long.table(results))
         print(f"\nwrote {args.output_dir}/long.json and long.png", file=sys.stderr)
+        return 0
+
+    if args.two_models:
+        from lmscore.bench import two_models
+        from lmscore.export.paths import GEMMA_MODEL_NAME, default_model_dir, shipped_model_dir
+
+        quiet_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
+        busy_dir = shipped_model_dir(GEMMA_MODEL_NAME, os.environ)
+        assert busy_dir is not None
+        results = two_models.run(
+            quiet_dir, busy_dir, args.output_dir, args.long_tokens, args.long_requests
+        )
+        print(two_models.table(results))
+        print(f"\nwrote {args.output_dir}/two_models.json", file=sys.stderr)
         return 0
 
     if args.research:

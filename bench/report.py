@@ -181,6 +181,8 @@ def checks(results: dict[str, Any]) -> list[Check]:
                 "x",
             ),
         ]
+    if "overload" in grpc:
+        out.append(overload_check(grpc["overload"]))
     if "after_idle" in grpc:
         out += after_idle_checks(grpc["after_idle"])
     if "http" in results:
@@ -228,6 +230,18 @@ def research_table(research: dict[str, Any]) -> str:
     lines += ["", "| target | measured | wanted | status |", "|---|---|---|---|"]
     lines += [c.row() for c in research_checks(research)]
     return "\n".join(lines)
+
+
+def overload_check(overload: dict[str, Any]) -> Check:
+    """Goodput under overload (issue 23): the answered rate with 5x as many clients as the
+    server admits at once, over the rate at capacity (lmscore.bench.overload)."""
+    at, over = overload["at_capacity"], overload["overloaded"]
+    ratio = overload["goodput_ratio"]
+    label = (
+        f"answered/s, {over['clients']} clients / {at['clients']} "
+        f"({over['answered_per_s']:.0f} / {at['answered_per_s']:.0f})"
+    )
+    return Check(label, ratio, ">= 0.8", ratio >= 0.8, "x")
 
 
 def after_idle_checks(after_idle: dict[str, Any]) -> list[Check]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lmscore.bench import overload
 from lmscore.bench.http_paths import LM_EVAL, SCORING, HttpScorer
 from lmscore.bench.lm_eval_wall import measure_lm_eval
 from lmscore.bench.workloads import Workloads, build_workloads
@@ -461,6 +462,8 @@ def measure_default_server(
         if engine is not None:
             with ScoringClient(server.address, timeout=600) as client:
                 result["short_pair_paired"] = measure_short_pair(engine, client, work)
+        print("answered rate at capacity and under 5x overload ...", file=sys.stderr)
+        result["overload"] = overload.measure(server.address, OVERLOAD_CAPACITY_CLIENTS)
         print("timing requests after idle (3 s, 15 s) ...", file=sys.stderr)
         with ScoringClient(server.address, timeout=600) as client:
             result["after_idle"] = measure_after_idle(client, work)
@@ -486,6 +489,9 @@ def measure_default_server(
             )
     return result
 
+
+# Clients at capacity: within the default --max-concurrent-requests (64), none waits.
+OVERLOAD_CAPACITY_CLIENTS = 60
 
 # Idle gaps before a request, as sporadic traffic leaves them (issue 23): the server's idle
 # release runs after about a second.

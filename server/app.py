@@ -83,7 +83,10 @@ def load_model(
     source = source or config.models[0]
     manifest = Manifest.read(source.directory)
     check_cpu(manifest, source.directory)
-    runtime = OnnxCausalLM(source.directory, config.runtime)
+    # Several models' sessions take turns on the cores: none may spin while another runs.
+    several = len(config.models) > 1
+    runtime_options = dataclasses.replace(config.runtime, thread_spinning=not several)
+    runtime = OnnxCausalLM(source.directory, runtime_options)
     # Word scores need both halves of the export: the head's sums and the mask behind them.
     word_starts = read_word_starts(source.directory) if runtime.word_starts else None
     tokenizer = TextTokenizer(source.directory / TOKENIZER_NAME, word_starts)
@@ -224,6 +227,8 @@ def add_scorer(
         [ServedModel(loaded.engine, loaded.info) for loaded in models],
         config.max_concurrent_requests,
         config.stream_idle_timeout,
+        config.max_waiting_requests,
+        config.max_waiting_bytes,
     )
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
     return servicer
@@ -299,7 +304,7 @@ async def serve(config: ServerConfig) -> None:
     if config.metrics_port:
         metrics_socket = _bind(config.metrics_host or config.host, config.metrics_port, "metrics")
 
-    model_thread = new_model_thread()
+    model_thread = new_model_thread(config.model_turn_ms / 1000)
     memory = MemoryPolicy()
     models: list[LoadedModel] = []
     for source in config.models:

@@ -115,6 +115,12 @@ class RuntimeOptions:
     # plain session.run, which copies every output into numpy (the tests hold the two paths
     # to each other).
     io_binding: bool = True
+    # ONNX Runtime's threads spin for a while after each run, waiting for the next op. With
+    # one model that saves a wake-up (2-3% of a batch here); with several, one session's
+    # spinning threads take the cores from the next model's run: the app turns it off when
+    # it serves more than one model (docs/benchmarks.md, "Two models": Gemma-3 16.6 -> 13.9 s
+    # beside SmolLM2's short pairs).
+    thread_spinning: bool = True
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -300,6 +306,19 @@ class ServerConfig:
         metadata=flag("seconds in-flight requests get to finish after SIGTERM", low=0, high=3600),
     )
     log_level: str = field(default="INFO", metadata=flag("logging level"))
+    # What a quiet model's short request waits at most behind another model's long one
+    # (lmscore.server.model_runs.ModelThread); shorter turns cost the busy model per-run
+    # overhead (docs/benchmarks.md, "Two models").
+    model_turn_ms: float = field(
+        default=250.0,
+        metadata=flag(
+            "with several models: while another model is active, keep each model run to about "
+            "this many milliseconds (by its measured cost), so that no model waits longer "
+            "behind another (0: runs as long as --prefill-chunk-tokens makes them)",
+            low=0,
+            high=60_000,
+        ),
+    )
     max_message_bytes: int = field(
         default=DEFAULT_MAX_MESSAGE_BYTES,
         metadata=flag("size of one gRPC message", group=LIMITS_GROUP, low=1024, high=2_147_483_647),
@@ -311,6 +330,27 @@ class ServerConfig:
             "requests is)",
             group=LIMITS_GROUP,
             low=1,
+        ),
+    )
+    # Waiting costs nothing but the message; a refusal costs a call's CPU each time the
+    # client comes back (issue 23: goodput under 5x overload, docs/production.md).
+    max_waiting_requests: int = field(
+        default=256,
+        metadata=flag(
+            "requests past --max-concurrent-requests that wait for a slot, first come first "
+            "served, until their deadline (0: refuse them at once); past it they are refused "
+            "with RESOURCE_EXHAUSTED and a retry pushback",
+            group=LIMITS_GROUP,
+            low=0,
+        ),
+    )
+    max_waiting_bytes: int = field(
+        default=256 * 2**20,
+        metadata=flag(
+            "bytes of request messages that wait for a slot, all together (each waits whole)",
+            group=LIMITS_GROUP,
+            metavar="BYTES",
+            low=0,
         ),
     )
     stream_idle_timeout: float = field(

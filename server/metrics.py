@@ -30,6 +30,10 @@ LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("lmscore_requests_in_flight", "scoring calls in progress", BY_MODEL)
+WAITING = Gauge(
+    "lmscore_requests_waiting",
+    "scoring calls waiting for a slot (past --max-concurrent-requests), all models together",
+)
 COMPLETIONS = Counter(
     "lmscore_completions_scored_total", "(item, completion) results returned", BY_MODEL
 )

@@ -23,6 +23,7 @@ the batcher finds the model idle (`on_idle`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -61,10 +62,46 @@ class TokenScorer(Protocol):
     def shrink_arena(self) -> bool: ...
 
 
-def new_model_thread() -> ThreadPoolExecutor:
+class ModelThread(ThreadPoolExecutor):
     """The thread model runs take turns on: one run at a time, since ONNX Runtime already
-    spreads one run over the cores (two at once would oversubscribe them)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmscore-model")
+    spreads one run over the cores (two at once would oversubscribe them).
+
+    Shared by the models of one server, it takes their runs first come, first served, so
+    a model's run waits for at most the one run of another model in progress. For that
+    wait to stay short, a model's runs are kept to `turn_s` seconds (by their measured
+    cost per position) while another model has run within the last `ACTIVE_S` seconds:
+    a quiet model's short pair waits for one turn, not for one full chunk of a long
+    request to a large model (issue 23: 750 ms a chunk for Gemma-3 at 8k tokens).
+    """
+
+    def __init__(self, turn_s: float = 0.0) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="lmscore-model")
+        self.turn_s = turn_s
+        # Each model's last model run (time.monotonic()), by model name.
+        self._last_run: dict[str, float] = {}
+
+    def note_run(self, name: str) -> None:
+        """On the model thread: `name`'s model has just run."""
+        self._last_run[name] = time.monotonic()
+
+    def turn_limit(self, name: str) -> float:
+        """Seconds `name`'s next model run should take at most (0: no limit, no other
+        model is active)."""
+        if not self.turn_s:
+            return 0.0
+        since = time.monotonic() - ACTIVE_S
+        others = (at for other, at in self._last_run.items() if other != name)
+        return self.turn_s if any(at >= since for at in others) else 0.0
+
+
+# How recently another model must have run for this one's runs to be kept to a turn.
+ACTIVE_S = 5.0
+# Positions a run keeps however short the turn (fewer only cost per-run overhead).
+MIN_TURN_POSITIONS = 16
+
+
+def new_model_thread(turn_s: float = 0.0) -> ModelThread:
+    return ModelThread(turn_s)
 
 
 def run_to_end(steps: Steps[Result]) -> Result:
@@ -125,6 +162,8 @@ class ModelRunner:
         self.model_runs = 0
         self.chunk_runs = 0
         self._chunk_metric = metrics.PREFILL_CHUNKS.labels(name)
+        # Seconds per position (row x position) of the last model run: what sizes a turn.
+        self._position_s = 0.0
         # A shared thread is its owner's to shut down.
         self._owns_thread = model_thread is None
         self.thread: Executor = model_thread or new_model_thread()
@@ -140,6 +179,23 @@ class ModelRunner:
     def release_memory(self) -> bool:
         """On the model thread: the arena and free heap pages back now, burst or not."""
         return self.memory.release_now(self.model.shrink_arena)
+
+    def _turn_positions(self, rows: int, chunk: int) -> int:
+        """Positions of the next run of `rows` rows: `chunk`, or fewer where another model
+        is active and the turn allows fewer at this model's last cost per position."""
+        if not isinstance(self.thread, ModelThread) or not self._position_s:
+            return chunk
+        turn_s = self.thread.turn_limit(self.name)
+        if not turn_s:
+            return chunk
+        return max(MIN_TURN_POSITIONS, min(chunk, int(turn_s / (self._position_s * rows))))
+
+    def _ran(self, seconds: float, positions: int) -> None:
+        """On the model thread, after each model run of `positions` rows x positions."""
+        self.model_runs += 1
+        self._position_s = seconds / positions
+        if isinstance(self.thread, ModelThread):
+            self.thread.note_run(self.name)
 
     def _chunked(
         self,
@@ -157,17 +213,20 @@ class ModelRunner:
         chunk = self.settings.prefill_chunk_tokens or width
         if self.max_run_tokens:  # a big vocabulary: fewer positions per run
             chunk = min(chunk, max(1, self.max_run_tokens // rows))
-        # Equal chunks, none longer than `chunk`: 257 positions run as 129 + 128, not 256 + 1.
-        count = -(-width // chunk)
-        chunk = -(-width // count)
         past_len = attention_mask.shape[1] - width
         parts: list[BatchScores] = []
         present: KeyValueCache | None = None
-        for start in range(0, width, chunk):
+        start = 0
+        while start < width:
             if start:
                 yield
                 self.memory.between_chunks()
-            end = min(start + chunk, width)
+            # Equal chunks, none longer than the turn allows: 257 positions run as 129 + 128,
+            # not 256 + 1.
+            remaining = width - start
+            count = -(-remaining // self._turn_positions(rows, chunk))
+            end = start + -(-remaining // count)
+            began = time.perf_counter()
             scores, present = self.model.score(
                 input_ids[:, start:end],
                 attention_mask[:, : past_len + end],
@@ -177,12 +236,13 @@ class ModelRunner:
                 past_repeats,
                 return_present=return_present or end < width,
             )
+            self._ran(time.perf_counter() - began, rows * (end - start))
             past, past_repeats = present, 1
             parts.append(scores)
-            self.model_runs += 1
-            if width > chunk:
+            if end - start < width:
                 self.chunk_runs += 1
                 self._chunk_metric.inc()
+            start = end
         return BatchScores.concat(parts), present
 
     def run_sequences(

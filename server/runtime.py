@@ -81,6 +81,8 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     # One run at a time per session (the engine serialises them), so no inter-op pool.
     session.inter_op_num_threads = 1
     session.enable_cpu_mem_arena = options.cpu_arena
+    if not options.thread_spinning:
+        session.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Pre-packed weight copies: faster GEMMs for about the model's size in memory.
     if options.low_memory:
         session.add_session_config_entry("session.disable_prepacking", "1")

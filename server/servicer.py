@@ -16,8 +16,10 @@ and one that sends nothing for --stream-idle-timeout seconds is ended.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -46,7 +48,13 @@ INLINE_TOKEN_DETAILS = 256
 # An overloaded server asks clients to retry after this many milliseconds (the metadata key
 # of gRPC's retry throttling, which its own retry policies honour too).
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-RETRY_PUSHBACK_MS = 250
+# The pushback is the time the requests ahead take at the recent answer rate, within these
+# bounds: clients that come back before a slot can be free cost a refusal each time.
+MIN_RETRY_PUSHBACK_MS = 250
+MAX_RETRY_PUSHBACK_MS = 30_000
+# The answer rate is that of the last this many seconds.
+ANSWER_RATE_WINDOW_S = 5.0
+MIN_ANSWERS_FOR_RATE = 8
 # Characters of an unknown model name echoed in the NOT_FOUND message.
 ECHOED_NAME_CHARS = 64
 
@@ -130,14 +138,34 @@ def _rolling_message(result: RollingResult, request: pb.RollingRequest) -> pb.Ro
     return pb.RollingResult(**{**dataclasses.asdict(result), "request_id": request.request_id})
 
 
-async def _abort_overloaded(context: grpc.aio.ServicerContext, message: str) -> None:
+class AnswerRate:
+    """Calls answered per second over the last ANSWER_RATE_WINDOW_S, and how long the calls
+    ahead of a newcomer will take at that rate: when an overloaded server asks it back."""
+
+    def __init__(self) -> None:
+        self._ends: collections.deque[float] = collections.deque()
+
+    def answered(self) -> None:
+        self._ends.append(time.monotonic())
+
+    def pushback_ms(self, ahead: int) -> int:
+        since = time.monotonic() - ANSWER_RATE_WINDOW_S
+        while self._ends and self._ends[0] < since:
+            self._ends.popleft()
+        if len(self._ends) < MIN_ANSWERS_FOR_RATE:
+            return MIN_RETRY_PUSHBACK_MS  # no rate to go by (a burst's start, long calls)
+        wait_ms = 1000 * ahead * ANSWER_RATE_WINDOW_S / len(self._ends)
+        return int(min(max(wait_ms, MIN_RETRY_PUSHBACK_MS), MAX_RETRY_PUSHBACK_MS))
+
+
+async def _abort_with_pushback(
+    context: grpc.aio.ServicerContext, message: str, pushback_ms: int
+) -> None:
     """RESOURCE_EXHAUSTED for a server at its limit, telling the client when to come back
     (gRPC's retry pushback; the project's clients wait that long before retrying): clients
     that retry at once would spend the server's CPU on refusals."""
     await context.abort(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        message,
-        ((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),),
+        grpc.StatusCode.RESOURCE_EXHAUSTED, message, ((RETRY_PUSHBACK_KEY, str(pushback_ms)),)
     )
 
 
@@ -162,6 +190,8 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         models: Sequence[ServedModel],
         max_concurrent_requests: int = 64,
         stream_idle_timeout: float = 0.0,
+        max_waiting_requests: int = 0,
+        max_waiting_bytes: int = 0,
     ) -> None:
         if not models:
             raise ValueError("a servicer needs at least one model")
@@ -171,6 +201,14 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         self._max_concurrent = max_concurrent_requests
         self._stream_idle_timeout = stream_idle_timeout or None
         self.active_requests = 0
+        # Requests past the concurrency limit wait here (first come, first served) for a
+        # slot, up to a count and their messages' bytes; past those they are refused.
+        self._slots = asyncio.Semaphore(max_concurrent_requests)
+        self._max_waiting = max_waiting_requests
+        self._max_waiting_bytes = max_waiting_bytes
+        self.waiting_requests = 0
+        self._waiting_bytes = 0
+        self._answer_rate = AnswerRate()
 
     def model(self, name: str) -> ServedModel:
         """The model a request's `model` field names (empty: the first); ModelNotFound."""
@@ -258,20 +296,21 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                 else:
                     yield _result_message(result, request, index)
         except Overloaded as exc:
-            await _abort_overloaded(context, str(exc))
+            await self._abort_overloaded(context, str(exc))
 
     @contextlib.asynccontextmanager
     async def _admitted(
-        self, context: grpc.aio.ServicerContext, model: ServedModel
+        self, context: grpc.aio.ServicerContext, model: ServedModel, message_bytes: int
     ) -> AsyncIterator[None]:
-        """Counts the call in flight, or aborts it when the server is at its limit (all
-        models together)."""
-        if self.active_requests >= self._max_concurrent:
-            await _abort_overloaded(
-                context,
-                f"{self.active_requests} requests in flight, limit {self._max_concurrent} "
-                "(--max-concurrent-requests); retry later",
-            )
+        """Counts the call in flight (all models together): at once when a slot is free,
+        else after waiting for one, or aborts it when the wait is full too. Waiting costs
+        no CPU, where a refusal costs the server and a client that comes back the CPU of
+        a call each time: under overload, queued requests keep the answered rate at
+        capacity (docs/production.md, "Overload")."""
+        if self._slots.locked():
+            await self._wait_for_slot(context, message_bytes)
+        else:
+            await self._slots.acquire()
         in_flight = metrics.IN_FLIGHT.labels(model.name)
         self.active_requests += 1
         in_flight.inc()
@@ -280,12 +319,46 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         finally:
             self.active_requests -= 1
             in_flight.dec()
+            self._slots.release()
+            self._answer_rate.answered()
+
+    async def _abort_overloaded(self, context: grpc.aio.ServicerContext, message: str) -> None:
+        ahead = self.active_requests + self.waiting_requests
+        await _abort_with_pushback(context, message, self._answer_rate.pushback_ms(ahead))
+
+    async def _wait_for_slot(self, context: grpc.aio.ServicerContext, message_bytes: int) -> None:
+        """Wait for a slot, or abort overloaded when --max-waiting-requests or
+        --max-waiting-bytes are taken. A caller that leaves (cancelled, deadline) stops
+        waiting: its message is dropped with it."""
+        if self.waiting_requests >= self._max_waiting:
+            await self._abort_overloaded(
+                context,
+                f"{self.active_requests} requests in flight (--max-concurrent-requests "
+                f"{self._max_concurrent}) and {self.waiting_requests} waiting "
+                f"(--max-waiting-requests {self._max_waiting}); retry later",
+            )
+        if self._waiting_bytes + message_bytes > self._max_waiting_bytes:
+            await self._abort_overloaded(
+                context,
+                f"{self.active_requests} requests in flight and {self._waiting_bytes} bytes "
+                f"of requests waiting, +{message_bytes} over --max-waiting-bytes "
+                f"{self._max_waiting_bytes}; retry later",
+            )
+        self.waiting_requests += 1
+        self._waiting_bytes += message_bytes
+        metrics.WAITING.inc()
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting_requests -= 1
+            self._waiting_bytes -= message_bytes
+            metrics.WAITING.dec()
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResult]:
         model = await self._model_or_abort(context, request.model)
-        async with self._admitted(context, model):
+        async with self._admitted(context, model, request.ByteSize()):
             async for message in self._score_one(model, request, 0, context):
                 yield message
 
@@ -307,7 +380,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                 )
             prefix = f"requests[{index}]."
             model = await self._model_or_abort(context, request.model, prefix)
-            async with self._admitted(context, model):
+            async with self._admitted(context, model, request.ByteSize()):
                 async for message in self._score_one(model, request, index, context, prefix):
                     yield message
             index += 1
@@ -316,9 +389,10 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
         self, request: pb.RollingRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RollingResult]:
         model = await self._model_or_abort(context, request.model)
-        async with self._admitted(context, model):
+        request_bytes = request.ByteSize()
+        async with self._admitted(context, model, request_bytes):
             plan = await self._plan_or_abort(
-                context, lambda: self._plan_rolling(model, request), request.ByteSize()
+                context, lambda: self._plan_rolling(model, request), request_bytes
             )
             texts = metrics.ROLLING_TEXTS.labels(model.name)
             tokens = metrics.TOKENS.labels(model.name)
@@ -328,7 +402,7 @@ class ScorerServicer(scoring_pb2_grpc.ScorerServicer):
                     tokens.inc(result.token_count)
                     yield _rolling_message(result, request)
             except Overloaded as exc:
-                await _abort_overloaded(context, str(exc))
+                await self._abort_overloaded(context, str(exc))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
