@@ -18,8 +18,10 @@ from lmscore.v1 import scoring_pb2_grpc
 class ClientBase:
     """`target`: HOST:PORT, several replicas as IP:PORT,IP:PORT,... or dns:///NAME:PORT
     (calls spread over every address, round_robin). `timeout` (seconds) is the default
-    deadline of every call; each call may pass its own. Calls retry on UNAVAILABLE only; a
-    stream cut mid-way is replayed and yields only the results it had not yielded."""
+    deadline of every call; each call may pass its own. Calls retry on UNAVAILABLE, and on
+    RESOURCE_EXHAUSTED that carries a retry pushback (after waiting it: the server is
+    overloaded, not the request too large); a stream cut mid-way is replayed and yields
+    only the results it had not yielded."""
 
     # The twin's channel factory (lmscore.client.channel.sync_channel or async_channel).
     _connect: Callable[[str, TlsOptions | None], Any]
