@@ -23,6 +23,7 @@ the batcher finds the model idle (`on_idle`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -57,6 +58,9 @@ class TokenScorer(Protocol):
         past: KeyValueCache | None = None,
         past_repeats: int = 1,
         return_present: bool = False,
+        # Passed only when a run gathers distributions (a model with `gathers`).
+        gather_positions: np.ndarray | None = None,
+        gather_ids: np.ndarray | None = None,
     ) -> tuple[BatchScores, KeyValueCache | None]: ...
 
     def shrink_arena(self) -> bool: ...
@@ -98,6 +102,41 @@ class ModelThread(ThreadPoolExecutor):
 ACTIVE_S = 5.0
 # Positions a run keeps however short the turn (fewer only cost per-run overhead).
 MIN_TURN_POSITIONS = 16
+
+
+@dataclasses.dataclass
+class Gather:
+    """Distributions a run also reads (candidate labels, whole distributions): the
+    log-probs of `ids` at each row's `positions` (ascending), through the head's
+    gathered_logprobs; `values[row]` collects them chunk by chunk."""
+
+    positions: Sequence[Sequence[int]]
+    ids: np.ndarray
+    values: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.values = [[] for _ in self.positions]
+
+    def feeds(self, start: int, end: int) -> tuple[list[list[int]], dict[str, np.ndarray]]:
+        """The rows' positions in [start, end), relative to start, and the model's feeds."""
+        local = [[p - start for p in own if start <= p < end] for own in self.positions]
+        read = np.zeros((len(local), max(map(len, local))), np.int64)
+        for row, row_positions in enumerate(local):
+            read[row, : len(row_positions)] = row_positions
+        return local, {"gather_positions": read, "gather_ids": self.ids}
+
+    def collect(self, local: list[list[int]], scores: BatchScores) -> None:
+        if not any(local):
+            return
+        if scores.gathered_logprobs is None:
+            raise RuntimeError("the model returned no gathered_logprobs")
+        for row, row_positions in enumerate(local):
+            self.values[row].append(scores.gathered_logprobs[row, : len(row_positions)])
+
+    def of_row(self, row: int) -> np.ndarray:
+        """[len(positions[row]), len(ids)] log-probs."""
+        parts = self.values[row]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.ids)), np.float32)
 
 
 def new_model_thread(turn_s: float = 0.0) -> ModelThread:
@@ -206,9 +245,11 @@ class ModelRunner:
         past: KeyValueCache | None = None,
         past_repeats: int = 1,
         return_present: bool = False,
+        gather: Gather | None = None,
     ) -> Steps[tuple[BatchScores, KeyValueCache | None]]:
         """model.score over right-padded rows, in chunks of `prefill_chunk_tokens` positions
-        (each against the cache of the chunks before it); yields between the chunks."""
+        (each against the cache of the chunks before it); yields between the chunks.
+        `gather`: distributions each chunk also reads where its positions fall in it."""
         rows, width = input_ids.shape
         chunk = self.settings.prefill_chunk_tokens or width
         if self.max_run_tokens:  # a big vocabulary: fewer positions per run
@@ -226,6 +267,7 @@ class ModelRunner:
             remaining = width - start
             count = -(-remaining // self._turn_positions(rows, chunk))
             end = start + -(-remaining // count)
+            local, gather_feeds = gather.feeds(start, end) if gather else ([], {})
             began = time.perf_counter()
             scores, present = self.model.score(
                 input_ids[:, start:end],
@@ -235,8 +277,11 @@ class ModelRunner:
                 past,
                 past_repeats,
                 return_present=return_present or end < width,
+                **gather_feeds,
             )
             self._ran(time.perf_counter() - began, rows * (end - start))
+            if gather:
+                gather.collect(local, scores)
             past, past_repeats = present, 1
             parts.append(scores)
             if end - start < width:
@@ -246,13 +291,16 @@ class ModelRunner:
         return BatchScores.concat(parts), present
 
     def run_sequences(
-        self, sequences: Sequence[tuple[int, ...]], top_k: int
+        self, sequences: Sequence[tuple[int, ...]], top_k: int, gather: Gather | None = None
     ) -> Steps[list[PositionScores]]:
         """Score right-padded full sequences (empty past): one model run, or one per chunk.
-        Sequence i's scores: position j scores token j + 1."""
+        Sequence i's scores: position j scores token j + 1. `gather`: distributions the
+        runs also read (lmscore.server.gather_runs)."""
         # Every token is an input, the last one's target unused: a full pass over the sequence.
         input_ids, attention_mask, target_ids = _padded(sequences, [ids[1:] for ids in sequences])
-        scores, _ = yield from self._chunked(input_ids, attention_mask, target_ids, top_k)
+        scores, _ = yield from self._chunked(
+            input_ids, attention_mask, target_ids, top_k, gather=gather
+        )
         return [scores.row(row, len(ids) - 1) for row, ids in enumerate(sequences)]
 
     def run_prefix_group(
