@@ -129,6 +129,35 @@ def exported_gemma() -> Path:
     return lmscore_home(os.environ) / "models" / GEMMA_NAME
 
 
+@pytest.fixture(scope="module")
+def default_server(exported_default: Path) -> Iterator[ServerProcess]:
+    """`lmscore serve --model default`, for one test module."""
+    with running_server("default") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gemma_server(exported_gemma: Path) -> Iterator[ServerProcess]:
+    """A server of Gemma-3 270M, for one test module."""
+    with running_server(exported_gemma) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def torch_gemma(exported_gemma: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of Gemma-3 270M as torch_default's, for one test module (about a
+    GB of float32 weights, not kept for the session)."""
+    from transformers import AutoModelForCausalLM
+
+    from lmscore.export.gguf_tokenizer import faithful_tokenizer
+    from lmscore.export.paths import lmscore_home
+    from lmscore.export.source import gemma_gguf_path
+
+    gguf = gemma_gguf_path(lmscore_home(os.environ) / "sources")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    return model, faithful_tokenizer(gguf, [])
+
+
 @pytest.fixture(scope="session")
 def torch_default():
     """(model, tokenizer) of the default model: the weights loaded by transformers from the

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running_server
 from lmscore.client import Item, RollingOptions, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
 from reference import (
@@ -27,12 +26,6 @@ from reference import (
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def default_server(exported_default: Path):
-    with running_server("default") as server:
-        yield server
 
 
 def test_manifest_validation_figure(exported_default: Path) -> None:

@@ -9,17 +9,13 @@ test_gguf_tokenizer). Tolerance 1e-3 nats per item.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess
 from lmscore.client import Item, ScoreOptions, ScoringClient
 from lmscore.export.manifest import Manifest
-from lmscore.export.paths import lmscore_home
 from lmscore.export.source import GEMMA_NAME
 from reference import (
     assert_equals_reference,
@@ -31,24 +27,6 @@ from reference import (
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-3
 GEMMA_BOS = 2
-
-
-@pytest.fixture(scope="module")
-def gemma_server(exported_gemma: Path) -> Iterator[ServerProcess]:
-    with running_server(exported_gemma) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def torch_gemma(exported_gemma: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from lmscore.export.gguf_tokenizer import faithful_tokenizer
-    from lmscore.export.source import gemma_gguf_path
-
-    gguf = gemma_gguf_path(lmscore_home(os.environ) / "sources")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    return model, faithful_tokenizer(gguf, [])
 
 
 def test_gemma_manifest(exported_gemma: Path) -> None:

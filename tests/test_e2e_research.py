@@ -6,47 +6,17 @@ the whole vocabulary, tests/test_research_outputs.torch_logprobs), within 1e-4.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
 from test_research_outputs import torch_logprobs
 
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess
 from lmscore.client import Item, ScoreOptions, ScoringClient
-from lmscore.export.paths import lmscore_home
 from reference import natural_pairs
 
 pytestmark = pytest.mark.e2e
 TOLERANCE = 1e-4
 PROMPT = "Review: the film was a delight from start to finish.\nSentiment:"
-
-
-@pytest.fixture(scope="module")
-def default_server(exported_default: Path) -> Iterator[ServerProcess]:
-    with running_server(exported_default) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gemma_server(exported_gemma: Path) -> Iterator[ServerProcess]:
-    with running_server(exported_gemma) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def torch_gemma(exported_gemma: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from lmscore.export.gguf_tokenizer import faithful_tokenizer
-    from lmscore.export.source import gemma_gguf_path
-
-    gguf = gemma_gguf_path(lmscore_home(os.environ) / "sources")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    return model, faithful_tokenizer(gguf, [])
 
 
 def assert_research_outputs_equal_pytorch(server: ServerProcess, model, tokenizer) -> None:
