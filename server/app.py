@@ -305,7 +305,7 @@ async def serve(config: ServerConfig) -> None:
         metrics_socket = _bind(config.metrics_host or config.host, config.metrics_port, "metrics")
 
     model_thread = new_model_thread(config.model_turn_ms / 1000)
-    memory = MemoryPolicy()
+    memory = MemoryPolicy(hold_s=config.engine.memory_hold)
     models: list[LoadedModel] = []
     for source in config.models:
         log.info("loading %s from %s", source.name, source.directory)

@@ -34,7 +34,8 @@ from lmscore.server.model_runs import ModelRunner, pack_by_length
 from lmscore.server.scoring import PositionScores
 
 # The model's on_idle (memory back after a burst) waits for this long a pause: back-to-back
-# requests reuse the last one's freed pages instead of paging them in again.
+# requests reuse the last one's freed pages instead of paging them in again (what the
+# requests of the last minute needed is kept longer: lmscore.server.memory).
 IDLE_DELAY_S = 1.0
 
 
@@ -215,15 +216,23 @@ class DynamicBatcher:
 
     async def _idle(self) -> None:
         """Run the runner's on_idle on the model thread once no work came for idle_delay
-        seconds."""
+        seconds, and again at its memory policy's later idle points (the hold's end)."""
         assert self._wakeup is not None
-        self._wakeup.clear()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), self.idle_delay)
-            return  # work came first
-        except TimeoutError:
-            pass
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._runner.on_idle)
+        later = (p for p in self._runner.memory.idle_points if p > self.idle_delay)
+        idle_s = 0.0
+        for point in (self.idle_delay, *later):
+            if self._pending:
+                return  # work came while on_idle ran
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), point - idle_s)
+                return  # work came first
+            except TimeoutError:
+                pass
+            idle_s = point
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._runner.on_idle, idle_s
+            )
 
     def _take(self) -> list[_SequenceJob | _CallJob]:
         live = [j for j in self._pending if not j.future.cancelled()]
@@ -279,7 +288,6 @@ class DynamicBatcher:
         self._batch_tokens.observe(padded)
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         assert self._wakeup is not None
         while True:
             if not self._runs:
@@ -292,28 +300,35 @@ class DynamicBatcher:
                     await self._gather()
             if self._pending:
                 self._new_runs(self._take())
-            run = self._next_run()
-            if run is None:
-                continue
-            self._runs.remove(run)
-            if run.abandoned():
-                if run.started:
-                    self.runs_abandoned += 1
-                    self._runs_abandoned.inc()
-                run.steps.close()
-                continue
-            if not run.started:
-                self._start(run)
-            try:
-                with self._compute_seconds.time():
-                    finished, value = await loop.run_in_executor(self._executor, _step, run.steps)
-            except Exception as exc:
-                run.fail(exc)
-                continue
-            if finished:
-                run.settle(value)
-            else:
-                # Its next model run after the others' turns, those that came meanwhile too.
-                if self._pending:
-                    self._new_runs(self._take())
-                self._runs.append(run)
+            await self._take_turn()
+
+    async def _take_turn(self) -> None:
+        """The next run's next model run. A call of its own, so that nothing of the run
+        (its results are views of ONNX Runtime's output buffers) outlives it in a frame
+        that then idles: they would keep the arena from shrinking."""
+        run = self._next_run()
+        if run is None:
+            return
+        self._runs.remove(run)
+        if run.abandoned():
+            if run.started:
+                self.runs_abandoned += 1
+                self._runs_abandoned.inc()
+            run.steps.close()
+            return
+        if not run.started:
+            self._start(run)
+        loop = asyncio.get_running_loop()
+        try:
+            with self._compute_seconds.time():
+                finished, value = await loop.run_in_executor(self._executor, _step, run.steps)
+        except Exception as exc:
+            run.fail(exc)
+            return
+        if finished:
+            run.settle(value)
+        else:
+            # Its next model run after the others' turns, those that came meanwhile too.
+            if self._pending:
+                self._new_runs(self._take())
+            self._runs.append(run)

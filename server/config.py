@@ -26,6 +26,11 @@ LIMITS_GROUP = "batching and limits"
 SECURITY_GROUP = "security"
 
 
+# How long the memory recent requests needed is kept through idleness (lmscore.server.memory):
+# traffic of a request every few seconds to a minute runs as back to back.
+MEMORY_HOLD_S = 60.0
+
+
 def flag(
     help: str, *, low: float | None = None, high: float | None = None, **argparse_keywords: Any
 ) -> dict[str, Any]:
@@ -202,6 +207,20 @@ class EngineSettings:
             "over it runs in chunks of positions, as --prefill-chunk-tokens",
             metavar="BYTES",
             low=1,
+        ),
+    )
+    # Idle release (lmscore.server.memory): a request after idle pays ~15 % of its time to
+    # fault released buffers in again; sporadic traffic keeps them (docs/benchmarks.md).
+    memory_hold: float = field(
+        default=MEMORY_HOLD_S,
+        metadata=flag(
+            "keep the memory recent requests' runs needed (ONNX Runtime's arena) until the "
+            "model has been idle this many seconds, so that a request every few seconds runs "
+            "as fast as back to back; a burst needing more than the requests of the last "
+            "hold goes back after 1 s idle, and so does everything at 0 (tight memory limits)",
+            metavar="SECONDS",
+            low=0,
+            high=86_400,
         ),
     )
     max_top_k: int = field(

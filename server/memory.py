@@ -5,10 +5,16 @@ Two allocators keep what a run frees: ONNX Runtime's CPU arena (on by default, s
 RuntimeOptions.cpu_arena) and glibc's heap, which keeps freed pages mapped. Left alone,
 RSS stays at the peak of the largest burst. `MemoryPolicy` decides when to give them back:
 
-- when the model goes idle after a burst (`after_burst`): the arena shrinks first (a
-  callable the model runs supply), then the heap is trimmed; only once RSS has grown by
-  IDLE_TRIM_GROWTH_BYTES since the last such release, so a short request's buffers stay
-  for the next one instead of being paged in again every time;
+- when the model goes idle (`after_burst`, about a second after its last run): once RSS
+  has grown by IDLE_TRIM_GROWTH_BYTES since the last release (a short request's buffers
+  stay for the next one instead of being paged in again every time), the heap is trimmed,
+  which costs the next run nothing. The arena holds the rest: the head's [tokens,
+  vocabulary] buffers, 0.8 GB for a batch of 1,000 tokens on the default model, which the
+  next run pays ~15 % of its time to fault in again (issue 23). So the arena is kept while
+  it is the working set of recent requests: when no more of it was needed than by a
+  request within the last `hold_s` seconds. A burst larger than that goes back at once,
+  and everything once the model has been idle for `hold_s` (`hold_s` 0: every burst at
+  once, the behaviour a tight memory limit wants);
 - between the chunks of a long run (`between_chunks`): the heap only, at most once per
   MIN_TRIM_INTERVAL, since a trim walks the whole heap.
 
@@ -18,6 +24,7 @@ trimmed together. On other C libraries (musl, macOS) all of it is a no-op.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import functools
@@ -26,6 +33,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+
+from lmscore.server.config import MEMORY_HOLD_S
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +89,25 @@ class MemoryPolicy:
     """When freed memory goes back to the system. The heap is the process's, so every model
     of a server shares one policy (the app makes it); an engine on its own makes its own."""
 
-    def __init__(self, idle_growth_bytes: int = IDLE_TRIM_GROWTH_BYTES) -> None:
+    def __init__(
+        self,
+        idle_growth_bytes: int = IDLE_TRIM_GROWTH_BYTES,
+        hold_s: float = MEMORY_HOLD_S,
+        *,
+        resident: Callable[[], int | None] = resident_bytes,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.idle_growth_bytes = idle_growth_bytes
+        self.hold_s = hold_s
+        self._resident = resident
+        self._clock = clock
         self._lock = threading.Lock()
         self._last_trim = 0.0
-        # RSS just after the last release after a burst: the resting size (weights, caches kept).
+        # RSS just after the last full release: the resting size (weights, caches kept).
         self._resting_rss = 0
+        # (time, RSS above the resting size) at each idle point after a request that grew
+        # it: what recent requests needed.
+        self._needs: collections.deque[tuple[float, int]] = collections.deque()
 
     def trim_heap(self, min_interval: float = 0.0) -> bool:
         """Return free heap pages to the system; False when skipped (less than
@@ -106,14 +128,40 @@ class MemoryPolicy:
         the cache grows again (the resting size is not moved: the run's caches are alive)."""
         return self.trim_heap(MIN_TRIM_INTERVAL)
 
-    def after_burst(self, free_arenas: Callable[[], object] | None = None) -> bool:
-        """What the model thread runs whenever it goes idle: `free_arenas` (what allocators
-        above malloc keep, e.g. ONNX Runtime's arena), then a heap trim, once RSS is
-        idle_growth_bytes above its resting size. False when nothing was released."""
-        rss = resident_bytes()
-        if rss is not None and rss - self._resting_rss < self.idle_growth_bytes:
+    def after_burst(
+        self, free_arenas: Callable[[], object] | None = None, idle_s: float = 0.0
+    ) -> bool:
+        """What the model thread runs at each idle point, `idle_s` seconds after its last
+        run. Once RSS is idle_growth_bytes above its resting size: the heap trimmed and
+        `free_arenas` run (what allocators above malloc keep, e.g. ONNX Runtime's arena),
+        unless no more was needed than by a request within the last hold_s seconds, when
+        only the heap is trimmed; everything once idle for hold_s. True when the arenas
+        went back."""
+        if self.hold_s and idle_s >= self.hold_s:
+            # Idle past the hold: whatever is held goes back, whoever grew it (models share
+            # the heap, so the growth seen here may be another model's arena).
+            return self.release_now(free_arenas)
+        rss = self._resident()
+        if rss is None or not self._resting_rss:  # the first idle point sets the resting size
+            return self.release_now(free_arenas)
+        need = rss - self._resting_rss
+        if need < self.idle_growth_bytes:
+            return False
+        now = self._clock()
+        while self._needs and self._needs[0][0] < now - self.hold_s:
+            self._needs.popleft()
+        recent = max((level for _, level in self._needs), default=None)
+        self._needs.append((now, need))
+        if recent is not None and need <= recent + self.idle_growth_bytes:
+            self.trim_heap()  # the arena stays: the next request needs it again
             return False
         return self.release_now(free_arenas)
+
+    @property
+    def idle_points(self) -> tuple[float, ...]:
+        """When (seconds idle) the model thread should call after_burst again after the
+        first idle point: the hold's end, where there is one."""
+        return (self.hold_s,) if self.hold_s else ()
 
     def release_now(self, free_arenas: Callable[[], object] | None = None) -> bool:
         """Release whatever can be, whatever the growth; sets the resting size."""
@@ -121,5 +169,5 @@ class MemoryPolicy:
             free_arenas()
         released = self.trim_heap()
         if released:
-            self._resting_rss = resident_bytes() or 0
+            self._resting_rss = self._resident() or 0
         return released

@@ -187,7 +187,7 @@ class ModelRunner:
         self.model = model
         self.settings = settings
         self.name = name
-        self.memory = memory or MemoryPolicy()
+        self.memory = memory or MemoryPolicy(hold_s=settings.memory_hold)
         # Positions one run may score: its [tokens, vocab] float32 scores within
         # max_logits_bytes (0 vocab_size: no bound).
         self.max_run_tokens = (
@@ -211,9 +211,10 @@ class ModelRunner:
         if self._owns_thread:
             self.thread.shutdown(wait=True)
 
-    def on_idle(self) -> bool:
-        """On the model thread, when the work has run out: memory back after a burst."""
-        return self.memory.after_burst(self.model.shrink_arena)
+    def on_idle(self, idle_s: float = 0.0) -> bool:
+        """On the model thread, `idle_s` seconds after the work ran out: memory back after a
+        burst, or once idle past the memory hold."""
+        return self.memory.after_burst(self.model.shrink_arena, idle_s)
 
     def release_memory(self) -> bool:
         """On the model thread: the arena and free heap pages back now, burst or not."""

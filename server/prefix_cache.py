@@ -122,8 +122,10 @@ class PrefixCache:
         nbytes = sum(a.nbytes for a in arrays) + scores.top_logprobs.nbytes + tokens.nbytes
         if nbytes > self.max_bytes:
             return
-        # Copied only when kept, and only what ONNX Runtime still owns.
+        # Copied only when kept, and only what ONNX Runtime still owns: an entry holding a
+        # view of its buffers would keep a whole arena region (up to a GB) from going back.
         host = {name: v if owned else v.copy() for name, (v, owned) in views.items()}
+        scores = own_arrays(scores)
         if any(v.shape[0] != 1 or v.shape[SEQUENCE_AXIS] != positions for v in host.values()):
             raise ValueError("a prefix cache entry is one sequence's cache of all its inputs")
         if len(scores) != positions:
@@ -153,10 +155,29 @@ def _is_prefix(shorter: np.ndarray, longer: np.ndarray) -> bool:
 
 
 def _host_view(value: Any) -> tuple[np.ndarray, bool]:
-    """A key/value tensor as a host array, and whether that array is ours: a numpy output
-    is; a CPU OrtValue's array is a view of a buffer ONNX Runtime owns (copy to keep it);
-    a device OrtValue comes back as a fresh host copy."""
+    """A key/value tensor as a host array, and whether that array is ours: a CPU OrtValue's
+    array, like a session.run output, is a view of a buffer ONNX Runtime owns (copy to keep
+    it); a device OrtValue comes back as a fresh host copy."""
     if isinstance(value, np.ndarray):
-        return value, True
+        return value, owns_its_memory(value)
     on_cpu = str(value.device_name()).lower() == "cpu"
     return value.numpy(), not on_cpu
+
+
+def owns_its_memory(array: np.ndarray) -> bool:
+    """Whether `array`'s memory is numpy's (not a view of another owner's buffer, such as
+    ONNX Runtime's outputs)."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.base is None
+
+
+def own_arrays(scores: PositionScores) -> PositionScores:
+    """`scores` with every array that is a view of another owner's buffer copied."""
+    copies = {
+        f.name: value.copy()
+        for f in dataclasses.fields(scores)
+        if isinstance(value := getattr(scores, f.name), np.ndarray) and not owns_its_memory(value)
+    }
+    return dataclasses.replace(scores, **copies)

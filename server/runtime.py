@@ -342,7 +342,17 @@ class OnnxCausalLM:
         feeds = model_feeds(self._inputs, ids, np.ones_like(ids), target_ids=ids)
         run_options = ort.RunOptions()
         run_options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
-        self.session.run([TARGET_LOGPROBS], feeds, run_options)
+        # The output in a buffer of ours: one ONNX Runtime allocated would still be alive
+        # when the run shrinks the arena, and keep its region (after the first shrink the
+        # arena grows by one region as large as a whole batch's buffers) from going back.
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        output = np.zeros((1, 1), dtype=np.float32)
+        binding.bind_output(
+            TARGET_LOGPROBS, "cpu", 0, np.float32, list(output.shape), output.ctypes.data
+        )
+        self.session.run_with_iobinding(binding, run_options)
         return True
 
     def _bound_past(self, past: Mapping[str, PastValue], repeats: int) -> dict[str, PastValue]:

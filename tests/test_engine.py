@@ -476,3 +476,49 @@ def test_a_stopped_request_stops_planning_between_items_and_texts(tokenizer: Tex
             engine.plan([ItemInput([5], [[6]])] * 10, ScoreOptions(), stop=stop_after_two)
     finally:
         counting.close()
+
+
+def test_the_model_thread_releases_again_when_the_memory_hold_ends(
+    tokenizer: TextTokenizer,
+) -> None:
+    """The batcher runs the memory policy at the first idle point (1 s) and again at the end
+    of --memory-hold, where what was kept goes back; a request in between starts over."""
+    from lmscore.server.batching import IDLE_DELAY_S
+    from lmscore.server.memory import MemoryPolicy
+
+    released: list[float] = []
+
+    class ArenaModel(FakeCausalModel):
+        def shrink_arena(self) -> bool:
+            released.append(time.monotonic())
+            return True
+
+    hold = IDLE_DELAY_S + 1.2
+    # RSS never grows here: only the first idle point (the resting size) and the hold's end
+    # release.
+    policy = MemoryPolicy(hold_s=hold, resident=lambda: 1 << 30)
+    engine = ScoringEngine(
+        ArenaModel(),
+        tokenizer,
+        ModelFacts(max_context=64, vocab_size=VOCAB, bos_token_id=1),
+        EngineSettings(memory_hold=hold),
+        memory=policy,
+    )
+    plan = engine.plan([ItemInput("The licensee", [" may copy"])], ScoreOptions())
+
+    async def requests() -> list[float]:
+        times = []
+        for pause in (IDLE_DELAY_S + 0.6, hold + 1.0):
+            times.append(time.monotonic())
+            [_ async for _ in engine.score(plan)]
+            times.append(time.monotonic())
+            await asyncio.sleep(pause)
+        return times
+
+    _, first_end, second_start, second_end = asyncio.run(requests())
+    engine.close()
+    # After the first request: its first idle point only (the next request came before the
+    # hold's end); after the second: not its first idle point (nothing grew), the hold's end.
+    assert len(released) == 2, [t - first_end for t in released]
+    assert first_end + IDLE_DELAY_S - 0.05 < released[0] < second_start
+    assert released[1] > second_end + hold - 0.05

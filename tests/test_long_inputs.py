@@ -276,6 +276,59 @@ def test_memory_comes_back_after_a_burst_of_large_requests(
     assert after <= 1.2 * baseline, f"RSS {after:.0f} MB after the burst, {baseline:.0f} before"
 
 
+@pytest.mark.e2e
+def test_sporadic_batches_keep_their_memory_until_the_hold_ends(exported_default: Path) -> None:
+    """A batch every 2 s (issue 23): the first one's memory goes back after it (a burst:
+    nothing before needed as much), the next one's is kept through the idle gap for the batch
+    after it, and all of it goes back once the server has been idle for --memory-hold."""
+    hold = 5.0
+    ids = [int(t) for t in np.random.default_rng(2).integers(100, 49000, 1100)]
+    batch = [
+        Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : i * 128 + 128]]) for i in range(8)
+    ]
+    flags = ("--memory-hold", str(hold))
+    with running_server("default", *flags) as server, ScoringClient(server.address) as client:
+        client.score([Item("Warm", [" up"])])
+        time.sleep(1.5)
+        baseline = rss_mb(server.process.pid)
+        client.score(batch)
+        time.sleep(2.0)
+        after_first = rss_mb(server.process.pid)
+        client.score(batch)
+        time.sleep(2.0)
+        held = rss_mb(server.process.pid)
+        time.sleep(hold + 1.0)
+        after_hold = rss_mb(server.process.pid)
+    figures = f"RSS {baseline:.0f} MB warmed up, {after_first:.0f}, {held:.0f}, {after_hold:.0f}"
+    assert after_first <= 1.2 * baseline, figures
+    assert held > baseline + 300, figures  # the head's buffers of 1,024 tokens: ~0.8 GB
+    assert after_hold <= 1.2 * baseline, figures
+
+
+@pytest.mark.e2e
+def test_without_a_hold_every_batch_gives_its_memory_back(exported_default: Path) -> None:
+    """--memory-hold 0 (a tight memory limit): each batch's arena goes back after it, the
+    third as the first. (Once, only the first did: the arena's next region, as large as a
+    batch's buffers, also held results the batcher or the shrinking run still referenced.)"""
+    ids = [int(t) for t in np.random.default_rng(3).integers(100, 49000, 1100)]
+    batch = [
+        Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : i * 128 + 128]]) for i in range(8)
+    ]
+    with (
+        running_server("default", "--memory-hold", "0") as server,
+        ScoringClient(server.address) as client,
+    ):
+        client.score([Item("Warm", [" up"])])
+        time.sleep(1.5)
+        baseline = rss_mb(server.process.pid)
+        after = []
+        for _ in range(3):
+            client.score(batch)
+            time.sleep(2.0)
+            after.append(rss_mb(server.process.pid))
+    assert max(after) <= 1.2 * baseline, f"RSS {baseline:.0f} MB warmed up, then {after}"
+
+
 def test_a_big_vocabulary_bounds_the_positions_of_a_run(tiny_export: Path) -> None:
     """--max-logits-bytes: a batch whose [tokens, vocab] scores would exceed it runs in chunks
     of positions (here 40 tokens of the 512-word vocabulary), with the one-pass numbers."""

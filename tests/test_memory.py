@@ -98,3 +98,76 @@ def test_a_shrunk_arena_scores_as_before(tiny_export) -> None:  # type: ignore[n
     for scores in (after, reference):
         np.testing.assert_array_equal(scores.logprobs, before.logprobs)
         np.testing.assert_array_equal(scores.top_ids, before.top_ids)
+
+
+class FakeProcess:
+    """RSS and time for a MemoryPolicy, moved by the test; the arena's release sets RSS back
+    to the resting size."""
+
+    def __init__(self, resting: int) -> None:
+        self.resting = self.rss = resting
+        self.now = 0.0
+        self.released: list[float] = []
+
+    def free_arena(self) -> None:
+        self.released.append(self.now)
+        self.rss = self.resting
+
+    def policy(self, hold_s: float) -> memory.MemoryPolicy:
+        policy = memory.MemoryPolicy(
+            hold_s=hold_s, resident=lambda: self.rss, clock=lambda: self.now
+        )
+        policy.release_now(self.free_arena)  # the server's first idle point
+        self.released.clear()
+        return policy
+
+    def request(self, at: float, needs: int) -> None:
+        self.now = at
+        self.rss = max(self.rss, self.resting + needs)
+
+
+def test_the_arena_is_kept_for_requests_that_need_no_more_than_recent_ones() -> None:
+    """Sporadic traffic (issue 23): a batch every few seconds keeps the arena it faulted in,
+    so it runs as back to back; the first such batch's memory goes back (nothing before it
+    needed as much), and everything once the model is idle for the hold."""
+    process = FakeProcess(resting=750 * MIB)
+    policy = process.policy(hold_s=60)
+    process.request(at=10, needs=830 * MIB)
+    assert policy.after_burst(process.free_arena, idle_s=1)  # a burst: nothing recent as large
+    for at in (13, 16, 30, 70):  # 3 s, 3 s, 14 s, 40 s apart: within the hold of the last
+        process.request(at, needs=830 * MIB)
+        assert not policy.after_burst(process.free_arena, idle_s=1)
+        assert process.rss == process.resting + 830 * MIB
+    assert process.released == [10]
+    assert policy.after_burst(process.free_arena, idle_s=60)  # idle for the hold
+    assert process.released == [10, 70] and process.rss == process.resting
+
+
+def test_a_burst_larger_than_recent_requests_goes_back_at_once() -> None:
+    """The arena held for a batch every few seconds, a long input needing 3x more: its memory
+    goes back at the first idle point, not a minute later."""
+    process = FakeProcess(resting=750 * MIB)
+    policy = process.policy(hold_s=60)
+    for at in (10, 13):
+        process.request(at, needs=830 * MIB)
+        policy.after_burst(process.free_arena, idle_s=1)
+    process.request(at=16, needs=2500 * MIB)
+    assert policy.after_burst(process.free_arena, idle_s=1)
+    assert process.released == [10, 16] and process.rss == process.resting
+    # Past the hold, a batch is a burst again: what the last minute needed is forgotten.
+    process.request(at=100, needs=830 * MIB)
+    assert policy.after_burst(process.free_arena, idle_s=1)
+
+
+def test_without_a_hold_every_burst_goes_back_at_its_first_idle_point() -> None:
+    """--memory-hold 0, for a tight memory limit: each batch's arena back after it, a short
+    request's buffers kept."""
+    process = FakeProcess(resting=750 * MIB)
+    policy = process.policy(hold_s=0)
+    for at in (10, 13, 16):
+        process.request(at, needs=830 * MIB)
+        assert policy.after_burst(process.free_arena, idle_s=1)
+    process.request(at=19, needs=20 * MIB)
+    assert not policy.after_burst(process.free_arena, idle_s=1)
+    assert process.released == [10, 13, 16]
+    assert policy.idle_points == ()

@@ -201,3 +201,40 @@ def test_server_cache_hits_equal_pytorch_and_show_in_metrics(tiny_export, tiny_t
     assert (hits, misses) == (3, 1)
     assert metrics[("lmscore_prefix_cache_hit_tokens_total", label)] >= 3 * 20
     assert 0 < metrics[("lmscore_prefix_cache_bytes", label)] <= 256 * 2**20
+
+
+@pytest.mark.parametrize("io_binding", [True, False], ids=["io-binding", "session-run"])
+def test_an_entry_keeps_no_view_of_onnx_runtimes_buffers(
+    tiny_export: Path, io_binding: bool
+) -> None:
+    """A kept prefix pass is copied out of ONNX Runtime's output buffers (numpy views of its
+    arena), else one entry would keep a whole arena region from going back when idle."""
+    from lmscore.server.config import RuntimeOptions
+    from lmscore.server.prefix_cache import owns_its_memory
+    from lmscore.server.runtime import OnnxCausalLM
+
+    model = OnnxCausalLM(tiny_export, RuntimeOptions(io_binding=io_binding))
+    tokens = np.arange(10, 30, dtype=np.int64)
+    inputs = tokens[None, :-1]
+    scores, present = model.score(
+        inputs, np.ones_like(inputs), tokens[None, 1:], top_k=2, return_present=True
+    )
+    assert present is not None
+    row = PositionScores(
+        scores.logprobs[0], scores.ranks[0], scores.top_ids[0], scores.top_logprobs[0]
+    )
+    assert not owns_its_memory(row.logprobs)  # what the model run hands back
+    cache = PrefixCache(10**8)
+    cache.store(tokens, present, row)
+    hit = cache.lookup(tokens, top_k=2)
+    assert hit is not None
+    (kept,) = cache._entries.values()
+    arrays = [
+        *kept.past.values(),
+        kept.scores.logprobs,
+        kept.scores.ranks,
+        kept.scores.top_ids,
+        kept.scores.top_logprobs,
+    ]
+    assert all(owns_its_memory(array) for array in arrays)
+    np.testing.assert_array_equal(hit.scores.logprobs, row.logprobs[: hit.length])
