@@ -141,9 +141,12 @@ def load_model(
 
 
 def warm_up(engine: ScoringEngine) -> None:
-    """One small request through the whole engine, so the first client pays no start-up cost."""
+    """One small request through the whole engine, so the first client pays no start-up cost;
+    then what it allocated goes back, and the RSS left is the memory policy's resting size,
+    which later requests' needs are measured from (lmscore.server.memory)."""
     plan = engine.plan([ItemInput("Warm up the model", [" now."])], ScoreOptions())
     engine.score_sync(plan)
+    engine.release_memory()
 
 
 class BindError(RuntimeError):
