@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-tokens", type=int, default=8192, help="with --two-models")
     parser.add_argument("--long-requests", type=int, default=4, help="with --two-models")
     parser.add_argument(
+        "--after-idle",
+        action="store_true",
+        help="only the after-idle rows (the batch and the short pair back to back and after 3 s "
+        "and 15 s idle), on a default server and on one with --memory-hold 0; writes "
+        "after_idle.json",
+    )
+    parser.add_argument(
         "--research",
         action="store_true",
         help="only the research outputs' costs (lmscore.bench.research_costs: entropy on vs "
@@ -89,6 +96,21 @@ def run(args: argparse.Namespace) -> int:
         )
         print(two_models.table(results))
         print(f"\nwrote {args.output_dir}/two_models.json", file=sys.stderr)
+        return 0
+
+    if args.after_idle:
+        import json
+
+        from lmscore.bench.report import after_idle_table
+        from lmscore.bench.runner import measure_after_idle_servers
+        from lmscore.export.paths import default_model_dir
+
+        model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
+        after_idle = measure_after_idle_servers(model_dir)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "after_idle.json").write_text(json.dumps(after_idle, indent=2) + "\n")
+        print(after_idle_table(after_idle))
+        print(f"\nwrote {args.output_dir}/after_idle.json", file=sys.stderr)
         return 0
 
     if args.research:

@@ -257,6 +257,33 @@ def after_idle_checks(after_idle: dict[str, Any]) -> list[Check]:
     return checks
 
 
+def after_idle_table(results: dict[str, Any]) -> str:
+    """`lmscore bench --after-idle`: each server's rows, seconds and back-to-back ratios."""
+    lines = [
+        f"CPU: {results['cpu']}",
+        "",
+        "| server | workload | back to back | after 3 s idle | after 15 s idle |",
+        "|---|---|---|---|---|",
+    ]
+    for server, rows in results.items():
+        if not isinstance(rows, dict):
+            continue
+        for name in ("batch", "short_pair"):
+            row = rows[name]
+            cells = [
+                f"{row[f'after_{gap}s_s'] * 1000:.1f} ms ({row[f'after_{gap}s_ratio']:.2f}x)"
+                for gap in ("3", "15")
+            ]
+            lines.append(
+                f"| {server} | {name.replace('_', ' ')} | {row['back_to_back_s'] * 1000:.1f} ms "
+                f"| {cells[0]} | {cells[1]} |"
+            )
+        lines.append(
+            f"| {server} | RSS 1.5 s after | {rows['rss_held_bytes'] / 2**20:.0f} MB | | |"
+        )
+    return "\n".join(lines)
+
+
 def http_rows(http: dict[str, Any]) -> list[str]:
     """The workload table's rows of the HTTP port: short pair latencies, lm-eval's time."""
     pair = http["short_pair"]

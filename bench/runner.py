@@ -525,6 +525,27 @@ def measure_after_idle(client: ScoringClient, work: Workloads, repeats: int = 3)
     return result
 
 
+# The servers `lmscore bench --after-idle` compares: the default hold, and none.
+AFTER_IDLE_SERVERS = {"default": (), "--memory-hold 0": ("--memory-hold", "0")}
+
+
+def measure_after_idle_servers(model_dir: Path) -> dict[str, Any]:
+    """measure_after_idle on a default server and on one without the memory hold, one after
+    the other, each with the RSS it holds 1.5 s after; and the CPU it ran on."""
+    from lmscore.export.manifest import TOKENIZER_NAME
+    from lmscore.server.tokenization import TextTokenizer
+
+    work = build_workloads(TextTokenizer(model_dir / TOKENIZER_NAME))
+    result: dict[str, Any] = {"cpu": cpu_description()}
+    for name, flags in AFTER_IDLE_SERVERS.items():
+        print(f"after idle: {name} ...", file=sys.stderr)
+        with ServerUnderTest(model_dir, *flags) as server:
+            with ScoringClient(server.address, timeout=600) as client:
+                rows = measure_after_idle(client, work)
+            result[name] = {**rows, "rss_held_bytes": server.rss_bytes()}
+    return result
+
+
 def measure_unbatched_server(model_dir: Path, work: Workloads, concurrency: int) -> dict[str, Any]:
     """`lmscore serve --no-cross-request-batching`: concurrent clients without batching
     across their requests, and a start that reads the optimized graph the default server
