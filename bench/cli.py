@@ -54,9 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--after-idle",
         action="store_true",
-        help="only the after-idle rows (the batch and the short pair back to back and after 3 s "
-        "and 15 s idle), on a default server and on one with --memory-hold 0; writes "
-        "after_idle.json",
+        help="only the after-idle rows (lmscore.bench.after_idle: the batch and the short pair "
+        "back to back and after 3 s and 15 s idle, each call with the CPU the machine's other "
+        "processes ran meanwhile) on a default server, on one with --memory-hold 0 (the batch), "
+        "and in a PyTorch process idling the same way (the machine's baseline; not with "
+        "--no-pytorch); writes after_idle.json",
     )
     parser.add_argument(
         "--research",
@@ -101,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if args.after_idle:
         import json
 
+        from lmscore.bench.after_idle import measure_after_idle_servers
         from lmscore.bench.report import after_idle_table
-        from lmscore.bench.runner import measure_after_idle_servers
         from lmscore.export.paths import default_model_dir
 
         model_dir = default_model_dir(os.environ) if args.model == "default" else Path(args.model)
-        after_idle = measure_after_idle_servers(model_dir)
+        source = None if args.no_pytorch else args.source
+        after_idle = measure_after_idle_servers(model_dir, source)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "after_idle.json").write_text(json.dumps(after_idle, indent=2) + "\n")
         print(after_idle_table(after_idle))

@@ -466,8 +466,12 @@ def measure_default_server(
         print("answered rate at capacity and under 5x overload ...", file=sys.stderr)
         result["overload"] = overload.measure(server.address, OVERLOAD_CAPACITY_CLIENTS)
         print("timing requests after idle (3 s, 15 s) ...", file=sys.stderr)
+        # Imported here: lmscore.bench.after_idle builds on this module.
+        from lmscore.bench.after_idle import measure_after_idle, server_calls
+
         with ScoringClient(server.address, timeout=600) as client:
-            result["after_idle"] = measure_after_idle(client, work)
+            own = {server.process.pid, os.getpid()}
+            result["after_idle"] = measure_after_idle(server_calls(client, work), own)
         with (
             ScoringClient(server.address, timeout=600) as client,
             HttpScorer(server.http_port) as http,
@@ -495,55 +499,6 @@ def measure_default_server(
 
 # Clients at capacity: within the default --max-concurrent-requests (64), none waits.
 OVERLOAD_CAPACITY_CLIENTS = 60
-
-# Idle gaps before a request, as sporadic traffic leaves them (issue 23): the server's idle
-# release runs after about a second.
-IDLE_GAPS_S = (3.0, 15.0)
-
-
-def measure_after_idle(client: ScoringClient, work: Workloads, repeats: int = 3) -> dict[str, Any]:
-    """The batch and the short pair back to back, and each after IDLE_GAPS_S of idleness:
-    median seconds of `repeats` each, and the back-to-back time over the after-idle one."""
-    batch = [_as_client_item(item) for item in work.batch]
-    pair = [_as_client_item(work.short_pair)]
-    result: dict[str, Any] = {}
-    for name, items in (("batch", batch), ("short_pair", pair)):
-        client.score(items)  # warm
-        back_to_back = timed(lambda items=items: client.score(items), repeats).median
-        row: dict[str, Any] = {"back_to_back_s": back_to_back}
-        for gap in IDLE_GAPS_S:
-            seconds = []
-            for _ in range(repeats):
-                time.sleep(gap)
-                began = time.perf_counter()
-                client.score(items)
-                seconds.append(time.perf_counter() - began)
-            after = statistics.median(seconds)
-            row[f"after_{gap:g}s_s"] = after
-            row[f"after_{gap:g}s_ratio"] = back_to_back / after
-        result[name] = row
-    return result
-
-
-# The servers `lmscore bench --after-idle` compares: the default hold, and none.
-AFTER_IDLE_SERVERS = {"default": (), "--memory-hold 0": ("--memory-hold", "0")}
-
-
-def measure_after_idle_servers(model_dir: Path) -> dict[str, Any]:
-    """measure_after_idle on a default server and on one without the memory hold, one after
-    the other, each with the RSS it holds 1.5 s after; and the CPU it ran on."""
-    from lmscore.export.manifest import TOKENIZER_NAME
-    from lmscore.server.tokenization import TextTokenizer
-
-    work = build_workloads(TextTokenizer(model_dir / TOKENIZER_NAME))
-    result: dict[str, Any] = {"cpu": cpu_description()}
-    for name, flags in AFTER_IDLE_SERVERS.items():
-        print(f"after idle: {name} ...", file=sys.stderr)
-        with ServerUnderTest(model_dir, *flags) as server:
-            with ScoringClient(server.address, timeout=600) as client:
-                rows = measure_after_idle(client, work)
-            result[name] = {**rows, "rss_held_bytes": server.rss_bytes()}
-    return result
 
 
 def measure_unbatched_server(model_dir: Path, work: Workloads, concurrency: int) -> dict[str, Any]:

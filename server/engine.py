@@ -178,8 +178,10 @@ class ScoringEngine:
             raise
 
     def _release_later(self) -> None:
-        """Memory back on the model thread IDLE_DELAY_S from now, burst or not (a refused
-        request grew the heap, maybe less than a burst does); one pending at a time."""
+        """The heap trimmed on the model thread IDLE_DELAY_S from now, burst or not (a
+        refused request grew the heap, maybe less than a burst does); one pending at a time.
+        Only the heap: a request that never ran grew no arena, and an arena kept for recent
+        requests (--memory-hold) stays for the next one."""
         with self._release_lock:
             if self._release_timer is not None:
                 return
@@ -192,7 +194,7 @@ class ScoringEngine:
                 # the transport may keep until the cyclic collector runs: run it now.
                 gc.collect()
                 with contextlib.suppress(RuntimeError):  # the engine closed meanwhile
-                    self._runner.thread.submit(self._runner.release_memory)
+                    self._runner.thread.submit(self._runner.memory.trim_heap)
                 log.debug("memory released after a refused request")
 
             self._release_timer = threading.Timer(IDLE_DELAY_S, release)

@@ -522,3 +522,43 @@ def test_the_model_thread_releases_again_when_the_memory_hold_ends(
     assert len(released) == 2, [t - first_end for t in released]
     assert first_end + IDLE_DELAY_S - 0.05 < released[0] < second_start
     assert released[1] > second_end + hold - 0.05
+
+
+def test_a_refused_request_trims_the_heap_but_keeps_an_arena_held_for_recent_requests(
+    tokenizer: TextTokenizer,
+) -> None:
+    """A request refused while it was planned ran no model, so its memory is heap (its
+    tokens): that goes back IDLE_DELAY_S later, while the arena the memory hold keeps for
+    the next request stays (the next batch would pay its faults again)."""
+    from lmscore.server.batching import IDLE_DELAY_S
+    from lmscore.server.memory import MemoryPolicy
+
+    shrunk: list[float] = []
+    trimmed: list[float] = []
+
+    class ArenaModel(FakeCausalModel):
+        def shrink_arena(self) -> bool:
+            shrunk.append(time.monotonic())
+            return True
+
+    class CountingPolicy(MemoryPolicy):
+        def trim_heap(self, min_interval: float = 0.0) -> bool:
+            trimmed.append(time.monotonic())
+            return super().trim_heap(min_interval)
+
+    engine = ScoringEngine(
+        ArenaModel(),
+        tokenizer,
+        ModelFacts(max_context=64, vocab_size=VOCAB, bos_token_id=1),
+        EngineSettings(max_tokens_per_request=200),
+        memory=CountingPolicy(resident=lambda: 1 << 30),
+    )
+    try:
+        refused_at = time.monotonic()
+        with pytest.raises(RequestTooLarge):
+            engine.plan_rolling(["free software " * 40] * 15, RollingOptions(max_window_tokens=32))
+        time.sleep(IDLE_DELAY_S + 0.5)
+        assert shrunk == []
+        assert len(trimmed) == 1 and trimmed[0] > refused_at + IDLE_DELAY_S - 0.05
+    finally:
+        engine.close()
