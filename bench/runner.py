@@ -293,9 +293,14 @@ def measure_side_by_side(
     """Each path in turn, the order rotated every round: the machine's drift over a run
     falls on every path alike, so their ratios hold. Each turn runs its path twice and
     times the second run: the first after a switch from another process or library runs
-    slower (caches, page faults), which a server under steady load does not pay."""
+    slower (caches, page faults), which a server under steady load does not pay. An untimed
+    round comes first: a path's first two runs of a shape allocate (ONNX Runtime's memory
+    pattern takes a block of its own on the second run, ~0.8 GB of page faults for the
+    batch in a fresh server), so without it the first turn's timed run is one of them."""
     names = list(paths)
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        paths[name]()
     for round_ in range(repeats):
         turn = round_ % len(names)
         for name in names[turn:] + names[:turn]:
