@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from lmscore.bench.runner import ServerUnderTest, _as_client_item, cpu_description, pytorch_runs
+from lmscore.bench.harness import ServerUnderTest, as_client_item, cpu_description, pytorch_runs
 from lmscore.bench.workloads import Workloads, build_workloads
 from lmscore.client import ScoringClient
 
@@ -45,7 +45,8 @@ AFTER_IDLE_SERVERS = {"default": (), "--memory-hold 0": ("--memory-hold", "0")}
 def machine_cpu_s(exclude: Collection[int]) -> float | None:
     """Seconds of CPU every task on the machine has run, but those of the processes
     `exclude` (/proc/PID/task/TID/schedstat, in nanoseconds); None where the kernel keeps
-    no schedstat."""
+    no schedstat. A read of every task costs a few milliseconds of CPU: Calls takes it
+    outside the timed window, and nothing in the server may."""
     total = 0
     found = False
     for entry in os.listdir("/proc"):
@@ -131,13 +132,13 @@ def measure_after_idle(
 
 
 def server_calls(client: ScoringClient, work: Workloads) -> dict[str, Callable[[], object]]:
-    batch = [_as_client_item(item) for item in work.batch]
-    pair = [_as_client_item(work.short_pair)]
+    batch = [as_client_item(item) for item in work.batch]
+    pair = [as_client_item(work.short_pair)]
     return {"batch": lambda: client.score(batch), "short_pair": lambda: client.score(pair)}
 
 
 class PyTorchProcess:
-    """The machine's baseline: PyTorch on the same weights (lmscore.bench.runner's
+    """The machine's baseline: PyTorch on the same weights (lmscore.bench.harness's
     pytorch_runs, HFLM's computation) in a process of its own, idle between calls as a
     server is, driven over a pipe (`python -m lmscore.bench.after_idle`)."""
 

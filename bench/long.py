@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from lmscore.bench.runner import ServerUnderTest, cpu_description, percentile
+from lmscore.bench.harness import ServerUnderTest, cpu_description, percentile
 from lmscore.bench.workloads import LICENSES
 from lmscore.client import Item, ScoringClient
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest

@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from lmscore.bench.runner import timed
+from lmscore.bench.harness import timed
 from lmscore.export.paths import default_model_dir
 from lmscore.server.app import load_model
 from lmscore.server.config import EngineSettings, ServerConfig

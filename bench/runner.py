@@ -13,162 +13,45 @@ not compete for the cores.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import os
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmscore.bench import overload
+from lmscore.bench.after_idle import measure_after_idle, server_calls
+from lmscore.bench.harness import (
+    ServerUnderTest,
+    Timing,
+    as_client_item,
+    cpu_description,
+    percentile,
+    pytorch_runs,
+    timed,
+    token_ids,
+)
 from lmscore.bench.http_paths import LM_EVAL, SCORING, HttpScorer
 from lmscore.bench.lm_eval_wall import measure_lm_eval
 from lmscore.bench.workloads import Workloads, build_workloads
 from lmscore.client import Item, ScoringClient
 from lmscore.client import ScoreOptions as ClientOptions
-from lmscore.export.cpu import vector_flags
 from lmscore.export.manifest import Manifest, model_bytes
 from lmscore.server.app import load_model, warm_up
-from lmscore.server.batching import IDLE_DELAY_S
 from lmscore.server.config import MEMORY_HOLD_S, ServerConfig
 from lmscore.server.engine import ScoringEngine
-from lmscore.server.requests import ItemInput, TokenInput
+from lmscore.server.requests import ItemInput
 from lmscore.v1.options import ScoreOptions
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    seconds: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    def summary(self, units: float = 1.0) -> dict[str, float]:
-        """Rates per second (units / seconds): median, and from the fastest and slowest run."""
-        return {
-            "median_s": self.median,
-            "min_s": min(self.seconds),
-            "max_s": max(self.seconds),
-            "rate_median": units / self.median,
-        }
-
-
-def timed(run: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
-    for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - began)
-    return Timing(seconds)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
-def _ids(tokens: TokenInput | None) -> list[int]:
-    """The token ids of a workload's prompt or completion: lmscore.bench.workloads cuts
-    every one from tokenized text (only a prompt may be None, the empty prompt)."""
-    if tokens is None or isinstance(tokens, str):
-        raise TypeError(f"a workload holds token ids, got {tokens!r}")
-    return list(tokens)
-
-
-def _as_client_item(item: ItemInput) -> Item:
-    return Item(item.prompt, [_ids(completion) for completion in item.completions])
 
 
 def _sequence(item: ItemInput) -> list[int]:
     """An item's prompt and first completion as one list of token ids."""
-    prompt = [] if item.prompt is None else _ids(item.prompt)
-    return prompt + _ids(item.completions[0])
-
-
-def cpu_description() -> str:
-    """The CPU's model and the vector extensions that decide ORT's and PyTorch's kernels."""
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-    return f"{model}, {os.cpu_count()} CPUs, {' '.join(vector_flags())}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerUnderTest:
-    """A real `lmscore serve` process on a free loopback port; `http`: with --http-port on
-    another one."""
-
-    def __init__(self, model_dir: Path, *flags: str, http: bool = False) -> None:
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.http_port = _free_port() if http else 0
-        if http:
-            flags = (*flags, "--http-port", str(self.http_port))
-        lmscore = str(Path(sys.executable).parent / "lmscore")
-        began = time.perf_counter()
-        self.process = subprocess.Popen(
-            [
-                lmscore,
-                "serve",
-                "--model",
-                str(model_dir),
-                "--port",
-                str(self.port),
-                "--log-level",
-                "WARNING",
-                *flags,
-            ]
-        )
-        with ScoringClient(self.address) as client:
-            client.wait_until_ready(timeout=300)
-        self.cold_start_s = time.perf_counter() - began
-
-    def __enter__(self) -> ServerUnderTest:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def rss_bytes(self, idle_s: float = IDLE_DELAY_S + 0.5) -> int:
-        """The server's RSS after `idle_s` of idleness: by default past its first idle point
-        (lmscore.server.batching.IDLE_DELAY_S), what it holds between the requests of
-        sporadic traffic; past --memory-hold (MEMORY_HOLD_S + 1.5), what it rests at."""
-        import psutil
-
-        time.sleep(idle_s)
-        return int(psutil.Process(self.process.pid).memory_info().rss)
-
-    def peak_rss_bytes(self) -> int:
-        """The kernel's high-water mark of the server's RSS (Linux's VmHWM), since it started."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        kilobytes = next(
-            line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")
-        )
-        return int(kilobytes) * 1024
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
+    prompt = [] if item.prompt is None else token_ids(item.prompt)
+    return prompt + token_ids(item.completions[0])
 
 
 def _in_process(engine: ScoringEngine, items: list[ItemInput], options: ScoreOptions) -> list:
@@ -247,35 +130,6 @@ def measure_few_shot(engine: ScoringEngine, work: Workloads) -> dict[str, Any]:
     }
 
 
-def pytorch_runs(
-    source: str, work: Workloads, bos: int | None
-) -> tuple[Callable[[], float], Callable[[], float]]:
-    """What lm-eval's HFLM does (one forward pass, log_softmax, gather the targets) on the
-    batch and on the short pair."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lmscore.export.source import resolve_source
-
-    resolved = resolve_source(source)
-    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        str(resolved.directory), dtype=torch.float32, **kwargs
-    ).eval()
-    prefix = [] if bos is None else [bos]
-    ids = torch.tensor([prefix + _ids(item.completions[0]) for item in work.batch])
-
-    def run(ids: Any = ids) -> float:
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
-            return float(logprobs.gather(-1, ids[:, 1:, None]).double().sum())
-
-    # The short pair as HFLM scores it: one pass over [BOS] + prompt + completion.
-    pair = work.short_pair
-    pair_ids = torch.tensor([prefix + _ids(pair.prompt) + _ids(pair.completions[0])])
-    return run, functools.partial(run, pair_ids)
-
-
 def measure_pytorch(
     runs: tuple[Callable[[], float], Callable[[], float]], work: Workloads, repeats: int
 ) -> dict[str, Any]:
@@ -323,7 +177,7 @@ def measure_short_pair(
     """The short pair in-process and through gRPC, alternately, after a pause each: the
     overhead is the median of the per-pair differences, so that the machine's drift over a
     run falls on both sides alike."""
-    pair = [_as_client_item(work.short_pair)]
+    pair = [as_client_item(work.short_pair)]
     options = ScoreOptions()
     in_process: list[float] = []
     through_grpc: list[float] = []
@@ -356,7 +210,7 @@ def measure_short_pair_http(
     prompt, echoed with log-probs), one after another on one server, the order rotated every
     round: an HTTP path's overhead is the median of its per-round differences from gRPC, so
     that the machine's drift falls on every path alike."""
-    pair = [_as_client_item(work.short_pair)]
+    pair = [as_client_item(work.short_pair)]
     paths: dict[str, Callable[[], object]] = {
         "grpc": functools.partial(client.score, pair),
         "json": functools.partial(http.score, pair),
@@ -388,7 +242,7 @@ def server_batch_paths(
     alternative (what /v1/completions' echo with logprobs 1 computes besides, apart from
     the transport); the Score RPC as JSON; /v1/completions with the 8 items' token ids as
     its prompts, echoed (max_tokens 0), and as lm-eval sends them."""
-    items = [_as_client_item(item) for item in work.batch]
+    items = [as_client_item(item) for item in work.batch]
     sequences = [_sequence(item) for item in work.batch]
     details = ClientOptions(token_details=True, top_k=1)
     return {
@@ -451,8 +305,8 @@ def measure_default_server(
             if pytorch_batch is not None:
                 paths["pytorch"] = pytorch_batch
             side_by_side = measure_side_by_side(paths, repeats, work.batch_tokens)
-            choice = timed(lambda: client.score([_as_client_item(work.choice)]), repeats)
-            pair = [_as_client_item(work.short_pair)]
+            choice = timed(lambda: client.score([as_client_item(work.choice)]), repeats)
+            pair = [as_client_item(work.short_pair)]
             latencies = timed(lambda: client.score(pair), 50, warmup=5)
         result = {
             "cold_start_s": server.cold_start_s,
@@ -471,9 +325,6 @@ def measure_default_server(
         print("answered rate at capacity and under 5x overload ...", file=sys.stderr)
         result["overload"] = overload.measure(server.address, OVERLOAD_CAPACITY_CLIENTS)
         print("timing requests after idle (3 s, 15 s) ...", file=sys.stderr)
-        # Imported here: lmscore.bench.after_idle builds on this module.
-        from lmscore.bench.after_idle import measure_after_idle, server_calls
-
         with ScoringClient(server.address, timeout=600) as client:
             own = {server.process.pid, os.getpid()}
             result["after_idle"] = measure_after_idle(server_calls(client, work), own)
@@ -521,7 +372,7 @@ def measure_low_memory_server(model_dir: Path, work: Workloads, repeats: int) ->
     """`lmscore serve --low-memory`: the batch, and the memory it holds."""
     with ServerUnderTest(model_dir, "--low-memory") as server:
         with ScoringClient(server.address, timeout=600) as client:
-            batch_items = [_as_client_item(i) for i in work.batch]
+            batch_items = [as_client_item(i) for i in work.batch]
             low = timed(lambda: client.score(batch_items), repeats)
         return {
             "batch": low.summary(work.batch_tokens),
@@ -533,8 +384,8 @@ def measure_low_memory_server(model_dir: Path, work: Workloads, repeats: int) ->
 def measure_concurrency(address: str, work: Workloads, clients: int) -> dict[str, float]:
     """`clients` threads, each with its own channel, each sending single pairs one at a time."""
     per_client = 4
-    prompt = _ids(work.short_pair.prompt)
-    completion = _ids(work.short_pair.completions[0])
+    prompt = token_ids(work.short_pair.prompt)
+    completion = token_ids(work.short_pair.completions[0])
 
     def client_loop(number: int) -> int:
         with ScoringClient(address, timeout=600) as client:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmscore.bench.runner import ServerUnderTest, cpu_description, percentile
+from lmscore.bench.harness import ServerUnderTest, cpu_description, percentile
 from lmscore.client import Item, ScoreOptions, ScoringClient
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")

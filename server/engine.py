@@ -112,8 +112,8 @@ class ScoringEngine:
         self._executor = PlanExecutor(
             self._runner, self._batcher, tokenizer.decode_token, settings.max_queue_length
         )
-        self._release_lock = threading.Lock()
-        self._release_timer: threading.Timer | None = None
+        self._trim_lock = threading.Lock()
+        self._trim_timer: threading.Timer | None = None
 
     @property
     def settings(self) -> EngineSettings:
@@ -174,32 +174,32 @@ class ScoringEngine:
         try:
             yield
         except (InvalidInput, Cancelled):
-            self._release_later()
+            self._trim_heap_later()
             raise
 
-    def _release_later(self) -> None:
+    def _trim_heap_later(self) -> None:
         """The heap trimmed on the model thread IDLE_DELAY_S from now, burst or not (a
         refused request grew the heap, maybe less than a burst does); one pending at a time.
         Only the heap: a request that never ran grew no arena, and an arena kept for recent
         requests (--memory-hold) stays for the next one."""
-        with self._release_lock:
-            if self._release_timer is not None:
+        with self._trim_lock:
+            if self._trim_timer is not None:
                 return
 
-            def release() -> None:
-                with self._release_lock:
-                    self._release_timer = None
+            def trim() -> None:
+                with self._trim_lock:
+                    self._trim_timer = None
                 self._tokenizer.forget_recent()  # the refused texts' ids
                 # The refusal's traceback (its frames hold the tokens) is a reference cycle
                 # the transport may keep until the cyclic collector runs: run it now.
                 gc.collect()
                 with contextlib.suppress(RuntimeError):  # the engine closed meanwhile
                     self._runner.thread.submit(self._runner.memory.trim_heap)
-                log.debug("memory released after a refused request")
+                log.debug("heap trimmed after a refused request (arenas kept)")
 
-            self._release_timer = threading.Timer(IDLE_DELAY_S, release)
-            self._release_timer.daemon = True
-            self._release_timer.start()
+            self._trim_timer = threading.Timer(IDLE_DELAY_S, trim)
+            self._trim_timer.daemon = True
+            self._trim_timer.start()
 
     def score(self, plan: ScoringPlan) -> AsyncIterator[ScoreResult]:
         """Results as they complete, through the dynamic batcher; Overloaded when its queue
@@ -263,7 +263,7 @@ class ScoringEngine:
         return self._runner.thread.submit(self._runner.release_memory).result()
 
     def close(self) -> None:
-        with self._release_lock:
-            if self._release_timer is not None:
-                self._release_timer.cancel()
+        with self._trim_lock:
+            if self._trim_timer is not None:
+                self._trim_timer.cancel()
         self._runner.close()
