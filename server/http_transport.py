@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -54,6 +54,7 @@ from lmscore.server.auth import BearerTokens
 from lmscore.server.config import ServerConfig
 from lmscore.server.openai_api import (
     ApiError,
+    CompletionCall,
     completion_response,
     param_of,
     parse_completion_request,
@@ -63,12 +64,19 @@ from lmscore.v1 import scoring_pb2 as pb
 
 log = logging.getLogger("lmscore.server")
 
+T = TypeVar("T")
+
 SCORER = pb.DESCRIPTOR.services_by_name["Scorer"]
 # A call's deadline in seconds, as grpc-timeout gives a gRPC call one.
 TIMEOUT_HEADER = "lmscore-timeout"
 NDJSON = "application/x-ndjson"
 # Texts up to this size are tokenized on the event loop (less than the hop to a thread).
 INLINE_TOKENIZE_CHARS = 16 * 1024
+# JSON up to this size (a body's bytes, a message's protobuf bytes) is parsed or written on
+# the event loop; larger on a worker thread. The loop is every gRPC and HTTP call's and
+# /metrics': one answer of 8,000 tokens with top_k 20 is ~1 s of MessageToDict and
+# json.dumps, which would stall them all.
+INLINE_JSON_BYTES = 16 * 1024
 
 # The HTTP status of each gRPC code (what Google's HTTP/JSON transcoding uses).
 HTTP_STATUS = {
@@ -192,8 +200,52 @@ def _api_error(error: ApiError) -> CallError:
     return CallError(code, error.message, error.param)
 
 
+# json.dumps's options for NDJSON lines, and Starlette's JSONResponse's for whole answers.
+LINE_JSON = {"separators": (",", ":"), "allow_nan": True}
+RESPONSE_JSON = {"separators": (",", ":"), "allow_nan": False, "ensure_ascii": False}
+# Lists longer than this are written one member per json.dumps call (see json_text).
+PIECEWISE_LIST = 64
+
+
+def json_text(value: Any, options: dict[str, Any]) -> str:
+    """json.dumps(value, **options), the same text, in pieces: a dict's and a short list's
+    members one by one, down to long lists, whose members are written one call each.
+    json.dumps holds the GIL for its whole call (~0.2 s for an 8 MB answer), so a worker
+    thread writing a large answer in one call stalls the event loop as much as writing it
+    on the loop would."""
+    if isinstance(value, dict):
+        members = (f"{json.dumps(k, **options)}:{json_text(v, options)}" for k, v in value.items())
+        return "{" + ",".join(members) + "}"
+    if isinstance(value, list) and len(value) > PIECEWISE_LIST:
+        return "[" + ",".join(json.dumps(v, **options) for v in value) + "]"
+    if isinstance(value, list):
+        return "[" + ",".join(json_text(v, options) for v in value) + "]"
+    return json.dumps(value, **options)
+
+
 def _json_line(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+    return json_text(value, LINE_JSON).encode() + b"\n"
+
+
+def _json_response(value: Any) -> Response:
+    """JSONResponse's body, written by json_text."""
+    return Response(json_text(value, RESPONSE_JSON).encode(), media_type="application/json")
+
+
+async def _converted(size: int, convert: Callable[..., T], *args: Any) -> T:
+    """convert(*args), on a worker thread when `size` (its JSON's or message's bytes) is
+    past INLINE_JSON_BYTES."""
+    if size <= INLINE_JSON_BYTES:
+        return convert(*args)
+    return await asyncio.to_thread(convert, *args)
+
+
+def _message_line(message: Message) -> bytes:
+    return _json_line(message_json(message))
+
+
+def _message_response(message: Message) -> Response:
+    return _json_response(message_json(message))
 
 
 def message_json(message: Message) -> dict[str, Any]:
@@ -201,6 +253,24 @@ def message_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+
+def _parse_json(data: bytes, ndjson: bool) -> Any:
+    """A body's JSON value (NDJSON: the list of its lines' values)."""
+    if ndjson:
+        return [json.loads(line) for line in data.splitlines() if line.strip()]
+    return json.loads(data) if data.strip() else {}
+
+
+def _parse_messages(values: list[Any], message_type: type[Message]) -> list[Message]:
+    """A client-streaming call's requests, each named by its index where it does not fit."""
+    return [_parse_message(v, message_type, f"requests[{i}]: ") for i, v in enumerate(values)]
+
+
+def _completion_response(
+    call: CompletionCall, results: list[pb.ScoreResult], model_name: str
+) -> Response:
+    return _json_response(completion_response(call, results, model_name))
 
 
 def _parse_message(data: Any, message_type: type[Message], where: str = "") -> Message:
@@ -307,10 +377,10 @@ class HttpTransport:
                 raise _too_large(size, limit)
             chunks.append(chunk)
         data = b"".join(chunks)
+        request.state.body_bytes = size
+        ndjson = request.headers.get("content-type", "").startswith(NDJSON)
         try:
-            if request.headers.get("content-type", "").startswith(NDJSON):
-                return [json.loads(line) for line in data.splitlines() if line.strip()]
-            return json.loads(data) if data.strip() else {}
+            return await _converted(size, _parse_json, data, ndjson)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"body: not JSON ({exc})") from None
 
@@ -336,12 +406,10 @@ class HttpTransport:
         path = f"/{SCORER.full_name}/{method.name}"
 
         async def call(request: Request, body: Any, context: HttpCallContext) -> Response:
+            body_bytes = request.state.body_bytes
             if method.client_streaming:
                 values = body if isinstance(body, list) else [body]
-                messages = [
-                    _parse_message(v, request_class, f"requests[{i}]: ")
-                    for i, v in enumerate(values)
-                ]
+                messages = await _converted(body_bytes, _parse_messages, values, request_class)
 
                 async def requests() -> AsyncIterator[Message]:
                     for message in messages:
@@ -349,9 +417,11 @@ class HttpTransport:
 
                 answer: Any = behavior(requests(), context)
             else:
-                answer = behavior(_parse_message(body, request_class), context)
+                message = await _converted(body_bytes, _parse_message, body, request_class)
+                answer = behavior(message, context)
             if not method.server_streaming:
-                return JSONResponse(message_json(await answer))
+                result = await answer
+                return await _converted(result.ByteSize(), _message_response, result)
             return await self._stream(request, context, answer, path)
 
         return call
@@ -380,9 +450,9 @@ class HttpTransport:
             try:
                 async with asyncio.timeout(remaining):
                     if first is not None:
-                        yield _json_line(message_json(first))
+                        yield await _converted(first.ByteSize(), _message_line, first)
                     async for message in answers:
-                        yield _json_line(message_json(message))
+                        yield await _converted(message.ByteSize(), _message_line, message)
             except CallError as error:
                 code = error.code
                 yield _json_line(error.body())
@@ -413,7 +483,8 @@ class HttpTransport:
         except CallError as error:
             return _error_response(error, param_of(error.field) if error.field else None)
         name = call.model or self._served[0]
-        return JSONResponse(completion_response(call, results, name))
+        size = sum(result.ByteSize() for result in results)
+        return await _converted(size, _completion_response, call, results, name)
 
     async def list_models(self, request: Request, body: Any, context: HttpCallContext) -> Response:
         data = [

@@ -5,6 +5,7 @@ and bad input answered with a status and the field, the server serving on."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -550,3 +551,127 @@ def test_http_and_grpc_requests_share_a_batch(tiny_export: Path) -> None:
         )
         assert after[count] - before.get(count, 0) == 1  # one model run
         assert after[total] - before.get(total, 0) == 2  # of both sequences
+
+
+# Past lmscore.server.http_transport.INLINE_JSON_BYTES (16 KiB): parsed and written on a
+# worker thread. ~40 KB of the GPL: ~8,000 tiny-model tokens, rolled in 16-token windows.
+LONG_TEXT = Path("/usr/share/common-licenses/GPL-3").read_text()[:40_000]
+
+
+def test_large_bodies_and_answers_equal_their_grpc_answers(server) -> None:
+    """A 40 KB rolling text with its per-token log-probs (body and answer past the inline
+    JSON bound), and a 40 KB NDJSON ScoreStream body (400 requests), answer what gRPC answers."""
+    process, port = server
+    rolling = pb.RollingRequest(
+        texts=[pb.RollingText(text=LONG_TEXT)],
+        options=pb.RollingOptions(max_window_tokens=16, token_logprobs=True),
+    )
+    path = f"/{SCORER.full_name}/ScoreRolling"
+    status, answer = post(port, path, as_json(rolling))
+    assert status == 200, answer
+    assert answer == grpc_answers(process.address, "ScoreRolling", rolling)
+    assert rolling.ByteSize() > 16 * 1024 and len(answer[0]["token_logprobs"]) > 4_000
+
+    stream = [
+        pb.ScoreRequest(
+            items=[
+                pb.ScoreItem(prompt=LONG_TEXT[i : i + 100], completions=[pb.Completion(text=" b")])
+            ]
+        )
+        for i in range(0, len(LONG_TEXT), 100)
+    ]
+    raw = b"".join(json.dumps(as_json(r)).encode() + b"\n" for r in stream)
+    assert len(raw) > 16 * 1024
+    path = f"/{SCORER.full_name}/ScoreStream"
+    status, answer = post(port, path, None, {"content-type": "application/x-ndjson"}, raw)
+    assert status == 200, answer
+    expected = grpc_answers(process.address, "ScoreStream", iter(stream))
+    order = lambda r: (r["request_index"], r["item_index"])  # noqa: E731
+    assert sorted(answer, key=order) == sorted(expected, key=order)
+
+
+def test_a_large_answer_is_written_while_the_event_loop_serves_on(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop is every gRPC and HTTP call's and /metrics': a large answer's JSON is
+    written on a worker thread, so /health answers while it is being written (here held
+    until /health answered; written on the loop, it would hold /health for 20 s). A small
+    answer's JSON is written on the loop."""
+    from lmscore.server import http_transport
+    from lmscore.server.app import load_model
+    from lmscore.server.asgi_server import AsgiServer, bind_tcp
+    from lmscore.server.config import ServerConfig
+    from lmscore.server.servicer import ScorerServicer, ServedModel
+
+    config = ServerConfig(model_dir=tiny_export)
+    loaded = load_model(config)
+    transport = http_transport.HttpTransport(
+        ScorerServicer([ServedModel(loaded.engine, loaded.info)]), config
+    )
+    writing_large, health_answered = threading.Event(), threading.Event()
+    events: list[str] = []
+    written_on_loop: dict[bool, list[bool]] = {True: [], False: []}  # by large
+    write = http_transport.message_json
+
+    def held_write(message: Any) -> dict[str, Any]:
+        large = message.ByteSize() > http_transport.INLINE_JSON_BYTES
+        written_on_loop[large].append(threading.current_thread() is loop_thread)
+        if large:
+            writing_large.set()
+            health_answered.wait(timeout=20)
+        value = write(message)
+        if large:
+            events.append("large answer written")
+        return value
+
+    monkeypatch.setattr(http_transport, "message_json", held_write)
+    rolling = {"texts": [{"text": LONG_TEXT}], "options": {"token_logprobs": True}}
+    small = {"items": [{"prompt": "a", "completions": [{"text": " b"}]}]}
+    loop_thread = threading.current_thread()
+
+    async def calls() -> list[int]:
+        server = AsgiServer(transport.app, bind_tcp("127.0.0.1", 0), shutdown_grace=1)
+        await server.start()
+        try:
+            score, _ = await asyncio.to_thread(
+                post, server.port, f"/{SCORER.full_name}/Score", small
+            )
+            large = asyncio.create_task(
+                asyncio.to_thread(post, server.port, f"/{SCORER.full_name}/ScoreRolling", rolling)
+            )
+            await asyncio.to_thread(writing_large.wait, 60)
+            health, _ = await asyncio.to_thread(get, server.port, "/health")
+            events.append("health answered")
+            health_answered.set()
+            return [score, health, (await large)[0]]
+        finally:
+            await server.stop()
+
+    try:
+        assert asyncio.run(calls()) == [200, 200, 200]
+    finally:
+        loaded.engine.close()
+    assert events == ["health answered", "large answer written"]
+    assert written_on_loop == {True: [False], False: [True]}
+
+
+def test_json_text_writes_what_json_dumps_and_starlette_write() -> None:
+    """The pieces a large answer is written in join to the very text of one json.dumps call
+    (NDJSON lines) and of Starlette's JSONResponse (whole answers)."""
+    from starlette.responses import JSONResponse
+
+    from lmscore.server.http_transport import LINE_JSON, RESPONSE_JSON, json_text, message_json
+
+    result = pb.ScoreResult(joint_logprob=-31.75, scored_completion=" Paris.")
+    for i in range(100):
+        token = result.tokens.add(id=i, text=" tök\u00e9\n", rank=3, start=i, end=i + 1)
+        token.logprob = -1.5 / (i + 1)
+        for j in range(5):
+            token.top.add(id=j, text=f" alt{j}", logprob=-2.0 / (j + 3))
+    completion = {"choices": [{"logprobs": {"tokens": ["a"] * 70, "top_logprobs": [None] * 70}}]}
+    values = [message_json(result), completion, [], {}, [1, [2, {"a": None}]], "é", 3, None]
+    for value in values:
+        assert json_text(value, LINE_JSON) == json.dumps(value, **LINE_JSON)
+        assert json_text(value, RESPONSE_JSON).encode() == JSONResponse(value).body
+    nans = {"x": [float("nan")] * 70}  # a long list, written in pieces: NaN as json.dumps writes it
+    assert json_text(nans, LINE_JSON) == '{"x":[' + ",".join(["NaN"] * 70) + "]}"
