@@ -79,6 +79,13 @@ def running_server(
         server.stop()
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
+    return int(kilobytes) / 1024
+
+
 def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """A server's Prometheus samples: (name, sorted labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families

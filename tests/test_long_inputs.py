@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, running_server
+from conftest import free_port, rss_mb, running_server
 from lmscore.client import Item, ScoringClient
 from lmscore.export.attention import FUSED_DOMAIN, FUSED_OP
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
@@ -179,11 +179,6 @@ def scrape(port: int, name: str) -> float:
             if sample.name == name:
                 return float(sample.value)
     return 0.0
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
 @pytest.mark.e2e
