@@ -23,22 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from lmscore.bench.harness import ServerUnderTest, cpu_description
+from lmscore.bench.http_paths import HttpScorer
 from lmscore.client import ScoringClient
 from lmscore.export.paths import default_model_dir
 
 LICENSE = Path("/usr/share/common-licenses/GPL-3")
 POLL_INTERVAL_S = 0.005
-
-
-def _post(port: int, path: str, body: Any) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        headers = {"content-type": "application/json"}
-        connection.request("POST", path, json.dumps(body).encode(), headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 class Poller(threading.Thread):
@@ -88,15 +78,14 @@ def measure_loop_stall(model_dir: Path, chars: int) -> dict[str, Any]:
                 poller.start()
             time.sleep(0.5)
             began = time.perf_counter()
-            status, answer = _post(server.http_port, path, body)
+            with HttpScorer(server.http_port) as scorer:
+                answer = scorer.post(path, body)
             call_s = time.perf_counter() - began
             time.sleep(0.5)
             for poller in pollers.values():
                 poller.stopping.set()
                 poller.join()
         health.close()
-    if status != 200:
-        raise RuntimeError(f"the Score call answered HTTP {status}: {answer[:300]!r}")
     [result] = [json.loads(line) for line in answer.splitlines()]
     return {
         "cpu": cpu_description(),

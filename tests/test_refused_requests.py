@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import running_server
+from conftest import rss_mb, running_server
 from lmscore.client import ScoringClient, ScoringError
 
 TEXT_BYTES = 900_000
@@ -21,22 +21,15 @@ LICENSE = Path("/usr/share/common-licenses/GPL-3").read_text()
 BIG_TEXT = (LICENSE * (TEXT_BYTES // len(LICENSE) + 1))[:TEXT_BYTES]
 
 
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return 1024 * int(
-        next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-    )
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def settled_rss(pid: int) -> int:
+def settled_rss(pid: int) -> float:
     """RSS once the server has been idle past its release after a burst."""
     time.sleep(2.0)
-    return rss_bytes(pid)
+    return rss_mb(pid)
 
 
 @pytest.mark.e2e
