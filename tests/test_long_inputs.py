@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, rss_mb, running_server
 from lmscore.client import Item, ScoringClient
+from lmscore.client import ScoreOptions as ClientOptions
 from lmscore.export.attention import FUSED_DOMAIN, FUSED_OP
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
 from lmscore.server.config import EngineSettings
@@ -322,6 +323,46 @@ def test_without_a_hold_every_batch_gives_its_memory_back(exported_default: Path
             time.sleep(2.0)
             after.append(rss_mb(server.process.pid))
     assert max(after) <= 1.2 * baseline, f"RSS {baseline:.0f} MB warmed up, then {after}"
+
+
+@pytest.mark.e2e
+def test_two_models_taking_turns_each_keep_their_memory_until_the_hold_ends(
+    exported_default: Path, exported_gemma: Path
+) -> None:
+    """Sporadic batches to two models of one server in turn (SmolLM2, then Gemma-3 with its
+    262,144 words): their arenas are separate but their RSS is one. By the fourth round
+    neither model's batch memory goes back between its visits (Gemma-3's first batch grows
+    RSS by less than its next ones, so the hold takes its third); all of it goes back once
+    both models have been idle for --memory-hold."""
+    hold = 15.0
+    rng = np.random.default_rng(4)
+
+    def batch(vocabulary: int) -> list[Item]:
+        ids = [int(t) for t in rng.integers(100, vocabulary, 8 * 128)]
+        return [
+            Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : (i + 1) * 128]])
+            for i in range(8)
+        ]
+
+    batches = {"": batch(49_000), "gemma": batch(260_000)}
+    flags = ("--model", f"gemma={exported_gemma}", "--memory-hold", str(hold))
+    with running_server("default", *flags) as server, ScoringClient(server.address) as client:
+        for model in batches:
+            client.score([Item("Warm", [" up"])], ClientOptions(model=model))
+        time.sleep(1.5)
+        baseline = rss_mb(server.process.pid)
+        after = []
+        for _ in range(4):
+            for model, items in batches.items():
+                client.score(items, ClientOptions(model=model))
+                time.sleep(1.5)
+                after.append(rss_mb(server.process.pid))
+        time.sleep(hold + 1.0)
+        after_hold = rss_mb(server.process.pid)
+    figures = f"RSS {baseline:.0f} MB warmed up, {[round(mb) for mb in after]}, {after_hold:.0f}"
+    # Round 4: both arenas kept (Gemma-3's ~1 GB for 1,024 positions, SmolLM2's ~0.25 GB).
+    assert min(after[6:]) > baseline + 1000, figures
+    assert after_hold <= 1.2 * baseline, figures
 
 
 def test_a_big_vocabulary_bounds_the_positions_of_a_run(tiny_export: Path) -> None:
