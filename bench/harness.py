@@ -11,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +57,36 @@ def timed(run: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
+
+
+class Poller(threading.Thread):
+    """Calls `call` every `interval_s` on a thread of its own, timing each call, until
+    `stop`: a probe of how a server answers while it does something else."""
+
+    def __init__(self, call: Callable[[], object], interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self._call = call
+        self._interval_s = interval_s
+        self._stopping = threading.Event()
+        self.seconds: list[float] = []
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            began = time.perf_counter()
+            self._call()
+            self.seconds.append(time.perf_counter() - began)
+            self._stopping.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "calls": len(self.seconds),
+            "median_ms": 1000 * statistics.median(self.seconds),
+            "max_ms": 1000 * max(self.seconds),
+        }
 
 
 def token_ids(tokens: TokenInput | None) -> list[int]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from lmscore.bench.harness import ServerUnderTest, cpu_description, percentile
+from lmscore.bench.harness import Poller, ServerUnderTest, cpu_description, percentile
 from lmscore.bench.workloads import LICENSES
 from lmscore.client import Item, ScoringClient
 from lmscore.export.manifest import TOKENIZER_NAME, Manifest
@@ -39,6 +39,9 @@ from lmscore.server.tokenization import TextTokenizer
 
 LENGTHS = (512, 2048, 8192)
 DEADLINE_S = 5.0
+# While the longest sequence runs: a health check every 50 ms, a short pair every second.
+HEALTH_INTERVAL_S = 0.05
+SHORT_PAIR_INTERVAL_S = 1.0
 
 
 @contextmanager
@@ -112,36 +115,20 @@ def _interleaved(address: str, client: ScoringClient, ids: list[int], short: Ite
 
     from lmscore.client import ScoreOptions
 
-    done = threading.Event()
-    health_s: list[float] = []
-    short_s: list[float] = []
-
-    def probe_health() -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while not done.is_set():
-                began = time.perf_counter()
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
-                health_s.append(time.perf_counter() - began)
-                time.sleep(0.05)
-
-    def probe_short() -> None:
-        with ScoringClient(address) as other:
-            while not done.is_set():
-                began = time.perf_counter()
-                other.score([short])
-                short_s.append(time.perf_counter() - began)
-                done.wait(1.0)
-
-    probes = [threading.Thread(target=probe_health), threading.Thread(target=probe_short)]
-    for probe in probes:
-        probe.start()
-    began = time.perf_counter()
-    client.score([_item(ids)], ScoreOptions(add_bos=False))
-    seconds = time.perf_counter() - began
-    done.set()
-    for probe in probes:
-        probe.join()
+    with grpc.insecure_channel(address) as channel, ScoringClient(address) as other:
+        stub = health_pb2_grpc.HealthStub(channel)
+        health = Poller(
+            lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=30), HEALTH_INTERVAL_S
+        )
+        short_pairs = Poller(lambda: other.score([short]), SHORT_PAIR_INTERVAL_S)
+        for poller in (health, short_pairs):
+            poller.start()
+        began = time.perf_counter()
+        client.score([_item(ids)], ScoreOptions(add_bos=False))
+        seconds = time.perf_counter() - began
+        for poller in (health, short_pairs):
+            poller.stop()
+    health_s, short_s = health.seconds, short_pairs.seconds
     return {
         "long_seconds": seconds,
         "health_p50_ms": 1000 * percentile(health_s, 50),

@@ -15,44 +15,17 @@ import argparse
 import http.client
 import json
 import os
-import statistics
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmscore.bench.harness import ServerUnderTest, cpu_description
+from lmscore.bench.harness import Poller, ServerUnderTest, cpu_description
 from lmscore.bench.http_paths import HttpScorer
 from lmscore.client import ScoringClient
 from lmscore.export.paths import default_model_dir
 
 LICENSE = Path("/usr/share/common-licenses/GPL-3")
 POLL_INTERVAL_S = 0.005
-
-
-class Poller(threading.Thread):
-    """Calls `call` every POLL_INTERVAL_S until stopped, timing each call."""
-
-    def __init__(self, call: Callable[[], object]) -> None:
-        super().__init__(daemon=True)
-        self._call = call
-        self.seconds: list[float] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            began = time.perf_counter()
-            self._call()
-            self.seconds.append(time.perf_counter() - began)
-            time.sleep(POLL_INTERVAL_S)
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "calls": len(self.seconds),
-            "median_ms": 1000 * statistics.median(self.seconds),
-            "max_ms": 1000 * max(self.seconds),
-        }
 
 
 def measure_loop_stall(model_dir: Path, chars: int) -> dict[str, Any]:
@@ -71,8 +44,8 @@ def measure_loop_stall(model_dir: Path, chars: int) -> dict[str, Any]:
 
         with ScoringClient(server.address) as client:
             pollers = {
-                "health_http": Poller(get_health),
-                "model_info_grpc": Poller(client.model_info),
+                "health_http": Poller(get_health, POLL_INTERVAL_S),
+                "model_info_grpc": Poller(client.model_info, POLL_INTERVAL_S),
             }
             for poller in pollers.values():
                 poller.start()
@@ -83,8 +56,7 @@ def measure_loop_stall(model_dir: Path, chars: int) -> dict[str, Any]:
             call_s = time.perf_counter() - began
             time.sleep(0.5)
             for poller in pollers.values():
-                poller.stopping.set()
-                poller.join()
+                poller.stop()
         health.close()
     [result] = [json.loads(line) for line in answer.splitlines()]
     return {
