@@ -272,16 +272,22 @@ def test_memory_comes_back_after_a_burst_of_large_requests(
     assert after <= 1.2 * baseline, f"RSS {after:.0f} MB after the burst, {baseline:.0f} before"
 
 
+def sporadic_batch(seed: int, vocabulary: int = 49_000) -> list[Item]:
+    """The sporadic-traffic tests' batch: 8 items of 100 random prompt ids and 28 completion
+    ids (1,024 positions), ids below `vocabulary`."""
+    ids = [int(t) for t in np.random.default_rng(seed).integers(100, vocabulary, 8 * 128)]
+    return [
+        Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : (i + 1) * 128]]) for i in range(8)
+    ]
+
+
 @pytest.mark.e2e
 def test_sporadic_batches_keep_their_memory_until_the_hold_ends(exported_default: Path) -> None:
     """A batch every 2 s (issue 23): the first one's memory goes back after it (a burst:
     nothing before needed as much), the next one's is kept through the idle gap for the batch
     after it, and all of it goes back once the server has been idle for --memory-hold."""
     hold = 5.0
-    ids = [int(t) for t in np.random.default_rng(2).integers(100, 49000, 1100)]
-    batch = [
-        Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : i * 128 + 128]]) for i in range(8)
-    ]
+    batch = sporadic_batch(2)
     flags = ("--memory-hold", str(hold))
     with running_server("default", *flags) as server, ScoringClient(server.address) as client:
         client.score([Item("Warm", [" up"])])
@@ -306,10 +312,7 @@ def test_without_a_hold_every_batch_gives_its_memory_back(exported_default: Path
     """--memory-hold 0 (a tight memory limit): each batch's arena goes back after it, the
     third as the first. (Once, only the first did: the arena's next region, as large as a
     batch's buffers, also held results the batcher or the shrinking run still referenced.)"""
-    ids = [int(t) for t in np.random.default_rng(3).integers(100, 49000, 1100)]
-    batch = [
-        Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : i * 128 + 128]]) for i in range(8)
-    ]
+    batch = sporadic_batch(3)
     with (
         running_server("default", "--memory-hold", "0") as server,
         ScoringClient(server.address) as client,
@@ -335,16 +338,7 @@ def test_two_models_taking_turns_each_keep_their_memory_until_the_hold_ends(
     RSS by less than its next ones, so the hold takes its third); all of it goes back once
     both models have been idle for --memory-hold."""
     hold = 15.0
-    rng = np.random.default_rng(4)
-
-    def batch(vocabulary: int) -> list[Item]:
-        ids = [int(t) for t in rng.integers(100, vocabulary, 8 * 128)]
-        return [
-            Item(ids[i * 128 : i * 128 + 100], [ids[i * 128 + 100 : (i + 1) * 128]])
-            for i in range(8)
-        ]
-
-    batches = {"": batch(49_000), "gemma": batch(260_000)}
+    batches = {"": sporadic_batch(4), "gemma": sporadic_batch(5, vocabulary=260_000)}
     flags = ("--model", f"gemma={exported_gemma}", "--memory-hold", str(hold))
     with running_server("default", *flags) as server, ScoringClient(server.address) as client:
         for model in batches:
